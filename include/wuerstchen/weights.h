@@ -1,0 +1,47 @@
+#pragma once
+
+// Loading diffusers / transformers weights into modules whose parameter names are the upstream
+// key names. Every key and shape is compared explicitly; all problems are reported at once.
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <string>
+#include <vector>
+
+namespace wuerstchen {
+
+struct LoadOptions {
+    torch::Device device = torch::kCPU;
+    torch::ScalarType dtype = torch::kFloat32;  // kFloat32, kFloat16 or kBFloat16
+    // Keep each stage on the CPU and move it to `device` only while it runs.
+    bool offload = false;
+};
+
+// Parses "fp32" / "float32", "fp16" / "float16" / "half", "bf16" / "bfloat16".
+// Throws InvalidArgument naming the value otherwise.
+torch::ScalarType parse_dtype(const std::string& name);
+const char* dtype_label(torch::ScalarType dtype);  // "fp32", "fp16", "bf16"
+// Parses "cpu", "cuda", "cuda:N". Throws InvalidArgument naming the value otherwise.
+torch::Device parse_device(const std::string& name);
+
+// The weight files of a component folder for a file stem such as "diffusion_pytorch_model" or
+// "model": `<stem>.safetensors`, or the shards listed by `<stem>.safetensors.index.json`, or the
+// `<stem>.fp16.safetensors` variant. Throws IoError naming the folder when none exists.
+std::vector<std::string> find_weight_files(const std::string& dir, const std::string& stem);
+
+// Copies the tensors of `files` into module's parameters and buffers (cast to options.dtype for
+// floating tensors, moved to options.device). Keys the module lacks, keys the files lack and
+// shape mismatches are gathered into one WeightError naming the file(s).
+// Upstream legacy names are mapped by normalize_key (e.g. transformers' "text_model." prefix).
+void load_weights(torch::nn::Module& module, const std::vector<std::string>& files,
+                  const LoadOptions& options);
+
+// Maps a checkpoint key to the module key: returns "" for keys that are known to be ignorable
+// (e.g. "text_model.embeddings.position_ids").
+std::string normalize_key(const std::string& key);
+
+// Puts a freshly built module in inference mode on options.device / options.dtype.
+void prepare_module(torch::nn::Module& module, const LoadOptions& options);
+
+}  // namespace wuerstchen

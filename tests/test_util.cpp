@@ -1,0 +1,73 @@
+#include "test_util.h"
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+
+namespace wuerstchen::test {
+
+std::string data_path(const std::string& rel) { return std::string(WUERSTCHEN_TEST_DATA) + "/" + rel; }
+
+std::string shared_path(const std::string& rel) {
+#ifdef WUERSTCHEN_SHARED_DIR
+    return std::string(WUERSTCHEN_SHARED_DIR) + "/" + rel;
+#else
+    return "../shared/" + rel;
+#endif
+}
+
+bool file_exists(const std::string& path) {
+    struct stat st;
+    return ::stat(path.c_str(), &st) == 0;
+}
+
+SafeTensors reference(const std::string& name) {
+    return SafeTensors::open(data_path("references/" + name + ".safetensors"));
+}
+
+torch::Tensor ref_tensor(const SafeTensors& file, const std::string& key) {
+    return file.tensor(key).clone().contiguous();
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+    return (a.to(torch::kCPU, torch::kDouble) - b.to(torch::kCPU, torch::kDouble))
+        .abs()
+        .max()
+        .item<double>();
+}
+
+double scaled_tol(const torch::Tensor& expected, double rel) {
+    const double m = expected.to(torch::kDouble).abs().max().item<double>();
+    return rel * std::max(1.0, m);
+}
+
+::testing::AssertionResult all_close(const std::string& what, const torch::Tensor& actual,
+                                     const torch::Tensor& expected, double tol) {
+    if (actual.sizes() != expected.sizes())
+        return ::testing::AssertionFailure()
+               << what << ": shape " << actual.sizes() << " != expected " << expected.sizes();
+    const double err = max_abs_diff(actual, expected);
+    std::cout << "[ parity   ] " << what << ": max abs error " << err << " (tolerance " << tol
+              << ")" << std::endl;
+    if (!(err <= tol))
+        return ::testing::AssertionFailure()
+               << what << ": max abs error " << err << " exceeds " << tol;
+    return ::testing::AssertionSuccess();
+}
+
+std::string make_temp_dir(const std::string& prefix) {
+    std::string tmpl = "/tmp/" + prefix + "XXXXXX";
+    char* dir = ::mkdtemp(tmpl.data());
+    if (!dir) throw std::runtime_error("mkdtemp failed");
+    return dir;
+}
+
+void write_file(const std::string& path, const std::string& bytes) {
+    std::ofstream out(path, std::ios::binary);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+}  // namespace wuerstchen::test

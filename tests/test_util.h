@@ -1,0 +1,57 @@
+#pragma once
+
+// Shared helpers for the test suite: fixture paths, reference tensors, tolerance checks that
+// print the measured error.
+
+#include <gtest/gtest.h>
+#include <torch/types.h>
+
+#include <string>
+
+#include "wuerstchen/safetensors.h"
+
+namespace wuerstchen::test {
+
+// tests/data/<rel>
+std::string data_path(const std::string& rel);
+// ../shared/<rel> beside the project (may not exist).
+std::string shared_path(const std::string& rel);
+bool file_exists(const std::string& path);
+
+// A reference file under tests/data/references/<name>.safetensors.
+SafeTensors reference(const std::string& name);
+// One tensor of it as float32 (or its integer dtype), contiguous, owned.
+torch::Tensor ref_tensor(const SafeTensors& file, const std::string& key);
+
+// max |a - b| (as double; shapes must match).
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b);
+
+// Asserts shapes match and max|actual - expected| <= tol, printing the measured error with `what`.
+::testing::AssertionResult all_close(const std::string& what, const torch::Tensor& actual,
+                                     const torch::Tensor& expected, double tol);
+// Tolerance relative to the reference's scale: rel * max(1, max|expected|).
+double scaled_tol(const torch::Tensor& expected, double rel);
+
+// A fresh temporary directory (removed by the caller if wanted).
+std::string make_temp_dir(const std::string& prefix);
+void write_file(const std::string& path, const std::string& bytes);
+
+}  // namespace wuerstchen::test
+
+// EXPECT_THROW with a check that the message contains every given fragment.
+#define WUERSTCHEN_EXPECT_THROW_MSG(stmt, ErrorType, ...)                                   \
+    do {                                                                                  \
+        bool caught_ = false;                                                             \
+        try {                                                                             \
+            stmt;                                                                         \
+        } catch (const ErrorType& e_) {                                                   \
+            caught_ = true;                                                               \
+            const std::string msg_ = e_.what();                                           \
+            for (const std::string& frag_ : std::initializer_list<std::string>{__VA_ARGS__})                              \
+                EXPECT_NE(msg_.find(frag_), std::string::npos)                            \
+                    << "message '" << msg_ << "' lacks '" << frag_ << "'";                \
+        } catch (const std::exception& other_) {                                          \
+            ADD_FAILURE() << "expected " #ErrorType ", got: " << other_.what();           \
+        }                                                                                 \
+        EXPECT_TRUE(caught_) << "expected " #ErrorType " from " #stmt;                    \
+    } while (0)
