@@ -1,0 +1,203 @@
+#include "wuerstchen/clip_text_model.h"
+
+#include <torch/nn/functional/activation.h>
+
+#include <cmath>
+#include <limits>
+
+#include "wuerstchen/error.h"
+
+namespace wuerstchen {
+
+namespace {
+
+enum class Activation { Gelu, QuickGelu, GeluTanh, Relu };
+
+Activation parse_activation(const std::string& name) {
+    if (name == "gelu") return Activation::Gelu;
+    if (name == "quick_gelu") return Activation::QuickGelu;
+    if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast")
+        return Activation::GeluTanh;
+    if (name == "relu") return Activation::Relu;
+    throw ConfigError("CLIPTextConfig: key 'hidden_act' has unsupported value '" + name +
+                      "' (expected gelu, quick_gelu, gelu_new, gelu_pytorch_tanh, relu)");
+}
+
+torch::Tensor activate(const torch::Tensor& x, Activation act) {
+    switch (act) {
+        case Activation::Gelu:
+            return torch::gelu(x);
+        case Activation::QuickGelu:
+            // transformers QuickGELUActivation: x * sigmoid(1.702 x)
+            return x * torch::sigmoid(1.702 * x);
+        case Activation::GeluTanh:
+            return torch::gelu(x, "tanh");
+        case Activation::Relu:
+            return torch::relu(x);
+    }
+    return x;
+}
+
+// CLIPAttention.  Keys: {q,k,v,out}_proj.{weight,bias}
+struct CLIPAttentionImpl : torch::nn::Module {
+    CLIPAttentionImpl(int64_t dim, int64_t heads) : heads(heads), head_dim(dim / heads) {
+        q_proj = register_module("q_proj", torch::nn::Linear(dim, dim));
+        k_proj = register_module("k_proj", torch::nn::Linear(dim, dim));
+        v_proj = register_module("v_proj", torch::nn::Linear(dim, dim));
+        out_proj = register_module("out_proj", torch::nn::Linear(dim, dim));
+    }
+
+    // x: [B, L, D], allowed: [B or 1, 1, L, L] bool (true = may attend) -> [B, L, D]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& allowed) {
+        const int64_t batch = x.size(0), length = x.size(1), dim = x.size(2);
+        auto split = [&](const torch::Tensor& t) {
+            return t.view({batch, length, heads, head_dim}).transpose(1, 2);  // [B, H, L, hd]
+        };
+        const auto q = split(q_proj(x));
+        const auto k = split(k_proj(x));
+        const auto v = split(v_proj(x));
+        const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+        // Scores and softmax in fp32 (transformers' eager path softmaxes in fp32 as well); the
+        // lowest finite value instead of -inf keeps a fully masked row finite.
+        auto scores = torch::matmul(q, k.transpose(-2, -1)).to(torch::kFloat32) * scale;
+        scores = scores.masked_fill(allowed.logical_not(), std::numeric_limits<float>::lowest());
+        const auto probs = torch::softmax(scores, -1).to(x.scalar_type());
+        const auto out = torch::matmul(probs, v).transpose(1, 2).reshape({batch, length, dim});
+        return out_proj(out);
+    }
+
+    int64_t heads, head_dim;
+    torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+};
+TORCH_MODULE(CLIPAttention);
+
+// CLIPMLP.  Keys: fc1.*, fc2.*
+struct CLIPMLPImpl : torch::nn::Module {
+    CLIPMLPImpl(int64_t dim, int64_t hidden, Activation act) : act(act) {
+        fc1 = register_module("fc1", torch::nn::Linear(dim, hidden));
+        fc2 = register_module("fc2", torch::nn::Linear(hidden, dim));
+    }
+    // x: [B, L, D] -> [B, L, D]
+    torch::Tensor forward(const torch::Tensor& x) { return fc2(activate(fc1(x), act)); }
+
+    Activation act;
+    torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(CLIPMLP);
+
+torch::nn::LayerNorm make_layer_norm(int64_t dim, double eps) {
+    return torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim}).eps(eps));
+}
+
+}  // namespace
+
+// CLIPEncoderLayer (pre-LN).  Keys: self_attn.*, layer_norm1.*, mlp.*, layer_norm2.*
+struct CLIPTextModelImpl::Layer : torch::nn::Module {
+    explicit Layer(const CLIPTextConfig& c) {
+        const Activation act = parse_activation(c.hidden_act);
+        self_attn =
+            register_module("self_attn", CLIPAttention(c.hidden_size, c.num_attention_heads));
+        layer_norm1 =
+            register_module("layer_norm1", make_layer_norm(c.hidden_size, c.layer_norm_eps));
+        mlp = register_module("mlp", CLIPMLP(c.hidden_size, c.intermediate_size, act));
+        layer_norm2 =
+            register_module("layer_norm2", make_layer_norm(c.hidden_size, c.layer_norm_eps));
+    }
+
+    // x: [B, L, D] -> [B, L, D]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& allowed) {
+        auto h = x + self_attn(layer_norm1(x), allowed);
+        return h + mlp(layer_norm2(h));
+    }
+
+    CLIPAttention self_attn{nullptr};
+    torch::nn::LayerNorm layer_norm1{nullptr};
+    CLIPMLP mlp{nullptr};
+    torch::nn::LayerNorm layer_norm2{nullptr};
+};
+
+CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(config) {
+    config_.validate();
+    if (config_.hidden_size % config_.num_attention_heads != 0)
+        throw ConfigError("CLIPTextConfig: hidden_size " + std::to_string(config_.hidden_size) +
+                          " is not divisible by num_attention_heads " +
+                          std::to_string(config_.num_attention_heads));
+    parse_activation(config_.hidden_act);  // fail early on an unknown activation
+
+    embeddings_ =
+        register_module("embeddings", std::make_shared<torch::nn::Module>("CLIPTextEmbeddings"));
+    token_embedding_ = embeddings_->register_module(
+        "token_embedding", torch::nn::Embedding(config_.vocab_size, config_.hidden_size));
+    position_embedding_ = embeddings_->register_module(
+        "position_embedding",
+        torch::nn::Embedding(config_.max_position_embeddings, config_.hidden_size));
+
+    encoder_ = register_module("encoder", std::make_shared<torch::nn::Module>("CLIPEncoder"));
+    layers_ = encoder_->register_module("layers", torch::nn::ModuleList());
+    for (int i = 0; i < config_.num_hidden_layers; ++i)
+        layers_->push_back(std::make_shared<Layer>(config_));
+
+    final_layer_norm_ = register_module(
+        "final_layer_norm", make_layer_norm(config_.hidden_size, config_.layer_norm_eps));
+}
+
+CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
+                                          const torch::Tensor& attention_mask,
+                                          bool output_hidden_states) {
+    if (input_ids.dim() != 2)
+        throw InvalidArgument("CLIPTextModel: input_ids must be [B, L], got " +
+                              std::to_string(input_ids.dim()) + " dimensions");
+    const int64_t batch = input_ids.size(0), length = input_ids.size(1);
+    if (length > config_.max_position_embeddings)
+        throw InvalidArgument("CLIPTextModel: sequence length " + std::to_string(length) +
+                              " exceeds max_position_embeddings " +
+                              std::to_string(config_.max_position_embeddings));
+    if (attention_mask.defined() && attention_mask.sizes() != input_ids.sizes())
+        throw InvalidArgument("CLIPTextModel: attention_mask shape differs from input_ids");
+
+    const auto device = token_embedding_->weight.device();
+    const auto ids = input_ids.to(device, torch::kInt64);
+
+    // Embeddings: token + absolute position.  [B, L] -> [B, L, D]
+    const auto positions =
+        torch::arange(length, torch::TensorOptions().dtype(torch::kInt64).device(device));
+    auto hidden = token_embedding_(ids) + position_embedding_(positions).unsqueeze(0);
+
+    // Causal mask combined with the padding mask over keys: [B or 1, 1, L, L].
+    const auto bool_options = torch::TensorOptions().dtype(torch::kBool).device(device);
+    auto allowed = torch::ones({length, length}, bool_options).tril().view({1, 1, length, length});
+    if (attention_mask.defined()) {
+        const auto keys = attention_mask.to(device).ne(0).view({batch, 1, 1, length});
+        allowed = allowed.logical_and(keys);
+    }
+
+    CLIPTextOutput out;
+    for (const auto& module : *layers_) {
+        if (output_hidden_states) out.hidden_states.push_back(hidden);
+        hidden = module->as<Layer>()->forward(hidden, allowed);
+    }
+    if (output_hidden_states) out.hidden_states.push_back(hidden);
+    out.last_hidden_state = final_layer_norm_(hidden);
+
+    // transformers: the legacy configs (eos_token_id == 2) take the argmax of the ids (the eos
+    // token has the largest id in CLIP's vocabulary); others the first position holding eos.
+    torch::Tensor eos_index;
+    if (config_.eos_token_id == 2)
+        eos_index = ids.argmax(-1);
+    else
+        eos_index = ids.eq(config_.eos_token_id).to(torch::kInt32).argmax(-1);
+    const auto rows =
+        torch::arange(batch, torch::TensorOptions().dtype(torch::kInt64).device(device));
+    out.pooler_output = out.last_hidden_state.index({rows, eos_index});
+    return out;
+}
+
+CLIPTextModel load_clip_text_model(const std::string& dir, const LoadOptions& options) {
+    const auto config = CLIPTextConfig::from_file(dir + "/config.json");
+    CLIPTextModel model(config);
+    load_weights(*model, find_weight_files(dir, "model"), options);
+    prepare_module(*model, options);
+    return model;
+}
+
+}  // namespace wuerstchen
