@@ -1,0 +1,84 @@
+#pragma once
+
+// What the prior (stage C) and decoder (stage B) pipelines share: the step callback, the
+// per-call random generator (CPU, so seeds match diffusers on any device), prompt encoding and
+// argument validation that throws InvalidArgument naming the argument.
+
+#include <ATen/core/Generator.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "wuerstchen/clip_text_model.h"
+#include "wuerstchen/clip_tokenizer.h"
+
+namespace wuerstchen {
+
+// Called after every denoising step with the step index, the step's timestep (the ratio the
+// model saw, in [0, 1]) and the latents after the step. The callback may replace `latents` by a
+// tensor of the same shape. Returning false cancels the call: it throws wuerstchen::Cancelled and
+// the pipeline stays usable.
+using StepCallback = std::function<bool(int step, double timestep, torch::Tensor& latents)>;
+
+// A CPU generator seeded like torch.Generator().manual_seed(seed).
+at::Generator make_generator(uint64_t seed);
+
+// The generator of one call: `generator` when given (it must be a CPU generator; its state is
+// shared and advances), else a fresh one from `seed`, else one seeded nondeterministically.
+// Throws InvalidArgument when both are given or the generator is not on the CPU.
+at::Generator call_generator(at::Generator* generator, std::optional<uint64_t> seed);
+
+// diffusers' randn_tensor with a CPU generator: torch.randn(shape, generator=g, dtype=dtype) on the
+// CPU (bit-identical to torch for the same generator state), then moved to `device`.
+torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generator,
+                                   torch::ScalarType dtype = torch::kFloat32,
+                                   torch::Device device = torch::kCPU);
+
+// The pipelines' encode_prompt text path: tokenize with padding to max_length and truncation,
+// run the text encoder on its device with the attention mask, return last_hidden_state
+// [B, 77, hidden] on `device` in `dtype`. Runs under InferenceMode.
+torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
+                             const std::vector<std::string>& prompts, torch::Device device,
+                             torch::ScalarType dtype);
+
+// The device and floating dtype of a module's first parameter (CPU / float32 when it has none).
+torch::Device module_device(const torch::nn::Module& module);
+torch::ScalarType module_dtype(const torch::nn::Module& module);
+
+// Moves a module's parameters and buffers to `device` in place (registrations kept); safe to call
+// inside InferenceMode.
+void move_module(torch::nn::Module& module, torch::Device device);
+
+// LoadOptions::offload: while alive, `module` sits on `device`; it goes back to the device it
+// had before on destruction (also when the call throws). Does nothing when `enabled` is false.
+class OffloadGuard {
+public:
+    OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled);
+    ~OffloadGuard();
+    OffloadGuard(const OffloadGuard&) = delete;
+    OffloadGuard& operator=(const OffloadGuard&) = delete;
+
+private:
+    torch::nn::Module* module_ = nullptr;
+    torch::Device home_ = torch::kCPU;
+};
+
+// ------------------------------------------------------------------------------ validation
+// Each throws InvalidArgument whose message starts with "<where>: `<name>`".
+
+void check_positive(const char* where, const char* name, int64_t value);
+void check_finite(const char* where, const char* name, double value);
+// Custom timesteps: at least two points, finite, within [0, 1], strictly descending.
+void check_timesteps(const char* where, const char* name, const std::vector<double>& timesteps);
+// Tensor of exactly `expected` shape.
+void check_shape(const char* where, const char* name, const torch::Tensor& tensor,
+                 at::IntArrayRef expected);
+
+// Shape as "[2, 16, 6, 6]".
+std::string shape_string(at::IntArrayRef shape);
+
+}  // namespace wuerstchen

@@ -1,0 +1,60 @@
+#pragma once
+
+// Stage C: diffusers' WuerstchenPrior, which denoises the 16-channel image embeddings ("effnet"
+// latents) conditioned on CLIP text states. Child names are the diffusers attribute names with
+// Sequential / ModuleList indices kept, so the module tree is the weight map of
+// prior/diffusion_pytorch_model.safetensors.
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/pimpl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "wuerstchen/config.h"
+#include "wuerstchen/weights.h"
+
+namespace wuerstchen {
+
+namespace nn {
+struct ResBlockImpl;
+struct TimestepBlockImpl;
+struct AttnBlockImpl;
+}  // namespace nn
+
+struct WuerstchenPriorImpl : torch::nn::Module {
+    explicit WuerstchenPriorImpl(const PriorConfig& config);
+
+    // x: [B, c_in, H, W] noisy embeddings, r: [B] noise ratios in [0, 1],
+    // c: [B, L, c_cond] text states -> [B, c_in, H, W]: (x - a) / (|1 - b| + 1e-5).
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r, const torch::Tensor& c);
+
+    // Sinusoidal embedding of r: [B] -> [B, c_r] in r's dtype (zero-padded when c_r is odd).
+    torch::Tensor gen_r_embedding(const torch::Tensor& r) const;
+
+    const PriorConfig& config() const { return config_; }
+
+    torch::nn::Conv2d projection{nullptr};
+    torch::nn::Sequential cond_mapper{nullptr};  // {0: Linear, 1: LeakyReLU(0.2), 2: Linear}
+    torch::nn::ModuleList blocks{nullptr};       // depth x [ResBlock, TimestepBlock, AttnBlock]
+    std::shared_ptr<torch::nn::Module> out;      // {0: LayerNorm2d (no weights), 1: Conv2d 1x1}
+    torch::nn::Conv2d out_conv{nullptr};         // out.1
+
+private:
+    PriorConfig config_;
+    std::vector<std::shared_ptr<nn::ResBlockImpl>> res_blocks_;
+    std::vector<std::shared_ptr<nn::TimestepBlockImpl>> timestep_blocks_;
+    std::vector<std::shared_ptr<nn::AttnBlockImpl>> attn_blocks_;
+};
+TORCH_MODULE(WuerstchenPrior);
+
+// Builds the model from <dir>/config.json and loads <dir>/diffusion_pytorch_model.safetensors
+// (or its shards / fp16 variant), in eval mode on options.device / options.dtype.
+// Throws ConfigError, IoError or WeightError naming the file.
+WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options = {});
+
+}  // namespace wuerstchen

@@ -1,0 +1,124 @@
+#pragma once
+
+// diffusers' WuerstchenPriorPipeline (stage C): text -> CLIP text states -> denoised image
+// embeddings [B, 16, ceil(H / 42.67), ceil(W / 42.67)] for the decoder (stage B).
+//
+//   auto prior = wuerstchen::PriorPipeline::from_pretrained("wuerstchen-prior", {torch::kCUDA});
+//   wuerstchen::PriorOptions opts;
+//   opts.prompts = {"an image of a shiba inu, donning a spacesuit and helmet"};
+//   opts.seed = 0;
+//   torch::Tensor emb = prior(opts).image_embeddings;
+
+#include <ATen/core/Generator.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "wuerstchen/clip_text_model.h"
+#include "wuerstchen/clip_tokenizer.h"
+#include "wuerstchen/pipeline_common.h"
+#include "wuerstchen/prior.h"
+#include "wuerstchen/scheduler.h"
+#include "wuerstchen/weights.h"
+
+namespace wuerstchen {
+
+// One call's arguments, with the defaults of diffusers' __call__.
+struct PriorOptions {
+    // The prompts (one image batch entry each), or precomputed text states instead.
+    std::vector<std::string> prompts;
+    // Used only with guidance (guidance_scale > 1). Empty: "" per prompt. Otherwise one per
+    // prompt (as upstream, a single negative prompt with several prompts is an error).
+    std::vector<std::string> negative_prompts;
+    torch::Tensor prompt_embeds;           // [B, L, c_cond], instead of `prompts`
+    torch::Tensor negative_prompt_embeds;  // [B, L, c_cond], instead of `negative_prompts`
+
+    int height = 1024;  // pixels of the final image; latents are ceil(size / resolution_multiple)
+    int width = 1024;
+    int num_inference_steps = 60;
+    // Custom schedule (e.g. kDefaultStageCTimesteps), strictly descending in [0, 1], at least
+    // two points; overrides num_inference_steps when not empty.
+    std::vector<double> timesteps;
+    double guidance_scale = 8.0;  // classifier-free guidance when > 1
+    int num_images_per_prompt = 1;
+
+    // Noise source: a caller-owned CPU generator (it advances), or a seed, or neither
+    // (nondeterministic). Setting both is an error.
+    std::optional<uint64_t> seed;
+    at::Generator* generator = nullptr;
+    // Initial noise [B * num_images_per_prompt, c_in, latent_h, latent_w] instead of a draw.
+    torch::Tensor latents;
+
+    StepCallback callback;  // after each step; returning false throws Cancelled
+
+    // Convenience for one prompt.
+    PriorOptions& prompt(const std::string& text) {
+        prompts = {text};
+        return *this;
+    }
+};
+
+struct PriorOutput {
+    // latents * latent_mean - latent_std, [B * num_images_per_prompt, c_in, h, w].
+    torch::Tensor image_embeddings;
+};
+
+// The pipeline-level values of model_index.json.
+struct PriorPipelineConfig {
+    double latent_mean = 42.0;
+    double latent_std = 1.0;
+    double resolution_multiple = 42.67;
+};
+
+class PriorPipeline {
+public:
+    // From already-loaded components. The execution device is options.device when
+    // options.offload is set (the modules stay where they are between calls and move there while
+    // they run), else the prior's device. options.dtype is not used: the modules keep theirs.
+    PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder, WuerstchenPrior prior,
+                  DDPMWuerstchenScheduler scheduler, PriorPipelineConfig config = {},
+                  const LoadOptions& options = {});
+
+    // A warp-ai/wuerstchen-prior style folder: model_index.json, prior/, text_encoder/,
+    // tokenizer/, scheduler/.
+    static PriorPipeline from_pretrained(const std::string& dir, const LoadOptions& options = {});
+    // The components "<prefix>prior", "<prefix>text_encoder", "<prefix>tokenizer" and
+    // "<prefix>scheduler" of `dir` (e.g. prefix "prior_" in a combined pipeline's folder), with the
+    // pipeline values of dir/model_index.json (diffusers' defaults where absent).
+    static PriorPipeline from_components(const std::string& dir, const std::string& prefix,
+                                         const LoadOptions& options = {});
+
+    // Runs the denoising loop. Throws InvalidArgument (naming the argument) for bad options and
+    // Cancelled when the callback returns false; the pipeline stays usable either way.
+    PriorOutput operator()(const PriorOptions& options);
+    PriorOutput generate(const PriorOptions& options) { return (*this)(options); }
+
+    // The latent size for an image size: ceil(size / resolution_multiple).
+    int64_t latent_size(int64_t pixels) const;
+
+    const CLIPTokenizer& tokenizer() const { return tokenizer_; }
+    CLIPTextModel& text_encoder() { return text_encoder_; }
+    WuerstchenPrior& prior() { return prior_; }
+    const DDPMWuerstchenScheduler& scheduler() const { return scheduler_; }
+    const PriorPipelineConfig& config() const { return config_; }
+    torch::Device device() const { return device_; }
+
+    PriorPipeline(PriorPipeline&&) noexcept = default;
+    PriorPipeline& operator=(PriorPipeline&&) noexcept = default;
+
+private:
+    torch::Tensor encode(const std::vector<std::string>& prompts, torch::ScalarType dtype);
+
+    CLIPTokenizer tokenizer_;
+    CLIPTextModel text_encoder_;
+    WuerstchenPrior prior_;
+    DDPMWuerstchenScheduler scheduler_;
+    PriorPipelineConfig config_;
+    torch::Device device_;
+    bool offload_ = false;
+};
+
+}  // namespace wuerstchen

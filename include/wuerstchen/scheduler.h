@@ -1,0 +1,78 @@
+#pragma once
+
+// diffusers DDPMWuerstchenScheduler: continuous timesteps t in [0, 1] (1 = pure noise), the
+// cosine schedule alpha_cumprod(t) = cos²((t + s) / (1 + s) · π/2) / cos²(s / (1 + s) · π/2)
+// clamped to [1e-4, 0.9999], and an ancestral DDPM step whose noise comes from a CPU generator.
+// Used by both stages (C and B). All schedule math is float32, as upstream.
+
+#include <ATen/core/Generator.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "wuerstchen/config.h"
+
+namespace wuerstchen {
+
+// diffusers' DEFAULT_STAGE_C_TIMESTEPS: linspace(1, 2/3, 20) + linspace(2/3, 0, 11)[1:],
+// 30 points (29 steps).
+extern const std::vector<double> kDefaultStageCTimesteps;
+
+class DDPMWuerstchenScheduler {
+public:
+    explicit DDPMWuerstchenScheduler(const SchedulerConfig& config = {});
+
+    const SchedulerConfig& config() const { return config_; }
+
+    // torch.linspace(1, 0, num_inference_steps + 1) in float32. Throws InvalidArgument when
+    // num_inference_steps < 1.
+    void set_timesteps(int num_inference_steps);
+    // Custom points, rounded to float32 like torch.Tensor(list). They must be strictly descending
+    // within [0, 1], at least two (InvalidArgument otherwise).
+    void set_timesteps(const std::vector<double>& timesteps);
+
+    // The current points as a float32 CPU tensor [N + 1] and as host values (float32-rounded).
+    torch::Tensor timesteps() const;
+    const std::vector<float>& timestep_values() const { return timesteps_; }
+    // Number of denoising steps (points - 1).
+    int num_steps() const {
+        return timesteps_.empty() ? 0 : static_cast<int>(timesteps_.size()) - 1;
+    }
+
+    // The clamped cosine schedule at t (any shape, any device); float32 unless t is float64.
+    torch::Tensor alpha_cumprod(const torch::Tensor& t) const;
+
+    // The point after the one nearest to t[0], expanded to t's size (as upstream).
+    // Throws InvalidArgument when t[0] is nearest to the last point (there is no next one).
+    torch::Tensor previous_timestep(const torch::Tensor& t) const;
+    // Host-side variant: the point after the one nearest to t.
+    float previous_timestep(double t) const;
+
+    // One ancestral step from t to previous_timestep(t). t: [B] (per-sample timesteps; the step
+    // target is taken from t[0], which needs a host read). Draws noise of sample's shape from
+    // `generator` on the CPU in model_output's dtype every call (also at the last step, where it
+    // is multiplied by 0) and returns the new sample in model_output's dtype.
+    torch::Tensor step(const torch::Tensor& model_output, const torch::Tensor& t,
+                       const torch::Tensor& sample, at::Generator& generator) const;
+    // Same with one host-side timestep for the whole batch: no device sync.
+    torch::Tensor step(const torch::Tensor& model_output, double t, const torch::Tensor& sample,
+                       at::Generator& generator) const;
+
+    // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B].
+    torch::Tensor add_noise(const torch::Tensor& original_samples, const torch::Tensor& noise,
+                            const torch::Tensor& t) const;
+
+    // diffusers' init_noise_sigma.
+    static constexpr double kInitNoiseSigma = 1.0;
+
+private:
+    size_t nearest_index(double t) const;
+    torch::Tensor step_impl(const torch::Tensor& model_output, const torch::Tensor& t, float prev_t,
+                            const torch::Tensor& sample, at::Generator& generator) const;
+
+    SchedulerConfig config_;
+    std::vector<float> timesteps_;
+};
+
+}  // namespace wuerstchen

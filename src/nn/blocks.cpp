@@ -1,0 +1,169 @@
+#include "nn/blocks.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/version.h>
+
+#include <cmath>
+#include <vector>
+
+namespace wuerstchen::nn {
+
+namespace {
+
+bool is_reduced_float(const torch::Tensor& x) {
+    return x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16;
+}
+
+}  // namespace
+
+torch::Tensor layer_norm_last(const torch::Tensor& x, double eps) {
+    const int64_t c = x.size(-1);
+    if (is_reduced_float(x)) {
+        return at::layer_norm(x.to(torch::kFloat32), {c}, {}, {}, eps).to(x.scalar_type());
+    }
+    return at::layer_norm(x, {c}, {}, {}, eps);
+}
+
+torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps) {
+    // WuerstchenLayerNorm: permute to NHWC, normalise over C, permute back.
+    return layer_norm_last(x.permute({0, 2, 3, 1}), eps).permute({0, 3, 1, 2});
+}
+
+torch::Tensor gelu(const torch::Tensor& x) { return at::gelu(x); }
+
+// ---------------------------------------------------------------------------- TimestepBlock
+
+TimestepBlockImpl::TimestepBlockImpl(int64_t c, int64_t c_timestep) {
+    mapper = register_module("mapper", torch::nn::Linear(c_timestep, c * 2));
+}
+
+torch::Tensor TimestepBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
+    // t: [B, c_r] -> [B, 2C, 1, 1] -> a, b: [B, C, 1, 1]
+    auto ab = mapper->forward(t).unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+    return x * (1 + ab[0]) + ab[1];
+}
+
+// ---------------------------------------------------------------------------- GlobalResponseNorm
+
+GlobalResponseNormImpl::GlobalResponseNormImpl(int64_t dim) {
+    gamma = register_parameter("gamma", torch::zeros({1, 1, 1, dim}));
+    beta = register_parameter("beta", torch::zeros({1, 1, 1, dim}));
+}
+
+torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
+    // L2 norm over the spatial dims (H, W) per channel: [B, 1, 1, C].
+    auto agg_norm = at::norm(x, 2, {1, 2}, /*keepdim=*/true);
+    auto stand_div_norm = agg_norm / (agg_norm.mean({-1}, /*keepdim=*/true) + 1e-6);
+    return gamma * (x * stand_div_norm) + beta + x;
+}
+
+// ---------------------------------------------------------------------------- ChannelwiseMLP
+
+ChannelwiseMLPImpl::ChannelwiseMLPImpl(int64_t c_in, int64_t c_hidden, int64_t c_out) {
+    // Upstream Sequential indices: 0 Linear, 1 GELU, 2 GRN, 3 Dropout, 4 Linear.
+    fc1 = register_module("0", torch::nn::Linear(c_in, c_hidden));
+    grn = register_module("2", GlobalResponseNorm(c_hidden));
+    fc2 = register_module("4", torch::nn::Linear(c_hidden, c_out));
+}
+
+torch::Tensor ChannelwiseMLPImpl::forward(const torch::Tensor& x) {
+    return fc2->forward(grn->forward(nn::gelu(fc1->forward(x))));
+}
+
+// ---------------------------------------------------------------------------- ResBlock
+
+ResBlockImpl::ResBlockImpl(int64_t c, int64_t c_skip, int64_t kernel_size) {
+    depthwise = register_module(
+        "depthwise", torch::nn::Conv2d(torch::nn::Conv2dOptions(c + c_skip, c, kernel_size)
+                                           .padding(kernel_size / 2)
+                                           .groups(c)));
+    channelwise = register_module("channelwise", ChannelwiseMLP(c, c * 4, c));
+}
+
+torch::Tensor ResBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& x_skip) {
+    const torch::Tensor& x_res = x;
+    auto h = x_skip.defined() ? torch::cat({x, x_skip}, 1) : x;
+    // [B, C, H, W] -> [B, H, W, C] for the channelwise MLP, and back.
+    h = layer_norm_2d(depthwise->forward(h)).permute({0, 2, 3, 1});
+    h = channelwise->forward(h).permute({0, 3, 1, 2});
+    return h + x_res;
+}
+
+// ---------------------------------------------------------------------------- Attention
+
+AttentionImpl::AttentionImpl(int64_t query_dim, int64_t heads_, int64_t dim_head_)
+    : heads(heads_), dim_head(dim_head_) {
+    const int64_t inner = heads * dim_head;
+    to_q = register_module("to_q", torch::nn::Linear(query_dim, inner));
+    to_k = register_module("to_k", torch::nn::Linear(query_dim, inner));
+    to_v = register_module("to_v", torch::nn::Linear(query_dim, inner));
+    // to_out.1 is a Dropout upstream: no parameters, identity at inference.
+    to_out = register_module("to_out", torch::nn::Sequential(torch::nn::Linear(inner, query_dim)));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
+    const int64_t b = x.size(0);
+    const int64_t n = x.size(1);
+    const int64_t m = context.size(1);
+    // [B, N, heads*dim_head] -> [B, heads, N, dim_head]
+    auto q = to_q->forward(x).view({b, n, heads, dim_head}).transpose(1, 2);
+    auto k = to_k->forward(context).view({b, m, heads, dim_head}).transpose(1, 2);
+    auto v = to_v->forward(context).view({b, m, heads, dim_head}).transpose(1, 2);
+    // AttnProcessor: softmax(q k^T * dim_head^-0.5) v, softmax in the input dtype.
+#if TORCH_VERSION_MAJOR >= 2
+    auto out = at::scaled_dot_product_attention(q, k, v);  // default scale = dim_head^-0.5
+#else
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dim_head));
+    auto out = at::matmul(at::softmax(at::matmul(q, k.transpose(-1, -2)) * scale, -1), v);
+#endif
+    // [B, heads, N, dim_head] -> [B, N, heads*dim_head]
+    out = out.transpose(1, 2).reshape({b, n, heads * dim_head});
+    return to_out->forward(out);
+}
+
+// ---------------------------------------------------------------------------- AttnBlock
+
+AttnBlockImpl::AttnBlockImpl(int64_t c, int64_t c_cond, int64_t nhead, bool self_attn_)
+    : self_attn(self_attn_) {
+    attention = register_module("attention", Attention(c, nhead, c / nhead));
+    kv_mapper = register_module(
+        "kv_mapper", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(c_cond, c)));
+}
+
+torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cond) {
+    const int64_t b = x.size(0);
+    const int64_t c = x.size(1);
+    const int64_t h = x.size(2);
+    const int64_t w = x.size(3);
+    auto kv = kv_mapper->forward(cond);
+    // [B, C, H, W] -> [B, H*W, C]
+    auto norm_x = layer_norm_2d(x).reshape({b, c, h * w}).transpose(1, 2);
+    if (self_attn) kv = torch::cat({norm_x, kv}, 1);
+    // [B, H*W, C] -> [B, C, H, W]
+    auto attn = attention->forward(norm_x, kv).transpose(1, 2).reshape({b, c, h, w});
+    return x + attn;
+}
+
+// ---------------------------------------------------------------------------- r embedding
+
+torch::Tensor r_embedding(const torch::Tensor& r, int64_t c_r, double max_positions) {
+    // gen_r_embedding: r * max_positions in r's dtype (as upstream), the rest in float32.
+    auto scaled = (r * max_positions).to(torch::kFloat32);
+    const int64_t half_dim = c_r / 2;
+    // exp(-k * ln(max_positions) / (half_dim - 1)) in double, rounded once to float: sin/cos are
+    // evaluated at arguments up to 1e4, where one ulp of a frequency shows (tests/data/README.md).
+    const double step = std::log(max_positions) / static_cast<double>(half_dim - 1);
+    std::vector<float> freqs(static_cast<size_t>(half_dim));
+    for (int64_t k = 0; k < half_dim; ++k)
+        freqs[static_cast<size_t>(k)] =
+            static_cast<float>(std::exp(-static_cast<double>(k) * step));
+    auto freq =
+        torch::tensor(freqs, torch::TensorOptions().dtype(torch::kFloat32)).to(scaled.device());
+    auto emb = scaled.unsqueeze(1) * freq.unsqueeze(0);  // [B, half_dim]
+    emb = torch::cat({emb.sin(), emb.cos()}, 1);
+    if (c_r % 2 == 1) emb = at::constant_pad_nd(emb, {0, 1}, 0);
+    return emb.to(r.scalar_type());
+}
+
+}  // namespace wuerstchen::nn

@@ -1,0 +1,93 @@
+#pragma once
+
+// Building blocks shared by stage C (WuerstchenPrior) and stage B (WuerstchenDiffNeXt), ported
+// from diffusers' modeling_wuerstchen_common.py. Child names are the diffusers attribute names,
+// with Sequential indices kept, so named_parameters() equals the checkpoint's key set.
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+namespace wuerstchen::nn {
+
+// LayerNorm over channels of an NCHW tensor, no affine parameters (WuerstchenLayerNorm).
+// Computed in fp32 when the input is half precision.
+torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps = 1e-6);
+// LayerNorm over the last dimension without affine parameters (nn.LayerNorm(affine=False)).
+torch::Tensor layer_norm_last(const torch::Tensor& x, double eps = 1e-6);
+
+// nn.GELU() (erf form).
+torch::Tensor gelu(const torch::Tensor& x);
+
+// x * (1 + a) + b with [a, b] = mapper(t).  Keys: mapper.{weight,bias}
+struct TimestepBlockImpl : torch::nn::Module {
+    TimestepBlockImpl(int64_t c, int64_t c_timestep);
+    // x: [B, C, H, W], t: [B, c_timestep] -> [B, C, H, W]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
+    torch::nn::Linear mapper{nullptr};
+};
+TORCH_MODULE(TimestepBlock);
+
+// ConvNeXt-V2 GRN over NHWC input.  Keys: gamma, beta ([1, 1, 1, dim])
+struct GlobalResponseNormImpl : torch::nn::Module {
+    explicit GlobalResponseNormImpl(int64_t dim);
+    // x: [B, H, W, C] -> [B, H, W, C]
+    torch::Tensor forward(const torch::Tensor& x);
+    torch::Tensor gamma, beta;
+};
+TORCH_MODULE(GlobalResponseNorm);
+
+// Linear(c, 4c) -> GELU -> GRN(4c) -> Dropout -> Linear(4c, c) as a Sequential with upstream
+// indices (0, 2, 4).  Keys: channelwise.0.*, channelwise.2.{gamma,beta}, channelwise.4.*
+struct ChannelwiseMLPImpl : torch::nn::Module {
+    ChannelwiseMLPImpl(int64_t c_in, int64_t c_hidden, int64_t c_out);
+    // x: [B, H, W, c_in] -> [B, H, W, c_out]
+    torch::Tensor forward(const torch::Tensor& x);
+    torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+    GlobalResponseNorm grn{nullptr};
+};
+TORCH_MODULE(ChannelwiseMLP);
+
+// Stage C's ResBlock: depthwise conv over [x ; x_skip], LayerNorm2d, channelwise MLP, residual.
+// Keys: depthwise.{weight,bias}, channelwise.*
+struct ResBlockImpl : torch::nn::Module {
+    ResBlockImpl(int64_t c, int64_t c_skip = 0, int64_t kernel_size = 3);
+    // x: [B, C, H, W], x_skip: [B, c_skip, H, W] or undefined -> [B, C, H, W]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& x_skip = {});
+    torch::nn::Conv2d depthwise{nullptr};
+    ChannelwiseMLP channelwise{nullptr};
+};
+TORCH_MODULE(ResBlock);
+
+// diffusers Attention (AttnProcessor semantics): to_q / to_k / to_v with bias, to_out.0.
+struct AttentionImpl : torch::nn::Module {
+    AttentionImpl(int64_t query_dim, int64_t heads, int64_t dim_head);
+    // x: [B, N, C], context: [B, M, C] -> [B, N, C]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context);
+    int64_t heads;
+    int64_t dim_head;
+    torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+    torch::nn::Sequential to_out{nullptr};  // {0: Linear}
+};
+TORCH_MODULE(Attention);
+
+// Self-attention over [norm(x) ; kv_mapper(cond)].
+// Keys: attention.*, kv_mapper.1.{weight,bias}
+struct AttnBlockImpl : torch::nn::Module {
+    AttnBlockImpl(int64_t c, int64_t c_cond, int64_t nhead, bool self_attn = true);
+    // x: [B, C, H, W], cond: [B, M, c_cond] -> [B, C, H, W]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cond);
+    bool self_attn;
+    Attention attention{nullptr};
+    torch::nn::Sequential kv_mapper{nullptr};  // {0: SiLU, 1: Linear}
+};
+TORCH_MODULE(AttnBlock);
+
+// Sinusoidal embedding of r in [0, 1] (gen_r_embedding), zero-padded when c_r is odd.
+// Frequencies are computed in double and rounded once to float (see tests/data/README.md).
+// r: [B] -> [B, c_r] in r's dtype.
+torch::Tensor r_embedding(const torch::Tensor& r, int64_t c_r, double max_positions = 10000.0);
+
+}  // namespace wuerstchen::nn

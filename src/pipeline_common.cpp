@@ -1,0 +1,147 @@
+#include "wuerstchen/pipeline_common.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cmath>
+#include <random>
+#include <sstream>
+
+#include "wuerstchen/error.h"
+
+namespace wuerstchen {
+
+namespace {
+
+[[noreturn]] void invalid(const char* where, const char* name, const std::string& what) {
+    throw InvalidArgument(std::string(where) + ": `" + name + "` " + what);
+}
+
+}  // namespace
+
+at::Generator make_generator(uint64_t seed) {
+    return at::make_generator<at::CPUGeneratorImpl>(seed);
+}
+
+at::Generator call_generator(at::Generator* generator, std::optional<uint64_t> seed) {
+    if (generator != nullptr) {
+        if (seed.has_value())
+            throw InvalidArgument("`seed` and `generator` are both set: pass one of them");
+        if (!generator->defined() || generator->device().type() != c10::DeviceType::CPU)
+            throw InvalidArgument("`generator` must be a CPU generator (draws happen on the CPU)");
+        return *generator;
+    }
+    if (seed.has_value()) return make_generator(*seed);
+    std::random_device rd;
+    const uint64_t s = (static_cast<uint64_t>(rd()) << 32) ^ static_cast<uint64_t>(rd());
+    return make_generator(s);
+}
+
+torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generator,
+                                   torch::ScalarType dtype, torch::Device device) {
+    // randn_tensor draws in the target dtype on the generator's device (CPU): torch's CPU normal
+    // kernel takes different paths per dtype, so a float16 draw is not a cast float32 draw.
+    // The kernel locks the generator's mutex itself.
+    auto noise = at::randn(shape, generator, torch::TensorOptions().dtype(dtype));
+    return noise.to(device);
+}
+
+torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
+                             const std::vector<std::string>& prompts, torch::Device device,
+                             torch::ScalarType dtype) {
+    c10::InferenceMode guard;
+    TokenizerOptions options;  // padding="max_length", max_length=model_max_length, truncation
+    BatchEncoding enc = tokenizer(prompts, options);
+    const torch::Device te_device = module_device(*text_encoder);
+    CLIPTextOutput out =
+        text_encoder->forward(enc.input_ids.to(te_device), enc.attention_mask.to(te_device));
+    return out.last_hidden_state.to(device, dtype);
+}
+
+torch::Device module_device(const torch::nn::Module& module) {
+    for (const auto& p : module.parameters()) return p.device();
+    return torch::kCPU;
+}
+
+torch::ScalarType module_dtype(const torch::nn::Module& module) {
+    for (const auto& p : module.parameters())
+        if (p.is_floating_point()) return p.scalar_type();
+    return torch::kFloat32;
+}
+
+void move_module(torch::nn::Module& module, torch::Device device) {
+    // set_data on a normal tensor from an inference tensor is refused: leave InferenceMode here.
+    c10::InferenceMode not_inference(/*enabled=*/false);
+    torch::NoGradGuard no_grad;
+    for (auto& p : module.parameters())
+        if (p.device() != device) p.set_data(p.to(device));
+    for (auto& b : module.buffers())
+        if (b.device() != device) b.set_data(b.to(device));
+}
+
+OffloadGuard::OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled) {
+    if (!enabled) return;
+    home_ = module_device(module);
+    if (home_ == device) return;
+    module_ = &module;
+    move_module(module, device);
+}
+
+OffloadGuard::~OffloadGuard() {
+    if (module_ == nullptr) return;
+    try {
+        move_module(*module_, home_);
+    } catch (...) {  // a destructor must not throw; the module stays usable where it is
+    }
+}
+
+std::string shape_string(at::IntArrayRef shape) {
+    std::ostringstream os;
+    os << '[';
+    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+    os << ']';
+    return os.str();
+}
+
+void check_positive(const char* where, const char* name, int64_t value) {
+    if (value <= 0) invalid(where, name, "must be positive, got " + std::to_string(value));
+}
+
+void check_finite(const char* where, const char* name, double value) {
+    if (!std::isfinite(value)) {
+        std::ostringstream os;
+        os << "must be finite, got " << value;
+        invalid(where, name, os.str());
+    }
+}
+
+void check_timesteps(const char* where, const char* name, const std::vector<double>& timesteps) {
+    if (timesteps.size() < 2)
+        invalid(where, name,
+                "needs at least 2 points (the last one ends the chain), got " +
+                    std::to_string(timesteps.size()));
+    for (size_t i = 0; i < timesteps.size(); ++i) {
+        const double t = timesteps[i];
+        std::ostringstream os;
+        if (!std::isfinite(t) || t < 0.0 || t > 1.0) {
+            os << "must lie in [0, 1], got " << t << " at index " << i;
+            invalid(where, name, os.str());
+        }
+        if (i > 0 && !(t < timesteps[i - 1])) {
+            os << "must be strictly descending, got " << timesteps[i - 1] << " then " << t
+               << " at index " << i;
+            invalid(where, name, os.str());
+        }
+    }
+}
+
+void check_shape(const char* where, const char* name, const torch::Tensor& tensor,
+                 at::IntArrayRef expected) {
+    if (!tensor.defined()) invalid(where, name, "is undefined");
+    if (tensor.sizes() != expected)
+        invalid(
+            where, name,
+            "has shape " + shape_string(tensor.sizes()) + ", expected " + shape_string(expected));
+}
+
+}  // namespace wuerstchen

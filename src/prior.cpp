@@ -1,0 +1,64 @@
+#include "wuerstchen/prior.h"
+
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/linear.h>
+
+#include "nn/blocks.h"
+
+namespace wuerstchen {
+
+WuerstchenPriorImpl::WuerstchenPriorImpl(const PriorConfig& config) : config_(config) {
+    config_.validate();
+    const int64_t c_in = config.c_in, c = config.c, c_cond = config.c_cond, c_r = config.c_r;
+    projection =
+        register_module("projection", torch::nn::Conv2d(torch::nn::Conv2dOptions(c_in, c, 1)));
+    cond_mapper = register_module(
+        "cond_mapper", torch::nn::Sequential(
+                           torch::nn::Linear(c_cond, c),
+                           torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.2)),
+                           torch::nn::Linear(c, c)));
+    blocks = register_module("blocks", torch::nn::ModuleList());
+    for (int i = 0; i < config.depth; ++i) {
+        nn::ResBlock res(c);
+        nn::TimestepBlock ts(c, c_r);
+        nn::AttnBlock attn(c, c, config.nhead, /*self_attn=*/true);
+        blocks->push_back(res);
+        blocks->push_back(ts);
+        blocks->push_back(attn);
+        res_blocks_.push_back(res.ptr());
+        timestep_blocks_.push_back(ts.ptr());
+        attn_blocks_.push_back(attn.ptr());
+    }
+    out = register_module("out", std::make_shared<torch::nn::Module>("Sequential"));
+    out_conv =
+        out->register_module("1", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c_in * 2, 1)));
+}
+
+torch::Tensor WuerstchenPriorImpl::gen_r_embedding(const torch::Tensor& r) const {
+    return nn::r_embedding(r, config_.c_r);
+}
+
+torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
+                                           const torch::Tensor& c) {
+    auto x = projection->forward(x_in);      // [B, c_in, H, W] -> [B, c, H, W]
+    auto c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
+    auto r_embed = gen_r_embedding(r);       // [B] -> [B, c_r]
+    for (size_t i = 0; i < res_blocks_.size(); ++i) {
+        x = res_blocks_[i]->forward(x);
+        x = timestep_blocks_[i]->forward(x, r_embed);
+        x = attn_blocks_[i]->forward(x, c_embed);
+    }
+    // [B, c, H, W] -> a, b: [B, c_in, H, W]
+    auto ab = out_conv->forward(nn::layer_norm_2d(x)).chunk(2, 1);
+    return (x_in - ab[0]) / ((1 - ab[1]).abs() + 1e-5);
+}
+
+WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options) {
+    const auto config = PriorConfig::from_file(dir + "/config.json");
+    WuerstchenPrior model(config);
+    prepare_module(*model, options);
+    load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
+    return model;
+}
+
+}  // namespace wuerstchen

@@ -1,0 +1,203 @@
+#include "wuerstchen/prior_pipeline.h"
+
+#include <c10/core/InferenceMode.h>
+
+#include <cmath>
+#include <utility>
+
+#include "wuerstchen/config.h"
+#include "wuerstchen/error.h"
+
+namespace wuerstchen {
+
+namespace {
+
+constexpr const char* kWhere = "PriorPipeline";
+
+[[noreturn]] void invalid(const std::string& what) {
+    throw InvalidArgument(std::string(kWhere) + ": " + what);
+}
+
+}  // namespace
+
+PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder,
+                             WuerstchenPrior prior, DDPMWuerstchenScheduler scheduler,
+                             PriorPipelineConfig config, const LoadOptions& options)
+    : tokenizer_(std::move(tokenizer)),
+      text_encoder_(std::move(text_encoder)),
+      prior_(std::move(prior)),
+      scheduler_(std::move(scheduler)),
+      config_(config),
+      device_(options.offload ? options.device : module_device(*prior_)),
+      offload_(options.offload) {
+    if (!text_encoder_ || !prior_) invalid("`text_encoder` and `prior` must be loaded modules");
+    if (!(config_.resolution_multiple > 0) || !std::isfinite(config_.resolution_multiple))
+        invalid("`resolution_multiple` must be a positive number");
+    if (text_encoder_->config().hidden_size != prior_->config().c_cond)
+        invalid("the text encoder's hidden_size (" +
+                std::to_string(text_encoder_->config().hidden_size) +
+                ") differs from the prior's c_cond (" + std::to_string(prior_->config().c_cond) +
+                ")");
+}
+
+PriorPipeline PriorPipeline::from_pretrained(const std::string& dir, const LoadOptions& options) {
+    return from_components(dir, "", options);
+}
+
+PriorPipeline PriorPipeline::from_components(const std::string& dir, const std::string& prefix,
+                                             const LoadOptions& options) {
+    const std::string index_path = dir + "/model_index.json";
+    const ModelIndex index = ModelIndex::from_file(index_path);
+    for (const char* name : {"prior", "text_encoder", "tokenizer", "scheduler"})
+        if (!index.components.empty() && !index.has_component(prefix + name))
+            throw ConfigError(index_path + ": no component '" + prefix + name + "'");
+    LoadOptions load = options;
+    if (options.offload) load.device = torch::kCPU;  // moved to options.device per call
+    auto tokenizer = CLIPTokenizer::from_pretrained(dir + "/" + prefix + "tokenizer");
+    auto text_encoder = load_clip_text_model(dir + "/" + prefix + "text_encoder", load);
+    auto prior = load_prior(dir + "/" + prefix + "prior", load);
+    DDPMWuerstchenScheduler scheduler(
+        SchedulerConfig::from_file(dir + "/" + prefix + "scheduler/scheduler_config.json"));
+    PriorPipelineConfig config{index.latent_mean, index.latent_std, index.resolution_multiple};
+    return PriorPipeline(std::move(tokenizer), std::move(text_encoder), std::move(prior),
+                         std::move(scheduler), config, options);
+}
+
+int64_t PriorPipeline::latent_size(int64_t pixels) const {
+    // ceil(height / self.config.resolution_multiple), in double as Python does.
+    return static_cast<int64_t>(
+        std::ceil(static_cast<double>(pixels) / config_.resolution_multiple));
+}
+
+torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
+                                    torch::ScalarType dtype) {
+    return encode_prompts(tokenizer_, text_encoder_, prompts, device_, dtype);
+}
+
+PriorOutput PriorPipeline::operator()(const PriorOptions& o) {
+    // ---- validation: everything before any work or draw
+    check_positive(kWhere, "height", o.height);
+    check_positive(kWhere, "width", o.width);
+    check_positive(kWhere, "num_images_per_prompt", o.num_images_per_prompt);
+    check_finite(kWhere, "guidance_scale", o.guidance_scale);
+    if (o.timesteps.empty())
+        check_positive(kWhere, "num_inference_steps", o.num_inference_steps);
+    else
+        check_timesteps(kWhere, "timesteps", o.timesteps);
+
+    const bool has_prompts = !o.prompts.empty();
+    const bool has_embeds = o.prompt_embeds.defined();
+    if (has_prompts && has_embeds)
+        invalid("`prompts` and `prompt_embeds` are both set: pass one of them");
+    if (!has_prompts && !has_embeds)
+        invalid("`prompts` is empty and `prompt_embeds` is not set: pass one of them");
+    const int64_t c_cond = prior_->config().c_cond;
+    if (has_embeds && (o.prompt_embeds.dim() != 3 || o.prompt_embeds.size(0) < 1 ||
+                       o.prompt_embeds.size(2) != c_cond))
+        invalid("`prompt_embeds` must have shape [B, L, " + std::to_string(c_cond) + "], got " +
+                shape_string(o.prompt_embeds.sizes()));
+    const int64_t batch =
+        has_prompts ? static_cast<int64_t>(o.prompts.size()) : o.prompt_embeds.size(0);
+    const bool cfg = o.guidance_scale > 1.0;  // do_classifier_free_guidance
+    if (!o.negative_prompts.empty() && o.negative_prompt_embeds.defined())
+        invalid("`negative_prompts` and `negative_prompt_embeds` are both set: pass one of them");
+    if (cfg && !o.negative_prompts.empty() &&
+        static_cast<int64_t>(o.negative_prompts.size()) != batch)
+        invalid("`negative_prompts` has " + std::to_string(o.negative_prompts.size()) +
+                " entries but there are " + std::to_string(batch) +
+                " prompts: pass one negative prompt per prompt");
+    if (o.negative_prompt_embeds.defined()) {
+        if (has_embeds && o.negative_prompt_embeds.sizes() != o.prompt_embeds.sizes())
+            invalid("`negative_prompt_embeds` has shape " +
+                    shape_string(o.negative_prompt_embeds.sizes()) +
+                    " but `prompt_embeds` has shape " + shape_string(o.prompt_embeds.sizes()));
+        if (o.negative_prompt_embeds.dim() != 3 || o.negative_prompt_embeds.size(0) != batch ||
+            o.negative_prompt_embeds.size(2) != c_cond)
+            invalid("`negative_prompt_embeds` must have shape [" + std::to_string(batch) + ", L, " +
+                    std::to_string(c_cond) + "], got " +
+                    shape_string(o.negative_prompt_embeds.sizes()));
+    }
+    const int64_t n = o.num_images_per_prompt;
+    const std::vector<int64_t> latent_shape = {batch * n, prior_->config().c_in,
+                                               latent_size(o.height), latent_size(o.width)};
+    if (o.latents.defined()) check_shape(kWhere, "latents", o.latents, latent_shape);
+
+    at::Generator generator = call_generator(o.generator, o.seed);
+    DDPMWuerstchenScheduler scheduler = scheduler_;  // per call: the pipeline stays reentrant
+    if (o.timesteps.empty())
+        scheduler.set_timesteps(o.num_inference_steps);
+    else
+        scheduler.set_timesteps(o.timesteps);
+
+    c10::InferenceMode inference;
+    const torch::ScalarType dtype = module_dtype(*text_encoder_);
+
+    // ---- encode_prompt
+    torch::Tensor text_states;
+    {
+        OffloadGuard on_device(*text_encoder_, device_, offload_);
+        auto prompt_embeds =
+            has_embeds ? o.prompt_embeds.to(device_, dtype) : encode(o.prompts, dtype);
+        prompt_embeds = prompt_embeds.repeat_interleave(n, 0);
+        text_states = prompt_embeds;
+        if (cfg) {
+            torch::Tensor negative;
+            if (o.negative_prompt_embeds.defined())
+                negative = o.negative_prompt_embeds.to(device_, dtype);
+            else if (o.negative_prompts.empty())
+                negative = encode(std::vector<std::string>(static_cast<size_t>(batch), ""), dtype);
+            else
+                negative = encode(o.negative_prompts, dtype);
+            // Upstream repeats the negative states as a block (repeat, then view), the prompt
+            // states per prompt (repeat_interleave).
+            const int64_t seq_len = negative.size(1);
+            negative = negative.repeat({1, n, 1}).view({batch * n, seq_len, -1});
+            // One batched forward: [text ; uncond].
+            text_states = torch::cat({prompt_embeds, negative});
+        }
+    }
+
+    // ---- prepare_latents (drawn first, then one draw per step inside the scheduler)
+    torch::Tensor latents = o.latents.defined()
+                                ? o.latents.to(device_, dtype)
+                                : randn_like_diffusers(latent_shape, generator, dtype, device_);
+    latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
+
+    OffloadGuard on_device(*prior_, device_, offload_);
+    const std::vector<float>& ts = scheduler.timestep_values();
+    for (int i = 0; i + 1 < static_cast<int>(ts.size()); ++i) {
+        const float t = ts[static_cast<size_t>(i)];
+        // ratio = t.expand(latents.size(0)).to(dtype)
+        auto ratio = torch::full({latents.size(0)}, t,
+                                 torch::TensorOptions().dtype(torch::kFloat32).device(device_))
+                         .to(dtype);
+        torch::Tensor pred = cfg ? prior_->forward(torch::cat({latents, latents}),
+                                                   torch::cat({ratio, ratio}), text_states)
+                                 : prior_->forward(latents, ratio, text_states);
+        if (cfg) {
+            auto chunks = pred.chunk(2);
+            pred = torch::lerp(chunks[1], chunks[0], o.guidance_scale);
+        }
+        latents = scheduler.step(pred, static_cast<double>(t), latents, generator);
+
+        if (o.callback) {
+            const bool keep_going = o.callback(i, static_cast<double>(t), latents);
+            if (!latents.defined() || latents.sizes() != c10::IntArrayRef(latent_shape))
+                invalid("the step callback replaced `latents` by a tensor of shape " +
+                        (latents.defined() ? shape_string(latents.sizes()) : "undefined") +
+                        ", expected " + shape_string(latent_shape));
+            latents = latents.to(device_, dtype);
+            if (!keep_going)
+                throw Cancelled(std::string(kWhere) +
+                                ": cancelled by the step callback after step " + std::to_string(i));
+        }
+    }
+
+    // Upstream: `latents = latents * self.config.latent_mean - self.config.latent_std`
+    // (not latents * std + mean; the reference outputs follow this formula).
+    PriorOutput out;
+    out.image_embeddings = latents * config_.latent_mean - config_.latent_std;
+    return out;
+}
+
+}  // namespace wuerstchen

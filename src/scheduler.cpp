@@ -1,0 +1,179 @@
+#include "wuerstchen/scheduler.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+#include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
+
+namespace wuerstchen {
+
+namespace {
+
+// numpy.linspace(start, stop, num) in double: i * step + start, the last point exactly stop.
+std::vector<double> np_linspace(double start, double stop, int num) {
+    std::vector<double> y(static_cast<size_t>(num));
+    const double step = (stop - start) / static_cast<double>(num - 1);
+    for (int i = 0; i < num; ++i) y[static_cast<size_t>(i)] = static_cast<double>(i) * step + start;
+    y.back() = stop;
+    return y;
+}
+
+std::vector<double> default_stage_c_timesteps() {
+    // DEFAULT_STAGE_C_TIMESTEPS = list(np.linspace(1.0, 2 / 3, 20)) + list(np.linspace(2 / 3, 0.0,
+    // 11))[1:]
+    std::vector<double> ts = np_linspace(1.0, 2.0 / 3.0, 20);
+    const std::vector<double> tail = np_linspace(2.0 / 3.0, 0.0, 11);
+    ts.insert(ts.end(), tail.begin() + 1, tail.end());
+    return ts;
+}
+
+// [B] -> [B, 1, ..., 1] with as many trailing ones as `like` has dimensions after the first.
+std::vector<int64_t> batch_view(int64_t batch, const torch::Tensor& like) {
+    std::vector<int64_t> shape(static_cast<size_t>(like.dim()), 1);
+    shape[0] = batch;
+    return shape;
+}
+
+}  // namespace
+
+const std::vector<double> kDefaultStageCTimesteps = default_stage_c_timesteps();
+
+DDPMWuerstchenScheduler::DDPMWuerstchenScheduler(const SchedulerConfig& config) : config_(config) {
+    config_.validate("DDPMWuerstchenScheduler");
+}
+
+void DDPMWuerstchenScheduler::set_timesteps(int num_inference_steps) {
+    check_positive("DDPMWuerstchenScheduler::set_timesteps", "num_inference_steps",
+                   num_inference_steps);
+    // torch.linspace(1.0, 0.0, n + 1): use torch's own float32 algorithm for identical points.
+    auto ts = at::linspace(1.0, 0.0, num_inference_steps + 1,
+                           torch::TensorOptions().dtype(torch::kFloat32))
+                  .contiguous();
+    const float* p = ts.data_ptr<float>();
+    timesteps_.assign(p, p + ts.numel());
+}
+
+void DDPMWuerstchenScheduler::set_timesteps(const std::vector<double>& timesteps) {
+    check_timesteps("DDPMWuerstchenScheduler::set_timesteps", "timesteps", timesteps);
+    timesteps_.clear();
+    for (double t : timesteps) timesteps_.push_back(static_cast<float>(t));
+    // Rounding to float32 may merge points that differ by less than an ulp.
+    for (size_t i = 1; i < timesteps_.size(); ++i)
+        if (!(timesteps_[i] < timesteps_[i - 1]))
+            throw InvalidArgument(
+                "DDPMWuerstchenScheduler::set_timesteps: `timesteps` must be strictly descending "
+                "in float32, got two equal points at index " +
+                std::to_string(i));
+}
+
+torch::Tensor DDPMWuerstchenScheduler::timesteps() const {
+    return torch::tensor(timesteps_, torch::TensorOptions().dtype(torch::kFloat32));
+}
+
+torch::Tensor DDPMWuerstchenScheduler::alpha_cumprod(const torch::Tensor& t_in) const {
+    auto t = t_in;
+    if (config_.scaler > 1)
+        t = 1 - (1 - t).pow(config_.scaler);
+    else if (config_.scaler < 1)
+        t = t.pow(config_.scaler);
+    // Upstream keeps s as a float32 tensor of shape [1] (so a float16 t promotes to float32).
+    auto s = torch::full({1}, static_cast<float>(config_.s),
+                         torch::TensorOptions().dtype(torch::kFloat32).device(t.device()));
+    auto init = (s / (1 + s) * M_PI * 0.5).cos().pow(2);
+    auto a = ((t + s) / (1 + s) * M_PI * 0.5).cos().pow(2) / init;
+    return a.clamp(0.0001, 0.9999);
+}
+
+size_t DDPMWuerstchenScheduler::nearest_index(double t) const {
+    if (timesteps_.empty())
+        throw InvalidArgument("DDPMWuerstchenScheduler: call set_timesteps before stepping");
+    // (self.timesteps - timestep[0]).abs().argmin() in float32; the first minimum wins.
+    const float tf = static_cast<float>(t);
+    size_t best = 0;
+    float best_d = std::fabs(timesteps_[0] - tf);
+    for (size_t i = 1; i < timesteps_.size(); ++i) {
+        const float d = std::fabs(timesteps_[i] - tf);
+        if (d < best_d) {
+            best_d = d;
+            best = i;
+        }
+    }
+    if (best + 1 >= timesteps_.size())
+        throw InvalidArgument("DDPMWuerstchenScheduler: timestep " + std::to_string(t) +
+                              " is the last point of the schedule; there is no step after it");
+    return best;
+}
+
+float DDPMWuerstchenScheduler::previous_timestep(double t) const {
+    return timesteps_[nearest_index(t) + 1];
+}
+
+torch::Tensor DDPMWuerstchenScheduler::previous_timestep(const torch::Tensor& t) const {
+    const float prev = previous_timestep(t[0].item<double>());
+    return torch::full({t.size(0)}, prev,
+                       torch::TensorOptions().dtype(torch::kFloat32).device(t.device()));
+}
+
+torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output,
+                                            const torch::Tensor& t, const torch::Tensor& sample,
+                                            at::Generator& generator) const {
+    if (!t.defined() || t.dim() != 1 || t.size(0) != sample.size(0))
+        throw InvalidArgument("DDPMWuerstchenScheduler::step: `timestep` must have shape [" +
+                              std::to_string(sample.size(0)) + "]");
+    const float prev = previous_timestep(t[0].item<double>());
+    return step_impl(model_output, t, prev, sample, generator);
+}
+
+torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, double t,
+                                            const torch::Tensor& sample,
+                                            at::Generator& generator) const {
+    const float prev = previous_timestep(t);
+    // As the pipelines build it: the float32 point expanded to the batch, in the model's dtype.
+    auto tt =
+        torch::full({sample.size(0)}, static_cast<float>(t),
+                    torch::TensorOptions().dtype(torch::kFloat32).device(model_output.device()))
+            .to(model_output.scalar_type());
+    return step_impl(model_output, tt, prev, sample, generator);
+}
+
+torch::Tensor DDPMWuerstchenScheduler::step_impl(const torch::Tensor& model_output,
+                                                 const torch::Tensor& t, float prev_t,
+                                                 const torch::Tensor& sample,
+                                                 at::Generator& generator) const {
+    const auto dtype = model_output.scalar_type();
+    const auto device = model_output.device();
+    const int64_t batch = t.size(0);
+    const auto view = batch_view(batch, sample);
+
+    auto alpha_cumprod_t = alpha_cumprod(t.to(device)).view(view);
+    auto prev =
+        torch::full({batch}, prev_t, torch::TensorOptions().dtype(torch::kFloat32).device(device));
+    auto alpha_cumprod_prev = alpha_cumprod(prev).view(view);
+    auto alpha = alpha_cumprod_t / alpha_cumprod_prev;
+
+    // Python's `1.0 / alpha` is alpha.reciprocal() * 1.0.
+    auto mu = alpha.reciprocal().sqrt() *
+              (sample - (1 - alpha) * model_output / (1 - alpha_cumprod_t).sqrt());
+    // Drawn every step, also when it is multiplied by 0 below, so the generator advances as
+    // upstream's does.
+    auto std_noise = randn_like_diffusers(mu.sizes(), generator, dtype, device);
+    auto sigma_noise =
+        ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t)).sqrt() * std_noise;
+    // pred = mu + std * (prev_t != 0).float(); prev_t is known on the host: no device sync.
+    auto pred = mu + sigma_noise * (prev_t != 0.0f ? 1.0 : 0.0);
+    return pred.to(dtype);
+}
+
+torch::Tensor DDPMWuerstchenScheduler::add_noise(const torch::Tensor& original_samples,
+                                                 const torch::Tensor& noise,
+                                                 const torch::Tensor& t) const {
+    const auto view = batch_view(t.size(0), original_samples);
+    auto a = alpha_cumprod(t.to(original_samples.device())).view(view);
+    auto noisy = a.sqrt() * original_samples + (1 - a).sqrt() * noise;
+    return noisy.to(original_samples.scalar_type());
+}
+
+}  // namespace wuerstchen

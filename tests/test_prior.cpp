@@ -1,0 +1,105 @@
+// Stage C: the shared blocks and WuerstchenPrior against diffusers (tests/data/references).
+
+#include <c10/core/InferenceMode.h>
+
+#include <set>
+#include <string>
+
+#include "nn/blocks.h"
+#include "test_util.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
+#include "wuerstchen/prior.h"
+
+namespace wuerstchen {
+namespace {
+
+using test::all_close;
+using test::data_path;
+using test::ref_tensor;
+using test::reference;
+using test::scaled_tol;
+
+const std::string kPriorDir = "tiny-wuerstchen-prior/prior";
+
+TEST(Blocks, REmbeddingOddWidthIsZeroPadded) {
+    auto r = torch::tensor({0.93f, 0.25f, 0.0f});
+    auto even = nn::r_embedding(r, 6);
+    auto odd = nn::r_embedding(r, 7);
+    ASSERT_EQ(odd.sizes(), (std::vector<int64_t>{3, 7}));
+    EXPECT_TRUE(torch::equal(odd.slice(1, 0, 6), even));
+    EXPECT_TRUE(torch::equal(odd.select(1, 6), torch::zeros({3})));
+    // [sin(0 * f) ; cos(0 * f)] at r = 0.
+    EXPECT_TRUE(torch::equal(even[2], torch::tensor({0.f, 0.f, 0.f, 1.f, 1.f, 1.f})));
+}
+
+TEST(Blocks, REmbeddingKeepsDtype) {
+    auto r = torch::tensor({0.5}, torch::kFloat64);
+    EXPECT_EQ(nn::r_embedding(r, 8).scalar_type(), torch::kFloat64);
+}
+
+TEST(Blocks, ParameterNamesFollowDiffusers) {
+    nn::ResBlock res(8, 8);  // groups = c: c_skip must be a multiple of c
+    std::set<std::string> names;
+    for (const auto& p : res->named_parameters()) names.insert(p.key());
+    EXPECT_EQ(names, (std::set<std::string>{"depthwise.weight", "depthwise.bias",
+                                            "channelwise.0.weight", "channelwise.0.bias",
+                                            "channelwise.2.gamma", "channelwise.2.beta",
+                                            "channelwise.4.weight", "channelwise.4.bias"}));
+    EXPECT_EQ(res->depthwise->weight.sizes(), (std::vector<int64_t>{8, 2, 3, 3}));
+    nn::AttnBlock attn(8, 6, 2);
+    names.clear();
+    for (const auto& p : attn->named_parameters()) names.insert(p.key());
+    EXPECT_EQ(names, (std::set<std::string>{"attention.to_q.weight", "attention.to_q.bias",
+                                            "attention.to_k.weight", "attention.to_k.bias",
+                                            "attention.to_v.weight", "attention.to_v.bias",
+                                            "attention.to_out.0.weight", "attention.to_out.0.bias",
+                                            "kv_mapper.1.weight", "kv_mapper.1.bias"}));
+}
+
+TEST(Blocks, AttentionIsSoftmaxOverHeads) {
+    nn::Attention attn(8, 2, 4);
+    auto gen = make_generator(0);
+    auto x = randn_like_diffusers({2, 5, 8}, gen);
+    auto ctx = randn_like_diffusers({2, 3, 8}, gen);
+    c10::InferenceMode guard;
+    auto q = attn->to_q->forward(x).view({2, 5, 2, 4}).permute({0, 2, 1, 3});
+    auto k = attn->to_k->forward(ctx).view({2, 3, 2, 4}).permute({0, 2, 1, 3});
+    auto v = attn->to_v->forward(ctx).view({2, 3, 2, 4}).permute({0, 2, 1, 3});
+    auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) * 0.5, -1);
+    auto expected =
+        attn->to_out->forward(torch::matmul(p, v).permute({0, 2, 1, 3}).reshape({2, 5, 8}));
+    EXPECT_TRUE(all_close("attention", attn->forward(x, ctx), expected, 1e-6));
+}
+
+TEST(Prior, ParametersAreTheCheckpointKeys) {
+    WuerstchenPrior prior(PriorConfig::from_file(data_path(kPriorDir + "/config.json")));
+    std::set<std::string> model_keys;
+    for (const auto& p : prior->named_parameters()) model_keys.insert(p.key());
+    for (const auto& b : prior->named_buffers()) model_keys.insert(b.key());
+    auto st = SafeTensors::open(data_path(kPriorDir + "/diffusion_pytorch_model.safetensors"));
+    auto keys = st.keys();
+    EXPECT_EQ(model_keys, std::set<std::string>(keys.begin(), keys.end()));
+}
+
+TEST(Prior, ForwardMatchesDiffusers) {
+    auto prior = load_prior(data_path(kPriorDir));
+    auto ref = reference("prior_forward");
+    auto x = ref_tensor(ref, "x");
+    auto r = ref_tensor(ref, "r");
+    auto c = ref_tensor(ref, "c");
+    auto expected = ref_tensor(ref, "out");
+    auto expected_r = ref_tensor(ref, "r_embed");
+    c10::InferenceMode guard;
+    EXPECT_TRUE(all_close("prior_forward r_embed", prior->gen_r_embedding(r), expected_r,
+                          scaled_tol(expected_r, 1e-4)));
+    EXPECT_TRUE(all_close("prior_forward out", prior->forward(x, r, c), expected,
+                          scaled_tol(expected, 1e-4)));
+}
+
+TEST(Prior, LoadNamesTheMissingConfig) {
+    WUERSTCHEN_EXPECT_THROW_MSG(load_prior(data_path("no-such-folder")), Error, "no-such-folder");
+}
+
+}  // namespace
+}  // namespace wuerstchen

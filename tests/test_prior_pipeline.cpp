@@ -1,0 +1,232 @@
+// PriorPipeline (stage C) against diffusers' WuerstchenPriorPipeline
+// (tests/data/references/pipeline_prior_*.safetensors, made by gen_fixtures.py).
+
+#include <c10/core/InferenceMode.h>
+
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/prior_pipeline.h"
+
+namespace wuerstchen {
+namespace {
+
+using test::all_close;
+using test::data_path;
+using test::ref_tensor;
+using test::reference;
+using test::scaled_tol;
+
+constexpr double kRel = 1e-3;
+
+PriorPipeline& pipeline() {
+    static PriorPipeline pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"));
+    return pipe;
+}
+
+// Collects the latents after each step, like gen_fixtures.py's callback.
+struct StepRecorder {
+    std::vector<torch::Tensor> steps;
+    StepCallback callback() {
+        return [this](int, double, torch::Tensor& latents) {
+            steps.push_back(latents.clone());
+            return true;
+        };
+    }
+};
+
+void expect_matches(const std::string& name, const torch::Tensor& embeddings,
+                    const StepRecorder& rec) {
+    auto ref = reference(name);
+    auto expected = ref_tensor(ref, "image_embeddings");
+    EXPECT_TRUE(
+        all_close(name + " image_embeddings", embeddings, expected, scaled_tol(expected, kRel)));
+    auto expected_steps = ref_tensor(ref, "step_latents");
+    ASSERT_EQ(static_cast<int64_t>(rec.steps.size()), expected_steps.size(0));
+    for (size_t i = 0; i < rec.steps.size(); ++i) {
+        auto e = expected_steps[static_cast<int64_t>(i)];
+        EXPECT_TRUE(all_close(name + " step_latents[" + std::to_string(i) + "]", rec.steps[i], e,
+                              scaled_tol(e, kRel)));
+    }
+}
+
+PriorOptions seed0_options() {
+    PriorOptions o;
+    o.prompt("horse");
+    o.height = 256;
+    o.width = 256;
+    o.num_inference_steps = 4;
+    o.guidance_scale = 4.0;
+    o.seed = 0;
+    return o;
+}
+
+TEST(PriorPipeline, Seed0MatchesDiffusers) {
+    StepRecorder rec;
+    auto o = seed0_options();
+    o.callback = rec.callback();
+    auto out = pipeline()(o);
+    EXPECT_EQ(out.image_embeddings.sizes(), (std::vector<int64_t>{1, 16, 6, 6}));
+    expect_matches("pipeline_prior_seed0", out.image_embeddings, rec);
+}
+
+TEST(PriorPipeline, LatentsNegativePromptTwoImagesMatchesDiffusers) {
+    auto ref = reference("pipeline_prior_latents_neg_x2");
+    StepRecorder rec;
+    PriorOptions o;
+    o.prompt("a red sports car");
+    o.negative_prompts = {"blurry, low quality"};
+    o.height = 320;
+    o.width = 256;
+    o.timesteps = kDefaultStageCTimesteps;
+    o.guidance_scale = 4.0;
+    o.num_images_per_prompt = 2;
+    o.latents = ref_tensor(ref, "latents_in");
+    o.seed = 12;
+    o.callback = rec.callback();
+    auto out = pipeline()(o);
+    expect_matches("pipeline_prior_latents_neg_x2", out.image_embeddings, rec);
+}
+
+TEST(PriorPipeline, BatchWithoutGuidanceMatchesDiffusers) {
+    StepRecorder rec;
+    PriorOptions o;
+    o.prompts = {"horse", "a cozy cabin in the snowy mountains"};
+    o.height = 128;
+    o.width = 384;
+    o.num_inference_steps = 3;
+    o.guidance_scale = 1.0;
+    o.seed = 5;
+    o.callback = rec.callback();
+    auto out = pipeline()(o);
+    expect_matches("pipeline_prior_batch2_nocfg", out.image_embeddings, rec);
+}
+
+TEST(PriorPipeline, CallerGeneratorAndPromptEmbeds) {
+    // The same call through a caller-owned generator and precomputed text states.
+    auto o = seed0_options();
+    o.seed.reset();
+    auto gen = make_generator(0);
+    o.generator = &gen;
+    o.prompts.clear();
+    o.prompt_embeds = encode_prompts(pipeline().tokenizer(), pipeline().text_encoder(), {"horse"},
+                                     torch::kCPU, torch::kFloat32);
+    auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
+    auto out = pipeline()(o);
+    EXPECT_TRUE(all_close("prior_seed0 via generator + prompt_embeds", out.image_embeddings,
+                          expected, scaled_tol(expected, kRel)));
+}
+
+TEST(PriorPipeline, CombinedFolderComponents) {
+    auto pipe = PriorPipeline::from_components(data_path("tiny-wuerstchen-combined"), "prior_");
+    EXPECT_DOUBLE_EQ(pipe.config().latent_mean, 42.0);
+    EXPECT_DOUBLE_EQ(pipe.config().resolution_multiple, 42.67);
+    auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
+    auto out = pipe(seed0_options());
+    EXPECT_TRUE(all_close("prior_seed0 from the combined folder", out.image_embeddings, expected,
+                          scaled_tol(expected, kRel)));
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        PriorPipeline::from_components(data_path("tiny-wuerstchen-combined"), "nope_"), ConfigError,
+        "model_index.json", "nope_prior");
+}
+
+TEST(PriorPipeline, CallbackCancelsAndPipelineStaysUsable) {
+    auto o = seed0_options();
+    int calls = 0;
+    o.callback = [&calls](int step, double, torch::Tensor&) {
+        ++calls;
+        return step < 1;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG(pipeline()(o), Cancelled, "cancelled", "step 1");
+    EXPECT_EQ(calls, 2);
+    auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
+    auto out = pipeline()(seed0_options());
+    EXPECT_TRUE(all_close("prior_seed0 after a cancelled call", out.image_embeddings, expected,
+                          scaled_tol(expected, kRel)));
+}
+
+TEST(PriorPipeline, CallbackMayReplaceLatents) {
+    auto o = seed0_options();
+    o.num_inference_steps = 2;
+    o.callback = [](int, double, torch::Tensor& latents) {
+        latents = torch::zeros_like(latents);
+        return true;
+    };
+    auto out = pipeline()(o);
+    // After the last step the latents are zero: embeddings = 0 * mean - std.
+    EXPECT_TRUE(torch::equal(out.image_embeddings, torch::full({1, 16, 6, 6}, -1.0f)));
+    o.callback = [](int, double, torch::Tensor& latents) {
+        latents = torch::zeros({1, 2, 3});
+        return true;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG(pipeline()(o), InvalidArgument, "latents", "[1, 2, 3]");
+}
+
+TEST(PriorPipeline, RejectsBadArguments) {
+    auto& pipe = pipeline();
+    auto bad = [](auto edit) {
+        auto o = seed0_options();
+        edit(o);
+        return o;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.height = 0; })), InvalidArgument,
+                                "`height`", "positive");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.width = -8; })), InvalidArgument,
+                                "`width`", "positive");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.num_inference_steps = 0; })),
+                                InvalidArgument, "`num_inference_steps`");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.num_images_per_prompt = 0; })),
+                                InvalidArgument, "`num_images_per_prompt`");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.timesteps = {1.0, 0.5, 0.7};
+                                })),
+                                InvalidArgument, "`timesteps`", "descending");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.timesteps = {1.2, 0.0};
+                                })),
+                                InvalidArgument, "`timesteps`", "[0, 1]");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.timesteps = {1.0}; })),
+                                InvalidArgument, "`timesteps`", "at least 2");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.guidance_scale = std::nan(""); })),
+                                InvalidArgument, "`guidance_scale`", "finite");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.prompts.clear(); })),
+                                InvalidArgument, "`prompts`", "`prompt_embeds`");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompt_embeds = torch::zeros({1, 77, 32});
+                                })),
+                                InvalidArgument, "`prompts`", "`prompt_embeds`", "both");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompts.clear();
+                                    o.prompt_embeds = torch::zeros({1, 77, 31});
+                                })),
+                                InvalidArgument, "`prompt_embeds`", "[1, 77, 31]");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompts = {"a", "b"};
+                                    o.negative_prompts = {"c"};
+                                })),
+                                InvalidArgument, "`negative_prompts`", "1", "2");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.negative_prompts = {"c"};
+                                    o.negative_prompt_embeds = torch::zeros({1, 77, 32});
+                                })),
+                                InvalidArgument, "`negative_prompts`", "`negative_prompt_embeds`");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompts.clear();
+                                    o.prompt_embeds = torch::zeros({1, 77, 32});
+                                    o.negative_prompt_embeds = torch::zeros({1, 70, 32});
+                                })),
+                                InvalidArgument, "`negative_prompt_embeds`", "[1, 70, 32]");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.latents = torch::zeros({1, 16, 6, 5});
+                                })),
+                                InvalidArgument, "`latents`", "[1, 16, 6, 5]", "[1, 16, 6, 6]");
+    auto gen = make_generator(1);
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([&gen](PriorOptions& o) { o.generator = &gen; })),
+                                InvalidArgument, "`seed`", "`generator`");
+}
+
+}  // namespace
+}  // namespace wuerstchen

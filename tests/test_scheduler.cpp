@@ -1,0 +1,123 @@
+// DDPMWuerstchenScheduler against diffusers (tests/data/references/scheduler.safetensors).
+
+#include <c10/core/InferenceMode.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "test_util.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
+#include "wuerstchen/scheduler.h"
+
+namespace wuerstchen {
+namespace {
+
+using test::all_close;
+using test::data_path;
+using test::ref_tensor;
+using test::reference;
+
+constexpr double kTol = 1e-6;
+
+TEST(Scheduler, TimestepsMatchLinspace) {
+    auto ref = reference("scheduler");
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(12);
+    EXPECT_EQ(sched.num_steps(), 12);
+    EXPECT_TRUE(
+        all_close("timesteps_12", sched.timesteps(), ref_tensor(ref, "timesteps_12"), kTol));
+}
+
+TEST(Scheduler, DefaultStageCTimesteps) {
+    std::ifstream in(data_path("references/index.json"));
+    const auto index = nlohmann::json::parse(in);
+    const auto expected = index.at("default_stage_c_timesteps").get<std::vector<double>>();
+    ASSERT_EQ(kDefaultStageCTimesteps.size(), expected.size());
+    for (size_t i = 0; i < expected.size(); ++i)
+        EXPECT_NEAR(kDefaultStageCTimesteps[i], expected[i], 1e-15) << "index " << i;
+
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(kDefaultStageCTimesteps);
+    EXPECT_EQ(sched.num_steps(), 29);
+    EXPECT_TRUE(all_close("timesteps_stage_c", sched.timesteps(),
+                          ref_tensor(reference("scheduler"), "timesteps_stage_c"), kTol));
+}
+
+TEST(Scheduler, AlphaCumprod) {
+    auto ref = reference("scheduler");
+    DDPMWuerstchenScheduler sched;
+    EXPECT_TRUE(all_close("alpha_cumprod_12", sched.alpha_cumprod(ref_tensor(ref, "timesteps_12")),
+                          ref_tensor(ref, "alpha_cumprod_12"), kTol));
+}
+
+TEST(Scheduler, GeneratorDrawMatchesTorch) {
+    auto ref = reference("scheduler");
+    auto expected = ref_tensor(ref, "randn_seed7");
+    auto gen = make_generator(7);
+    EXPECT_TRUE(
+        all_close("randn_seed7", randn_like_diffusers(expected.sizes(), gen), expected, kTol));
+}
+
+TEST(Scheduler, StepMatchesDiffusers) {
+    auto ref = reference("scheduler");
+    auto sample = ref_tensor(ref, "sample");
+    auto model_output = ref_tensor(ref, "model_output");
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(kDefaultStageCTimesteps);
+    c10::InferenceMode guard;
+    EXPECT_NEAR(sched.previous_timestep(0.6), 0.5333333, 1e-6);
+    auto gen = make_generator(7);
+    auto out = sched.step(model_output, torch::tensor({0.6f, 0.6f}), sample, gen);
+    EXPECT_TRUE(all_close("step_t0.6_seed7", out, ref_tensor(ref, "step_t0.6_seed7"), kTol));
+    // The host-timestep overload gives the same result.
+    auto gen2 = make_generator(7);
+    auto out2 = sched.step(model_output, 0.6, sample, gen2);
+    EXPECT_TRUE(all_close("step_t0.6_seed7 (host t)", out2, out, 0.0));
+}
+
+TEST(Scheduler, LastStepAddsNoNoise) {
+    auto ref = reference("scheduler");
+    auto sample = ref_tensor(ref, "sample");
+    auto model_output = ref_tensor(ref, "model_output");
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(12);
+    const float t = sched.timestep_values()[11];
+    c10::InferenceMode guard;
+    auto gen = make_generator(1);
+    auto out = sched.step(model_output, torch::full({2}, t), sample, gen);
+    EXPECT_TRUE(all_close("step_last_no_noise", out, ref_tensor(ref, "step_last_no_noise"), kTol));
+    // The noise was still drawn: the generator advanced by one draw of the sample's shape.
+    auto fresh = make_generator(1);
+    randn_like_diffusers(sample.sizes(), fresh);
+    EXPECT_TRUE(torch::equal(randn_like_diffusers({4}, gen), randn_like_diffusers({4}, fresh)));
+}
+
+TEST(Scheduler, AddNoise) {
+    DDPMWuerstchenScheduler sched;
+    auto x0 = torch::ones({2, 1, 1, 1});
+    auto noise = torch::zeros({2, 1, 1, 1});
+    auto t = torch::tensor({0.0f, 1.0f});
+    auto a = sched.alpha_cumprod(t);
+    auto out = sched.add_noise(x0, noise, t);
+    EXPECT_TRUE(all_close("add_noise", out.flatten(), a.sqrt(), 1e-7));
+}
+
+TEST(Scheduler, RejectsBadTimesteps) {
+    DDPMWuerstchenScheduler sched;
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.set_timesteps(0), InvalidArgument, "num_inference_steps",
+                                "positive");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.set_timesteps(std::vector<double>{1.0}), InvalidArgument,
+                                "timesteps", "at least 2");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.set_timesteps(std::vector<double>{0.5, 0.7, 0.0}),
+                                InvalidArgument, "timesteps", "descending");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.set_timesteps(std::vector<double>{1.5, 0.0}), InvalidArgument,
+                                "timesteps", "[0, 1]");
+    sched.set_timesteps(4);
+    auto gen = make_generator(0);
+    auto x = torch::zeros({1, 1, 1, 1});
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, 0.0, x, gen), InvalidArgument, "last point");
+}
+
+}  // namespace
+}  // namespace wuerstchen
