@@ -1,0 +1,66 @@
+#pragma once
+
+// Stage B: diffusers' WuerstchenDiffNeXt, the decoder that denoises VQGAN latents conditioned on
+// the stage-C image embeddings ("effnet") and CLIP text states. Child names are the diffusers
+// attribute names with Sequential / ModuleList indices kept, so the module tree is the weight map
+// (decoder/diffusion_pytorch_model.safetensors).
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <string>
+#include <vector>
+
+#include "wuerstchen/config.h"
+#include "wuerstchen/weights.h"
+
+namespace wuerstchen {
+
+struct WuerstchenDiffNeXtImpl : torch::nn::Module {
+    explicit WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config);
+
+    // x: [B, c_in, H, W] noisy latents (H, W divisible by patch_size * 2^(levels-1)),
+    // r: [B] noise ratios in [0, 1], effnet: [B, effnet_embd, h, w] image embeddings (any size:
+    // resized per level), clip: [B, L, clip_embd] text states or undefined.
+    // Returns the predicted noise (x - a) / b: [B, c_out, H, W] (c_out must equal c_in).
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
+                          const torch::Tensor& effnet, const torch::Tensor& clip = {});
+
+    // [B, L, clip_embd] -> [B, L, c_cond]: clip_mapper then seq_norm.
+    torch::Tensor gen_c_embeddings(const torch::Tensor& clip);
+
+    const DiffNeXtConfig& config() const { return config_; }
+    // The factor the spatial size of x must be divisible by: patch_size * 2^(levels - 1).
+    int64_t size_multiple() const;
+
+    torch::nn::Linear clip_mapper{nullptr};
+    // Holds effnet_mappers.<i> for the levels that inject the image embeddings; indices run over
+    // inject_effnet followed by reversed(inject_effnet) (down levels, then up levels).
+    std::shared_ptr<torch::nn::Module> effnet_mappers;
+    std::vector<torch::nn::Conv2d> effnet_mapper_list;  // one entry per index; null when absent
+    torch::nn::Sequential embedding{nullptr};           // {PixelUnshuffle, Conv2d 1x1, LN2d}
+    torch::nn::ModuleList down_blocks{nullptr};         // per level: [sampler,] blocks
+    torch::nn::ModuleList up_blocks{nullptr};  // per level (deepest first): blocks[, sampler]
+    torch::nn::Sequential clf{nullptr};        // {LN2d, Conv2d 1x1, PixelShuffle}
+
+private:
+    std::vector<torch::Tensor> down_encode(torch::Tensor x, const torch::Tensor& r_embed,
+                                           const torch::Tensor& effnet, const torch::Tensor& clip);
+    torch::Tensor up_decode(const std::vector<torch::Tensor>& level_outputs,
+                            const torch::Tensor& r_embed, const torch::Tensor& effnet,
+                            const torch::Tensor& clip);
+    torch::Tensor map_effnet(size_t index, const torch::Tensor& effnet, const torch::Tensor& x);
+
+    DiffNeXtConfig config_;
+};
+TORCH_MODULE(WuerstchenDiffNeXt);
+
+// Builds the model from <dir>/config.json and loads <dir>/diffusion_pytorch_model.safetensors
+// (or its shards / fp16 variant). Throws ConfigError, IoError or WeightError naming the file.
+WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& options = {});
+
+}  // namespace wuerstchen

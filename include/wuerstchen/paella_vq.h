@@ -1,0 +1,67 @@
+#pragma once
+
+// Stage A: diffusers' PaellaVQModel, the VQGAN that turns stage-B latents into pixels (and images
+// into latents). Child names are the diffusers attribute names with Sequential indices kept
+// (vqgan/diffusion_pytorch_model.safetensors).
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/pimpl.h>
+
+#include <string>
+
+#include "wuerstchen/config.h"
+#include "wuerstchen/weights.h"
+
+namespace wuerstchen {
+
+// diffusers' VectorQuantizer (legacy=False, beta=0.25) at inference: nearest codebook vector by
+// euclidean distance. Keys: embedding.weight [num_vq_embeddings, latent_channels]
+struct VectorQuantizerImpl : torch::nn::Module {
+    VectorQuantizerImpl(int64_t n_e, int64_t vq_embed_dim);
+
+    struct Output {
+        torch::Tensor quantized;  // [B, C, H, W]
+        torch::Tensor indices;    // [B*H*W] int64, row-major over (B, H, W) as upstream
+    };
+    // z: [B, C, H, W] -> quantized [B, C, H, W] + code indices
+    Output forward(const torch::Tensor& z);
+
+    torch::nn::Embedding embedding{nullptr};
+};
+TORCH_MODULE(VectorQuantizer);
+
+struct PaellaVQModelImpl : torch::nn::Module {
+    explicit PaellaVQModelImpl(const PaellaVQConfig& config);
+
+    // image: [B, in_channels, H, W] in [0, 1] (H, W divisible by
+    // up_down_scale_factor * 2^(levels-1)) -> latents [B, latent_channels, h, w] (unquantized).
+    torch::Tensor encode(const torch::Tensor& image);
+    // latents: [B, latent_channels, h, w] -> image [B, out_channels, H, W] (not clamped).
+    // force_not_quantize = true (upstream's default) decodes the latents as they are; false snaps
+    // them to the codebook first.
+    torch::Tensor decode(const torch::Tensor& latents, bool force_not_quantize = true);
+    // encode then decode (upstream forward).
+    torch::Tensor forward(const torch::Tensor& image);
+
+    const PaellaVQConfig& config() const { return config_; }
+    double scale_factor() const { return config_.scale_factor; }
+
+    torch::nn::Sequential in_block{nullptr};  // {PixelUnshuffle, Conv2d 1x1}
+    torch::nn::Sequential down_blocks{
+        nullptr};  // mixing blocks, strided convs, {Conv, BatchNorm2d}
+    VectorQuantizer vquantizer{nullptr};
+    torch::nn::Sequential up_blocks{nullptr};  // {Conv 1x1}, mixing blocks, transposed convs
+    torch::nn::Sequential out_block{nullptr};  // {Conv2d 1x1, PixelShuffle}
+
+private:
+    PaellaVQConfig config_;
+};
+TORCH_MODULE(PaellaVQModel);
+
+// Builds the model from <dir>/config.json and loads <dir>/diffusion_pytorch_model.safetensors
+// (or its shards / fp16 variant). Throws ConfigError, IoError or WeightError naming the file.
+PaellaVQModel load_paella_vq(const std::string& dir, const LoadOptions& options = {});
+
+}  // namespace wuerstchen

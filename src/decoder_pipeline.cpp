@@ -1,0 +1,260 @@
+#include "wuerstchen/decoder_pipeline.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <sys/stat.h>
+
+#include <cmath>
+#include <utility>
+
+#include "wuerstchen/error.h"
+#include "wuerstchen/scheduler.h"
+
+namespace wuerstchen {
+
+namespace {
+
+constexpr const char* kWhere = "DecoderPipeline";
+
+[[noreturn]] void invalid(const std::string& name, const std::string& what) {
+    throw InvalidArgument(std::string(kWhere) + ": `" + name + "` " + what);
+}
+
+bool path_exists(const std::string& path) {
+    struct stat st;
+    return ::stat(path.c_str(), &st) == 0;
+}
+
+// With LoadOptions::offload the stages live on the CPU and visit the compute device only while
+// they run. The move happens outside InferenceMode (parameters must stay normal tensors).
+class OnDevice {
+public:
+    OnDevice(torch::nn::Module& module, const LoadOptions& options)
+        : module_(module), active_(options.offload && options.device != torch::kCPU) {
+        if (active_) module_.to(options.device);
+    }
+    ~OnDevice() {
+        if (!active_) return;
+        try {
+            module_.to(torch::kCPU);
+        } catch (...) {  // never throw from a destructor; the weights stay where they are
+        }
+    }
+    OnDevice(const OnDevice&) = delete;
+    OnDevice& operator=(const OnDevice&) = delete;
+
+private:
+    torch::nn::Module& module_;
+    bool active_;
+};
+
+// Rows of a [P, ...] tensor for `rows` outputs in embedding-major order with `per_embedding`
+// rows per embedding: one prompt serves all rows, else prompt i serves embedding i.
+torch::Tensor expand_rows(const torch::Tensor& per_prompt, int64_t rows, int64_t per_embedding) {
+    const int64_t p = per_prompt.size(0);
+    auto index = at::arange(rows, torch::TensorOptions().dtype(torch::kLong));
+    index = p == 1 ? at::zeros_like(index) : at::div(index, per_embedding, "floor");
+    return per_prompt.index_select(0, index.to(per_prompt.device()));
+}
+
+}  // namespace
+
+DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options)
+    : tokenizer_(std::move(c.tokenizer)),
+      text_encoder_(std::move(c.text_encoder)),
+      decoder_(std::move(c.decoder)),
+      vqgan_(std::move(c.vqgan)),
+      scheduler_(c.scheduler),
+      latent_dim_scale_(c.latent_dim_scale),
+      options_(options) {
+    if (!text_encoder_ || !decoder_ || !vqgan_)
+        throw InvalidArgument(
+            "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
+    if (!(std::isfinite(latent_dim_scale_) && latent_dim_scale_ > 0))
+        throw InvalidArgument("DecoderPipeline: `latent_dim_scale` must be a positive number");
+    scheduler_.validate();
+}
+
+DecoderPipeline DecoderPipeline::from_components(DecoderComponents components,
+                                                 const LoadOptions& options) {
+    return DecoderPipeline(std::move(components), options);
+}
+
+DecoderPipeline DecoderPipeline::from_pretrained(const std::string& dir,
+                                                 const LoadOptions& options) {
+    ModelIndex index;
+    const std::string index_path = dir + "/model_index.json";
+    if (path_exists(index_path)) index = ModelIndex::from_file(index_path);
+
+    // Offloaded stages are loaded onto the CPU and moved per stage during a call.
+    LoadOptions load = options;
+    if (options.offload) load.device = torch::kCPU;
+
+    SchedulerConfig scheduler;
+    const std::string scheduler_path = dir + "/scheduler/scheduler_config.json";
+    if (path_exists(scheduler_path)) scheduler = SchedulerConfig::from_file(scheduler_path);
+
+    DecoderComponents c{CLIPTokenizer::from_pretrained(dir + "/tokenizer"),
+                        load_clip_text_model(dir + "/text_encoder", load),
+                        load_diffnext(dir + "/decoder", load),
+                        load_paella_vq(dir + "/vqgan", load),
+                        scheduler,
+                        index.latent_dim_scale};
+    return DecoderPipeline(std::move(c), options);
+}
+
+std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int64_t w) const {
+    // int(image_embeddings.size(2) * latent_dim_scale): a double product, truncated.
+    return {batch, decoder_->config().c_in,
+            static_cast<int64_t>(static_cast<double>(h) * latent_dim_scale_),
+            static_cast<int64_t>(static_cast<double>(w) * latent_dim_scale_)};
+}
+
+DecoderOutput DecoderPipeline::operator()(const DecoderOptions& opt) {
+    const DiffNeXtConfig& dcfg = decoder_->config();
+    const torch::Device device = options_.device;
+    const torch::ScalarType dtype = module_dtype(*decoder_);
+
+    // ---- 1. check every argument before any work
+    torch::Tensor embeddings = opt.image_embeddings;
+    if (embeddings.defined() && !opt.image_embeddings_list.empty())
+        invalid("image_embeddings", "and `image_embeddings_list` are both set: pass one of them");
+    if (!embeddings.defined()) {
+        if (opt.image_embeddings_list.empty()) invalid("image_embeddings", "is required");
+        for (size_t i = 0; i < opt.image_embeddings_list.size(); ++i) {
+            const auto& e = opt.image_embeddings_list[i];
+            const auto& first = opt.image_embeddings_list[0];
+            if (!e.defined() || e.dim() != 4 || e.sizes().slice(1) != first.sizes().slice(1))
+                invalid("image_embeddings_list",
+                        "entry " + std::to_string(i) + " has shape " +
+                            (e.defined() ? shape_string(e.sizes()) : std::string("undefined")) +
+                            "; all entries must be [b, " + std::to_string(dcfg.effnet_embd) +
+                            ", h, w] with the same h, w");
+        }
+        embeddings = at::cat(opt.image_embeddings_list, 0);
+    }
+    if (embeddings.dim() != 4 || embeddings.size(1) != dcfg.effnet_embd || embeddings.size(0) < 1 ||
+        embeddings.size(2) < 1 || embeddings.size(3) < 1)
+        invalid("image_embeddings", "must be [B, " + std::to_string(dcfg.effnet_embd) +
+                                        ", h, w] (effnet_embd of the decoder), got " +
+                                        shape_string(embeddings.sizes()));
+    if (!embeddings.is_floating_point()) invalid("image_embeddings", "must be a floating tensor");
+    const int64_t batch = embeddings.size(0);
+
+    const int64_t n_prompts = static_cast<int64_t>(opt.prompts.size());
+    if (n_prompts != 1 && n_prompts != batch)
+        invalid("prompts", "holds " + std::to_string(n_prompts) +
+                              " prompts; it must hold 1 or one per image embedding (" +
+                              std::to_string(batch) + ")");
+    check_positive(kWhere, "num_images_per_prompt", opt.num_images_per_prompt);
+    if (opt.timesteps.empty())
+        check_positive(kWhere, "num_inference_steps", opt.num_inference_steps);
+    else
+        check_timesteps(kWhere, "timesteps", opt.timesteps);
+    check_finite(kWhere, "guidance_scale", opt.guidance_scale);
+    const bool cfg = opt.guidance_scale > 1.0;
+    const int64_t n_negative = static_cast<int64_t>(opt.negative_prompts.size());
+    if (cfg && n_negative > 1 && n_negative != n_prompts)
+        invalid("negative_prompts", "holds " + std::to_string(n_negative) +
+                                       " prompts; it must hold none, 1 or one per prompt (" +
+                                       std::to_string(n_prompts) + ")");
+
+    const int64_t per_embedding = opt.num_images_per_prompt;
+    const int64_t rows = batch * per_embedding;
+    const auto shape = latent_shape(rows, embeddings.size(2), embeddings.size(3));
+    const int64_t multiple = decoder_->size_multiple();
+    if (shape[2] < 1 || shape[3] < 1 || shape[2] % multiple != 0 || shape[3] % multiple != 0)
+        invalid("image_embeddings",
+                "has spatial size " + std::to_string(embeddings.size(2)) + "x" +
+                    std::to_string(embeddings.size(3)) + ", which gives latents of " +
+                    std::to_string(shape[2]) + "x" + std::to_string(shape[3]) +
+                    " (latent_dim_scale " + c10::str(latent_dim_scale_) +
+                    "); the decoder needs both divisible by " + std::to_string(multiple));
+    if (opt.latents.defined()) check_shape(kWhere, "latents", opt.latents, shape);
+
+    DDPMWuerstchenScheduler scheduler(scheduler_);
+    if (opt.timesteps.empty())
+        scheduler.set_timesteps(opt.num_inference_steps);
+    else
+        scheduler.set_timesteps(opt.timesteps);
+    at::Generator generator = call_generator(opt.generator, opt.seed);
+
+    // ---- 2. text: [P, 77, D] -> one row per output, then the negative half for guidance
+    torch::Tensor text;
+    {
+        OnDevice on(*text_encoder_, options_);
+        c10::InferenceMode guard;
+        const auto prompt_embeds =
+            encode_prompts(tokenizer_, text_encoder_, opt.prompts, device, dtype);
+        text = expand_rows(prompt_embeds, rows, per_embedding);
+        if (cfg) {
+            std::vector<std::string> negative = opt.negative_prompts;
+            if (negative.empty()) negative.assign(opt.prompts.size(), "");
+            if (negative.size() == 1 && opt.prompts.size() > 1)
+                negative.assign(opt.prompts.size(), negative[0]);
+            const auto negative_embeds =
+                encode_prompts(tokenizer_, text_encoder_, negative, device, dtype);
+            text = at::cat({text, expand_rows(negative_embeds, rows, per_embedding)}, 0);
+        }
+    }
+
+    // ---- 3. denoising loop (stage B)
+    torch::Tensor latents;
+    {
+        OnDevice on(*decoder_, options_);
+        c10::InferenceMode guard;
+        // Each embedding is repeated for its images (upstream forgets this; see the header).
+        auto effnet = embeddings.to(device, dtype).repeat_interleave(per_embedding, 0);
+        if (cfg) effnet = at::cat({effnet, at::zeros_like(effnet)}, 0);
+
+        latents = opt.latents.defined() ? opt.latents.to(device, dtype)
+                                        : randn_like_diffusers(shape, generator, dtype, device);
+        latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
+
+        const std::vector<float>& ts = scheduler.timestep_values();
+        for (size_t i = 0; i + 1 < ts.size(); ++i) {
+            // ratio = t.expand(B).to(dtype)
+            const auto ratio =
+                at::full({rows}, ts[i], torch::TensorOptions().dtype(torch::kFloat32))
+                    .to(device, dtype);
+            torch::Tensor predicted;
+            if (cfg) {
+                predicted = decoder_->forward(at::cat({latents, latents}, 0),
+                                              at::cat({ratio, ratio}, 0), effnet, text);
+                auto halves = predicted.chunk(2, 0);  // text, uncond
+                predicted = at::lerp(halves[1], halves[0], opt.guidance_scale);
+            } else {
+                predicted = decoder_->forward(latents, ratio, effnet, text);
+            }
+            latents = scheduler.step(predicted, ratio, latents, generator);
+
+            if (opt.callback) {
+                torch::Tensor shown = latents;
+                if (!opt.callback(static_cast<int>(i), static_cast<double>(ts[i]), shown))
+                    throw Cancelled("DecoderPipeline: cancelled by the step callback after step " +
+                                    std::to_string(i));
+                if (!shown.is_same(latents)) {
+                    check_shape("DecoderPipeline callback", "latents", shown, shape);
+                    latents = shown.to(device, dtype);
+                }
+            }
+        }
+    }
+
+    DecoderOutput out;
+    out.latents = latents;
+    if (!opt.decode) return out;
+
+    // ---- 4. VQGAN (stage A): decode(latents * scale_factor).clamp(0, 1)
+    {
+        OnDevice on(*vqgan_, options_);
+        c10::InferenceMode guard;
+        const auto vq_device = module_device(*vqgan_);
+        const auto vq_dtype = module_dtype(*vqgan_);
+        auto scaled = (latents * vqgan_->scale_factor()).to(vq_device, vq_dtype);
+        out.images = vqgan_->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
+    }
+    return out;
+}
+
+}  // namespace wuerstchen

@@ -1,0 +1,266 @@
+#include "wuerstchen/diffnext.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/modules/container/functional.h>
+#include <torch/nn/modules/pixelshuffle.h>
+
+#include <string>
+#include <utility>
+
+#include "nn/blocks.h"
+#include "wuerstchen/error.h"
+
+namespace wuerstchen {
+
+namespace {
+
+constexpr double kOutputEps = 1e-3;  // forward(eps=1e-3) upstream
+
+// Stage B's residual block (ResBlockStageB upstream): the depthwise conv sees x only, the skip
+// joins after the norm, in front of the channelwise MLP.
+struct ResBlockStageBImpl : torch::nn::Module {
+    ResBlockStageBImpl(int64_t c, int64_t c_skip_, int64_t kernel_size) : c_skip(c_skip_) {
+        depthwise = register_module(
+            "depthwise",
+            torch::nn::Conv2d(
+                torch::nn::Conv2dOptions(c, c, kernel_size).padding(kernel_size / 2).groups(c)));
+        channelwise = register_module("channelwise", nn::ChannelwiseMLP(c + c_skip, c * 4, c));
+    }
+
+    // x: [B, C, H, W], x_skip: [B, c_skip, H, W] or undefined -> [B, C, H, W]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& x_skip) {
+        auto h = nn::layer_norm_2d(depthwise->forward(x));
+        if (x_skip.defined()) h = torch::cat({h, x_skip}, 1);
+        // [B, C + c_skip, H, W] -> [B, H, W, C + c_skip] -> MLP -> [B, C, H, W]
+        h = channelwise->forward(h.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
+        return h + x;
+    }
+
+    int64_t c_skip;
+    torch::nn::Conv2d depthwise{nullptr};
+    nn::ChannelwiseMLP channelwise{nullptr};
+};
+TORCH_MODULE(ResBlockStageB);
+
+torch::nn::Functional layer_norm_2d_module() {
+    return torch::nn::Functional([](torch::Tensor x) { return nn::layer_norm_2d(x, 1e-6); });
+}
+
+}  // namespace
+
+WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : config_(config) {
+    config_.validate();
+    const auto& c_hidden = config_.c_hidden;
+    const size_t levels = c_hidden.size();
+    const int64_t c_cond = config_.c_cond;
+    const int64_t patch = config_.patch_size;
+
+    clip_mapper = register_module("clip_mapper", torch::nn::Linear(config_.clip_embd, c_cond));
+
+    // effnet_mappers is a ModuleList with None entries upstream: register only present indices.
+    effnet_mappers = register_module("effnet_mappers", std::make_shared<torch::nn::Module>());
+    std::vector<bool> inject = config_.inject_effnet;
+    inject.insert(inject.end(), config_.inject_effnet.rbegin(), config_.inject_effnet.rend());
+    for (size_t i = 0; i < inject.size(); ++i) {
+        torch::nn::Conv2d mapper{nullptr};
+        if (inject[i]) {
+            mapper = effnet_mappers->register_module(
+                std::to_string(i),
+                torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.effnet_embd, c_cond, 1)));
+        }
+        effnet_mapper_list.push_back(mapper);
+    }
+
+    embedding = register_module(
+        "embedding",
+        torch::nn::Sequential(torch::nn::PixelUnshuffle(torch::nn::PixelUnshuffleOptions(patch)),
+                              torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                                  config_.c_in * patch * patch, c_hidden[0], 1)),
+                              layer_norm_2d_module()));
+
+    auto make_block = [&](char type, size_t level,
+                          int64_t c_skip) -> std::shared_ptr<torch::nn::Module> {
+        const int64_t c = c_hidden[level];
+        switch (type) {
+            case 'C':
+                return ResBlockStageB(c, c_skip, config_.kernel_size).ptr();
+            case 'A':
+                return nn::AttnBlock(c, c_cond, config_.nhead[level], /*self_attn=*/true).ptr();
+            case 'T':
+                return nn::TimestepBlock(c, config_.c_r).ptr();
+            default:
+                throw ConfigError("DiffNeXtConfig: block type '" + std::string(1, type) +
+                                  "' not supported");
+        }
+    };
+
+    down_blocks = register_module("down_blocks", torch::nn::ModuleList());
+    for (size_t i = 0; i < levels; ++i) {
+        torch::nn::ModuleList level;
+        if (i > 0) {
+            level->push_back(torch::nn::Sequential(
+                layer_norm_2d_module(),
+                torch::nn::Conv2d(
+                    torch::nn::Conv2dOptions(c_hidden[i - 1], c_hidden[i], 2).stride(2))));
+        }
+        const int64_t c_skip = config_.inject_effnet[i] ? c_cond : 0;
+        for (int rep = 0; rep < config_.blocks[i]; ++rep)
+            for (char type : config_.level_config[i]) level->push_back(make_block(type, i, c_skip));
+        down_blocks->push_back(level);
+    }
+
+    up_blocks = register_module("up_blocks", torch::nn::ModuleList());
+    for (size_t ri = levels; ri-- > 0;) {
+        torch::nn::ModuleList level;
+        for (int rep = 0; rep < config_.blocks[ri]; ++rep) {
+            const std::string& types = config_.level_config[ri];
+            for (size_t k = 0; k < types.size(); ++k) {
+                // Only the level's first block (rep == k == 0) takes the skip from the down path.
+                int64_t c_skip = (ri + 1 < levels && rep == 0 && k == 0) ? c_hidden[ri] : 0;
+                c_skip += config_.inject_effnet[ri] ? c_cond : 0;
+                level->push_back(make_block(types[k], ri, c_skip));
+            }
+        }
+        if (ri > 0) {
+            level->push_back(torch::nn::Sequential(
+                layer_norm_2d_module(),
+                torch::nn::ConvTranspose2d(
+                    torch::nn::ConvTranspose2dOptions(c_hidden[ri], c_hidden[ri - 1], 2)
+                        .stride(2))));
+        }
+        up_blocks->push_back(level);
+    }
+
+    clf = register_module(
+        "clf",
+        torch::nn::Sequential(layer_norm_2d_module(),
+                              torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                                  c_hidden[0], 2 * config_.c_out * patch * patch, 1)),
+                              torch::nn::PixelShuffle(torch::nn::PixelShuffleOptions(patch))));
+}
+
+int64_t WuerstchenDiffNeXtImpl::size_multiple() const {
+    return static_cast<int64_t>(config_.patch_size) << (config_.c_hidden.size() - 1);
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::gen_c_embeddings(const torch::Tensor& clip) {
+    // [B, L, clip_embd] -> [B, L, c_cond]
+    return nn::layer_norm_last(clip_mapper->forward(clip), 1e-6);
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::map_effnet(size_t index, const torch::Tensor& effnet,
+                                                 const torch::Tensor& x) {
+    // Upstream: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
+    // align_corners=True).to(dtype), then the level's 1x1 conv: [B, effnet_embd, h, w] ->
+    // [B, c_cond, H_level, W_level].
+    auto resized = at::_upsample_bicubic2d_aa(effnet.to(torch::kFloat32), {x.size(2), x.size(3)},
+                                              /*align_corners=*/true);
+    return effnet_mapper_list[index]->forward(resized.to(effnet.scalar_type()));
+}
+
+namespace {
+
+torch::Tensor run_other_block(const std::shared_ptr<torch::nn::Module>& block,
+                              const torch::Tensor& x, const torch::Tensor& r_embed,
+                              const torch::Tensor& clip) {
+    if (auto* attn = block->as<nn::AttnBlockImpl>()) {
+        if (!clip.defined())
+            throw InvalidArgument("WuerstchenDiffNeXt: clip is required by the attention blocks");
+        return attn->forward(x, clip);
+    }
+    if (auto* ts = block->as<nn::TimestepBlockImpl>()) return ts->forward(x, r_embed);
+    return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x,
+                                                               const torch::Tensor& r_embed,
+                                                               const torch::Tensor& effnet,
+                                                               const torch::Tensor& clip) {
+    std::vector<torch::Tensor> level_outputs;  // deepest level first
+    for (size_t i = 0; i < down_blocks->size(); ++i) {
+        auto level = down_blocks[i]->as<torch::nn::ModuleListImpl>();
+        const bool inject = static_cast<bool>(effnet_mapper_list[i]);
+        torch::Tensor effnet_c;
+        for (const auto& block : *level) {
+            if (auto* res = block->as<ResBlockStageBImpl>()) {
+                if (inject && !effnet_c.defined()) effnet_c = map_effnet(i, effnet, x);
+                x = res->forward(x, effnet_c);
+            } else {
+                x = run_other_block(block, x, r_embed, clip);
+            }
+        }
+        level_outputs.insert(level_outputs.begin(), x);
+    }
+    return level_outputs;
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>& level_outputs,
+                                                const torch::Tensor& r_embed,
+                                                const torch::Tensor& effnet,
+                                                const torch::Tensor& clip) {
+    torch::Tensor x = level_outputs[0];
+    const size_t n_down = down_blocks->size();
+    for (size_t i = 0; i < up_blocks->size(); ++i) {
+        auto level = up_blocks[i]->as<torch::nn::ModuleListImpl>();
+        const size_t mapper_index = n_down + i;
+        const bool inject = static_cast<bool>(effnet_mapper_list[mapper_index]);
+        torch::Tensor effnet_c;
+        for (size_t j = 0; j < level->size(); ++j) {
+            const auto& block = level->ptr(j);
+            if (auto* res = block->as<ResBlockStageBImpl>()) {
+                if (inject && !effnet_c.defined()) effnet_c = map_effnet(mapper_index, effnet, x);
+                torch::Tensor skip = (j == 0 && i > 0) ? level_outputs[i] : torch::Tensor();
+                if (effnet_c.defined())
+                    skip = skip.defined() ? torch::cat({skip, effnet_c}, 1) : effnet_c;
+                x = res->forward(x, skip);
+            } else {
+                x = run_other_block(block, x, r_embed, clip);
+            }
+        }
+    }
+    return x;
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
+                                              const torch::Tensor& effnet,
+                                              const torch::Tensor& clip) {
+    if (x.dim() != 4 || x.size(1) != config_.c_in)
+        throw InvalidArgument("WuerstchenDiffNeXt: x must be [B, " + std::to_string(config_.c_in) +
+                              ", H, W], got " + c10::str(x.sizes()));
+    const int64_t m = size_multiple();
+    if (x.size(2) % m != 0 || x.size(3) % m != 0)
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: the height and width of x must be divisible by " +
+            std::to_string(m) + ", got " + c10::str(x.sizes()));
+    if (r.dim() != 1 || r.size(0) != x.size(0))
+        throw InvalidArgument("WuerstchenDiffNeXt: r must be [B] with B = " +
+                              std::to_string(x.size(0)) + ", got " + c10::str(r.sizes()));
+    if (effnet.dim() != 4 || effnet.size(0) != x.size(0) || effnet.size(1) != config_.effnet_embd)
+        throw InvalidArgument("WuerstchenDiffNeXt: effnet must be [" + std::to_string(x.size(0)) +
+                              ", " + std::to_string(config_.effnet_embd) + ", h, w], got " +
+                              c10::str(effnet.sizes()));
+    if (config_.c_out != config_.c_in)
+        throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
+
+    const auto r_embed = nn::r_embedding(r, config_.c_r);  // [B, c_r]
+    const torch::Tensor c = clip.defined() ? gen_c_embeddings(clip) : clip;
+
+    auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]
+    const auto level_outputs = down_encode(h, r_embed, effnet, c);
+    h = up_decode(level_outputs, r_embed, effnet, c);
+    auto ab = clf->forward(h).chunk(2, 1);  // a, b: [B, c_out, H, W]
+    auto b = ab[1].sigmoid() * (1 - kOutputEps * 2) + kOutputEps;
+    return (x - ab[0]) / b;
+}
+
+WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& options) {
+    const auto config = DiffNeXtConfig::from_file(dir + "/config.json");
+    WuerstchenDiffNeXt model(config);
+    prepare_module(*model, options);
+    load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
+    return model;
+}
+
+}  // namespace wuerstchen

@@ -1,0 +1,163 @@
+#include "wuerstchen/paella_vq.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/padding.h>
+#include <torch/nn/modules/pixelshuffle.h>
+
+#include <vector>
+
+#include "nn/blocks.h"
+#include "wuerstchen/error.h"
+
+namespace wuerstchen {
+
+namespace {
+
+// A Sequential that can sit inside another Sequential (AnyModule needs a non-template forward).
+struct NestedSequentialImpl : torch::nn::SequentialImpl {
+    using torch::nn::SequentialImpl::SequentialImpl;
+    torch::Tensor forward(torch::Tensor x) { return torch::nn::SequentialImpl::forward(x); }
+};
+TORCH_MODULE(NestedSequential);
+
+// Paella's MixingResidualBlock: a modulated depthwise branch and a modulated channelwise branch,
+// each scaled by learned gammas. Keys: depthwise.1.*, channelwise.{0,2}.*, gammas [6]
+struct MixingResidualBlockImpl : torch::nn::Module {
+    MixingResidualBlockImpl(int64_t c, int64_t embed_dim) {
+        depthwise = register_module(
+            "depthwise", torch::nn::Sequential(
+                             torch::nn::ReplicationPad2d(torch::nn::ReplicationPad2dOptions(1)),
+                             torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 3).groups(c))));
+        channelwise = register_module(
+            "channelwise", torch::nn::Sequential(torch::nn::Linear(c, embed_dim), torch::nn::GELU(),
+                                                 torch::nn::Linear(embed_dim, c)));
+        gammas = register_parameter("gammas", torch::zeros({6}));
+    }
+
+    // x: [B, C, H, W] -> [B, C, H, W]
+    torch::Tensor forward(const torch::Tensor& input) {
+        const auto& g = gammas;
+        auto x_temp = nn::layer_norm_2d(input, 1e-6) * (1 + g[0]) + g[1];
+        auto x = input + depthwise->forward(x_temp) * g[2];
+        x_temp = nn::layer_norm_2d(x, 1e-6) * (1 + g[3]) + g[4];
+        // [B, C, H, W] -> [B, H, W, C] for the Linears, and back.
+        return x + channelwise->forward(x_temp.permute({0, 2, 3, 1})).permute({0, 3, 1, 2}) * g[5];
+    }
+
+    torch::nn::Sequential depthwise{nullptr};
+    torch::nn::Sequential channelwise{nullptr};
+    torch::Tensor gammas;
+};
+TORCH_MODULE(MixingResidualBlock);
+
+}  // namespace
+
+VectorQuantizerImpl::VectorQuantizerImpl(int64_t n_e, int64_t vq_embed_dim) {
+    embedding = register_module("embedding", torch::nn::Embedding(n_e, vq_embed_dim));
+}
+
+VectorQuantizerImpl::Output VectorQuantizerImpl::forward(const torch::Tensor& z_in) {
+    const auto& codebook = embedding->weight;  // [n_e, C]
+    // [B, C, H, W] -> [B, H, W, C] -> [B*H*W, C]
+    auto z = z_in.permute({0, 2, 3, 1}).contiguous();
+    auto flat = z.view({-1, codebook.size(1)});
+    auto indices = at::argmin(at::cdist(flat, codebook), 1);
+    auto z_q = embedding->forward(indices).view(z.sizes());
+    // Upstream's straight-through form z + (z_q - z): kept for bit parity with the reference.
+    z_q = z + (z_q - z);
+    return {z_q.permute({0, 3, 1, 2}).contiguous(), indices};
+}
+
+PaellaVQModelImpl::PaellaVQModelImpl(const PaellaVQConfig& config) : config_(config) {
+    config_.validate();
+    const int64_t levels = config_.levels;
+    const int64_t scale = config_.up_down_scale_factor;
+    std::vector<int64_t> c_levels;  // embed_dim / 2^i for i = levels-1 .. 0
+    for (int64_t i = levels - 1; i >= 0; --i) c_levels.push_back(config_.embed_dim >> i);
+
+    in_block = register_module(
+        "in_block",
+        torch::nn::Sequential(torch::nn::PixelUnshuffle(torch::nn::PixelUnshuffleOptions(scale)),
+                              torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                                  config_.in_channels * scale * scale, c_levels[0], 1))));
+
+    torch::nn::Sequential down;
+    for (int64_t i = 0; i < levels; ++i) {
+        if (i > 0) {
+            down->push_back(torch::nn::Conv2d(
+                torch::nn::Conv2dOptions(c_levels[i - 1], c_levels[i], 4).stride(2).padding(1)));
+        }
+        down->push_back(MixingResidualBlock(c_levels[i], c_levels[i] * 4));
+    }
+    down->push_back(NestedSequential(
+        torch::nn::Conv2d(
+            torch::nn::Conv2dOptions(c_levels.back(), config_.latent_channels, 1).bias(false)),
+        torch::nn::BatchNorm2d(config_.latent_channels)));
+    down_blocks = register_module("down_blocks", down);
+
+    vquantizer = register_module(
+        "vquantizer", VectorQuantizer(config_.num_vq_embeddings, config_.latent_channels));
+
+    torch::nn::Sequential up;
+    up->push_back(NestedSequential(
+        torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.latent_channels, c_levels.back(), 1))));
+    for (int64_t i = 0; i < levels; ++i) {
+        const int64_t c = c_levels[levels - 1 - i];
+        const int64_t repeats = i == 0 ? config_.bottleneck_blocks : 1;
+        for (int64_t j = 0; j < repeats; ++j) up->push_back(MixingResidualBlock(c, c * 4));
+        if (i < levels - 1) {
+            up->push_back(torch::nn::ConvTranspose2d(
+                torch::nn::ConvTranspose2dOptions(c, c_levels[levels - 2 - i], 4)
+                    .stride(2)
+                    .padding(1)));
+        }
+    }
+    up_blocks = register_module("up_blocks", up);
+
+    out_block = register_module(
+        "out_block",
+        torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                                  c_levels[0], config_.out_channels * scale * scale, 1)),
+                              torch::nn::PixelShuffle(torch::nn::PixelShuffleOptions(scale))));
+}
+
+torch::Tensor PaellaVQModelImpl::encode(const torch::Tensor& image) {
+    if (image.dim() != 4 || image.size(1) != config_.in_channels)
+        throw InvalidArgument("PaellaVQModel::encode: image must be [B, " +
+                              std::to_string(config_.in_channels) + ", H, W], got " +
+                              c10::str(image.sizes()));
+    const int64_t m = static_cast<int64_t>(config_.up_down_scale_factor) << (config_.levels - 1);
+    if (image.size(2) % m != 0 || image.size(3) % m != 0)
+        throw InvalidArgument(
+            "PaellaVQModel::encode: image height and width must be divisible by " +
+            std::to_string(m) + ", got " + c10::str(image.sizes()));
+    return down_blocks->forward(in_block->forward(image));
+}
+
+torch::Tensor PaellaVQModelImpl::decode(const torch::Tensor& latents, bool force_not_quantize) {
+    if (latents.dim() != 4 || latents.size(1) != config_.latent_channels)
+        throw InvalidArgument("PaellaVQModel::decode: latents must be [B, " +
+                              std::to_string(config_.latent_channels) + ", h, w], got " +
+                              c10::str(latents.sizes()));
+    const torch::Tensor quant =
+        force_not_quantize ? latents : vquantizer->forward(latents).quantized;
+    return out_block->forward(up_blocks->forward(quant));
+}
+
+torch::Tensor PaellaVQModelImpl::forward(const torch::Tensor& image) {
+    return decode(encode(image));
+}
+
+PaellaVQModel load_paella_vq(const std::string& dir, const LoadOptions& options) {
+    const auto config = PaellaVQConfig::from_file(dir + "/config.json");
+    PaellaVQModel model(config);
+    prepare_module(*model, options);
+    load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
+    return model;
+}
+
+}  // namespace wuerstchen

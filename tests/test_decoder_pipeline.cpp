@@ -1,0 +1,244 @@
+// DecoderPipeline: whole calls against diffusers' WuerstchenDecoderPipeline (images and the
+// latents after every step), the num_images_per_prompt draw order, cancellation and argument
+// checks.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+#include "wuerstchen/decoder_pipeline.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
+
+namespace wuerstchen {
+namespace {
+
+// Images: absolute. Latents: relative to their scale. The first step multiplies the model's error
+// by 1/sqrt(alpha) ~ 50 (alpha_cumprod(1) is clamped to 1e-4) and the tiny random decoder drives
+// the latents to |x| ~ 300-500, so float32 rounding alone (the r-embedding evaluates sin/cos at
+// arguments up to 1e4, see tests/data/README.md) leaves ~4e-3 absolute, ~1.2e-5 relative.
+constexpr double kPipelineTol = 1e-3;
+constexpr double kLatentRelTol = 3e-5;
+
+class DecoderPipelineTest : public ::testing::Test {
+protected:
+    static void SetUpTestSuite() {
+        pipe_ = std::make_unique<DecoderPipeline>(
+            DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen")));
+    }
+    static void TearDownTestSuite() { pipe_.reset(); }
+
+    // Runs `opt` collecting the latents after every step.
+    static DecoderOutput run(DecoderOptions opt, std::vector<torch::Tensor>* steps) {
+        if (steps != nullptr) {
+            opt.callback = [steps](int, double, torch::Tensor& latents) {
+                steps->push_back(latents.clone());
+                return true;
+            };
+        }
+        return (*pipe_)(opt);
+    }
+
+    static DecoderOptions seed22_options(const SafeTensors& ref) {
+        DecoderOptions opt;
+        opt.image_embeddings = test::ref_tensor(ref, "image_embeddings");
+        opt.prompts = {"horse"};
+        opt.num_inference_steps = 3;
+        opt.guidance_scale = 0.0;
+        opt.seed = 22;
+        return opt;
+    }
+
+    static std::unique_ptr<DecoderPipeline> pipe_;
+};
+std::unique_ptr<DecoderPipeline> DecoderPipelineTest::pipe_;
+
+void expect_case(const std::string& name, const DecoderOutput& out,
+                 const std::vector<torch::Tensor>& steps, const SafeTensors& ref) {
+    EXPECT_EQ(out.images.scalar_type(), torch::kFloat32);
+    EXPECT_TRUE(out.images.device().is_cpu());
+    EXPECT_TRUE(test::all_close(name + " images", out.images, test::ref_tensor(ref, "images"),
+                                kPipelineTol));
+    ASSERT_FALSE(steps.empty());
+    const auto expected = test::ref_tensor(ref, "step_latents");
+    EXPECT_TRUE(test::all_close(name + " step_latents", torch::stack(steps), expected,
+                                test::scaled_tol(expected, kLatentRelTol)));
+}
+
+TEST_F(DecoderPipelineTest, Seed22MatchesDiffusers) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    std::vector<torch::Tensor> steps;
+    const auto out = run(seed22_options(ref), &steps);
+    EXPECT_EQ(out.images.sizes(), (std::vector<int64_t>{1, 3, 256, 256}));
+    expect_case("decoder_seed22", out, steps, ref);
+}
+
+// Two embeddings, one prompt (upstream repeats the text per embedding), negative prompt, CFG
+// with zero image embeddings on the unconditional half.
+TEST_F(DecoderPipelineTest, CfgNegativeBatch2MatchesDiffusers) {
+    const auto ref = test::reference("pipeline_decoder_cfg_neg_b2");
+    DecoderOptions opt;
+    opt.image_embeddings = test::ref_tensor(ref, "image_embeddings");
+    opt.prompts = {"a lighthouse"};
+    opt.negative_prompts = {"fog"};
+    opt.num_inference_steps = 2;
+    opt.guidance_scale = 3.0;
+    opt.seed = 32;
+    std::vector<torch::Tensor> steps;
+    const auto out = run(opt, &steps);
+    expect_case("decoder_cfg_neg_b2", out, steps, ref);
+
+    // One prompt per embedding gives the same result as one prompt for all.
+    opt.prompts = {"a lighthouse", "a lighthouse"};
+    opt.negative_prompts = {"fog", "fog"};
+    EXPECT_TRUE(test::all_close("decoder_cfg_neg_b2 with per-embedding prompts",
+                                run(opt, nullptr).images, out.images, 1e-5));
+    // The list form of the embeddings is concatenated.
+    opt.image_embeddings_list = {opt.image_embeddings.slice(0, 0, 1),
+                                 opt.image_embeddings.slice(0, 1, 2)};
+    opt.image_embeddings = torch::Tensor();
+    EXPECT_TRUE(test::all_close("decoder_cfg_neg_b2 from a list", run(opt, nullptr).images,
+                                out.images, 1e-5));
+}
+
+// num_images_per_prompt = 2 with one embedding: latents [2, ...] are drawn in one call (rows are
+// embedding-major), then one draw per step, so it equals (a) the embedding given twice with the
+// same seed and (b) explicit latents drawn first from the same generator.
+TEST_F(DecoderPipelineTest, ImagesPerPromptRepeatsEmbeddings) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    DecoderOptions opt = seed22_options(ref);
+    opt.num_images_per_prompt = 2;
+    opt.num_inference_steps = 2;
+    const auto two = run(opt, nullptr);
+    ASSERT_EQ(two.images.size(0), 2);
+    EXPECT_GT(test::max_abs_diff(two.images[0], two.images[1]), 1e-3)
+        << "the two images should come from different noise";
+
+    DecoderOptions twice = opt;
+    twice.num_images_per_prompt = 1;
+    twice.image_embeddings = opt.image_embeddings.repeat({2, 1, 1, 1});
+    EXPECT_TRUE(
+        test::all_close("n=2 vs embedding twice", run(twice, nullptr).images, two.images, 1e-6));
+
+    at::Generator g = make_generator(22);
+    const auto shape =
+        pipe_->latent_shape(2, opt.image_embeddings.size(2), opt.image_embeddings.size(3));
+    DecoderOptions explicit_latents = opt;
+    explicit_latents.seed.reset();
+    explicit_latents.latents = randn_like_diffusers(shape, g);
+    explicit_latents.generator = &g;
+    EXPECT_TRUE(test::all_close("n=2 vs explicit latents", run(explicit_latents, nullptr).images,
+                                two.images, 1e-6));
+}
+
+TEST_F(DecoderPipelineTest, CancelThenReuse) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    DecoderOptions opt = seed22_options(ref);
+    int calls = 0;
+    opt.callback = [&calls](int step, double, torch::Tensor&) {
+        ++calls;
+        return step < 1;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG((*pipe_)(opt), Cancelled, "cancelled", "step 1");
+    EXPECT_EQ(calls, 2);
+
+    std::vector<torch::Tensor> steps;
+    expect_case("decoder_seed22 after a cancelled call", run(seed22_options(ref), &steps), steps,
+                ref);
+}
+
+TEST_F(DecoderPipelineTest, CombinedFolderAndComponents) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    auto combined = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
+    EXPECT_DOUBLE_EQ(combined.latent_dim_scale(), 10.67);
+    EXPECT_TRUE(test::all_close("decoder_seed22 from the combined folder",
+                                combined(seed22_options(ref)).images,
+                                test::ref_tensor(ref, "images"), kPipelineTol));
+
+    DecoderComponents parts{pipe_->tokenizer(),        pipe_->text_encoder(),
+                            pipe_->decoder(),          pipe_->vqgan(),
+                            pipe_->scheduler_config(), pipe_->latent_dim_scale()};
+    auto shared = DecoderPipeline::from_components(std::move(parts));
+    EXPECT_TRUE(test::all_close("decoder_seed22 from components",
+                                shared(seed22_options(ref)).images, test::ref_tensor(ref, "images"),
+                                kPipelineTol));
+}
+
+TEST_F(DecoderPipelineTest, LatentOutputSkipsVQGAN) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    DecoderOptions opt = seed22_options(ref);
+    opt.decode = false;
+    const auto out = (*pipe_)(opt);
+    EXPECT_FALSE(out.images.defined());
+    const auto steps = test::ref_tensor(ref, "step_latents");
+    const auto last = steps[steps.size(0) - 1];
+    EXPECT_TRUE(test::all_close("decoder_seed22 final latents", out.latents, last,
+                                test::scaled_tol(last, kLatentRelTol)));
+}
+
+TEST_F(DecoderPipelineTest, RejectsBadArguments) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    const DecoderOptions good = seed22_options(ref);  // embeddings [1, 16, 6, 6] -> latents 64x64
+    auto& pipe = *pipe_;
+
+    DecoderOptions o = good;
+    o.image_embeddings = torch::randn({16, 6, 6});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`image_embeddings`", "[B, 16, h, w]");
+    o.image_embeddings = torch::randn({1, 8, 6, 6});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`image_embeddings`", "[1, 8, 6, 6]");
+    o.image_embeddings = torch::Tensor();
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`image_embeddings`", "required");
+    o.image_embeddings_list = {torch::randn({1, 16, 6, 6}), torch::randn({1, 16, 5, 6})};
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`image_embeddings_list`", "entry 1");
+    // 5 * 10.67 = 53.35 -> 53, not divisible by patch_size * 2^(levels-1) = 4.
+    o = good;
+    o.image_embeddings = torch::randn({1, 16, 5, 6});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`image_embeddings`", "53x64",
+                                "divisible by 4");
+
+    o = good;
+    o.image_embeddings = torch::randn({2, 16, 6, 6});
+    o.prompts = {"a", "b", "c"};
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompts`", "3 prompts", "(2)");
+    o.prompts = {};
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompts`", "0 prompts");
+    o.prompts = {"a", "b"};
+    o.guidance_scale = 2.0;
+    o.negative_prompts = {"x", "y", "z"};
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`negative_prompts`", "3 prompts");
+
+    o = good;
+    o.num_inference_steps = 0;
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`num_inference_steps`", "positive");
+    o = good;
+    o.timesteps = {0.5, 0.7, 0.0};
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`timesteps`", "descending");
+    o.timesteps = {1.0};
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`timesteps`", "at least 2");
+    o = good;
+    o.guidance_scale = std::numeric_limits<double>::quiet_NaN();
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`guidance_scale`", "finite");
+    o = good;
+    o.num_images_per_prompt = 0;
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`num_images_per_prompt`");
+    o = good;
+    o.latents = torch::randn({1, 4, 60, 64});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`latents`", "[1, 4, 60, 64]",
+                                "[1, 4, 64, 64]");
+    o.num_images_per_prompt = 2;
+    o.latents = torch::randn({1, 4, 64, 64});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`latents`", "[2, 4, 64, 64]");
+    o = good;
+    o.seed = 1;
+    at::Generator g = make_generator(1);
+    o.generator = &g;
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`seed`", "`generator`");
+}
+
+}  // namespace
+}  // namespace wuerstchen
