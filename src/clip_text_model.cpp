@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "wuerstchen/error.h"
+#include "wuerstchen/lora.h"
 
 namespace wuerstchen {
 
@@ -41,10 +42,10 @@ torch::Tensor activate(const torch::Tensor& x, Activation act) {
 // CLIPAttention.  Keys: {q,k,v,out}_proj.{weight,bias}
 struct CLIPAttentionImpl : torch::nn::Module {
     CLIPAttentionImpl(int64_t dim, int64_t heads) : heads(heads), head_dim(dim / heads) {
-        q_proj = register_module("q_proj", torch::nn::Linear(dim, dim));
-        k_proj = register_module("k_proj", torch::nn::Linear(dim, dim));
-        v_proj = register_module("v_proj", torch::nn::Linear(dim, dim));
-        out_proj = register_module("out_proj", torch::nn::Linear(dim, dim));
+        q_proj = register_module("q_proj", LoraLinear(dim, dim));
+        k_proj = register_module("k_proj", LoraLinear(dim, dim));
+        v_proj = register_module("v_proj", LoraLinear(dim, dim));
+        out_proj = register_module("out_proj", LoraLinear(dim, dim));
     }
 
     // x: [B, L, D], allowed: [B or 1, 1, L, L] bool (true = may attend) -> [B, L, D]
@@ -67,21 +68,21 @@ struct CLIPAttentionImpl : torch::nn::Module {
     }
 
     int64_t heads, head_dim;
-    torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+    LoraLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
 };
 TORCH_MODULE(CLIPAttention);
 
 // CLIPMLP.  Keys: fc1.*, fc2.*
 struct CLIPMLPImpl : torch::nn::Module {
     CLIPMLPImpl(int64_t dim, int64_t hidden, Activation act) : act(act) {
-        fc1 = register_module("fc1", torch::nn::Linear(dim, hidden));
-        fc2 = register_module("fc2", torch::nn::Linear(hidden, dim));
+        fc1 = register_module("fc1", LoraLinear(dim, hidden));
+        fc2 = register_module("fc2", LoraLinear(hidden, dim));
     }
     // x: [B, L, D] -> [B, L, D]
     torch::Tensor forward(const torch::Tensor& x) { return fc2(activate(fc1(x), act)); }
 
     Activation act;
-    torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+    LoraLinear fc1{nullptr}, fc2{nullptr};
 };
 TORCH_MODULE(CLIPMLP);
 

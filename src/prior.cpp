@@ -4,6 +4,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "nn/blocks.h"
+#include "wuerstchen/lora.h"
 
 namespace wuerstchen {
 
@@ -14,9 +15,9 @@ WuerstchenPriorImpl::WuerstchenPriorImpl(const PriorConfig& config) : config_(co
         register_module("projection", torch::nn::Conv2d(torch::nn::Conv2dOptions(c_in, c, 1)));
     cond_mapper = register_module(
         "cond_mapper", torch::nn::Sequential(
-                           torch::nn::Linear(c_cond, c),
+                           LoraLinear(c_cond, c),
                            torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.2)),
-                           torch::nn::Linear(c, c)));
+                           LoraLinear(c, c)));
     blocks = register_module("blocks", torch::nn::ModuleList());
     for (int i = 0; i < config.depth; ++i) {
         nn::ResBlock res(c);

@@ -7,6 +7,7 @@
 
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/lora.h"
 
 namespace wuerstchen {
 
@@ -61,6 +62,50 @@ PriorPipeline PriorPipeline::from_components(const std::string& dir, const std::
     PriorPipelineConfig config{index.latent_mean, index.latent_std, index.resolution_multiple};
     return PriorPipeline(std::move(tokenizer), std::move(text_encoder), std::move(prior),
                          std::move(scheduler), config, options);
+}
+
+// ---------------------------------------------------------------------------------- LoRA
+// The modules are shared by the holders, so the const accessors below may hand out pointers.
+
+std::vector<torch::nn::Module*> PriorPipeline::lora_modules() const {
+    return {prior_.ptr().get(), text_encoder_.ptr().get()};
+}
+
+void PriorPipeline::load_lora_weights(const std::string& path, const std::string& adapter_name,
+                                      double scale) {
+    load_lora_adapter(path, prior_pipeline_lora_targets(*prior_, *text_encoder_), adapter_name,
+                      scale);
+}
+
+void PriorPipeline::set_adapters(const std::vector<std::string>& adapter_names,
+                                 const std::vector<double>& weights) {
+    set_lora_adapters(lora_modules(), adapter_names, weights);
+}
+
+std::vector<std::string> PriorPipeline::lora_adapters() const {
+    return lora_adapter_names(lora_modules());
+}
+
+void PriorPipeline::fuse_lora(double lora_scale, const std::vector<std::string>& adapter_names) {
+    wuerstchen::fuse_lora(lora_modules(), lora_scale, adapter_names);
+}
+
+void PriorPipeline::unfuse_lora() { wuerstchen::unfuse_lora(lora_modules()); }
+
+void PriorPipeline::unload_lora_weights() { unload_lora(lora_modules()); }
+
+void PriorPipeline::delete_adapters(const std::vector<std::string>& adapter_names) {
+    delete_lora_adapters(lora_modules(), adapter_names);
+}
+
+void PriorPipeline::enable_lora() { set_lora_enabled(lora_modules(), true); }
+
+void PriorPipeline::disable_lora() { set_lora_enabled(lora_modules(), false); }
+
+void PriorPipeline::save_lora_weights(const std::string& path,
+                                      const std::string& adapter_name) const {
+    const auto modules = lora_modules();
+    save_lora_adapter(path, prior_pipeline_lora_targets(*modules[0], *modules[1]), adapter_name);
 }
 
 int64_t PriorPipeline::latent_size(int64_t pixels) const {

@@ -4,7 +4,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 
@@ -109,7 +111,35 @@ std::vector<FlagSpec> prior_flags() {
             {"images", "N", "images per prompt (default 1)"},
             {"prior-steps", "N", "stage-C steps, evenly spaced (default: --prior-timesteps default)"},
             {"prior-timesteps", "default|LIST", "stage-C schedule: 'default' (DEFAULT_STAGE_C_TIMESTEPS, 29 steps) or comma-separated descending values in [0,1]"},
-            {"prior-guidance", "G", "stage-C classifier-free guidance (default 4)"}};
+            {"prior-guidance", "G", "stage-C classifier-free guidance (default 4)"},
+            {"lora", "FILE[:SCALE]", "stage-C LoRA (peft or kohya safetensors, or a folder with pytorch_lora_weights.safetensors), weight SCALE (default 1)", true}};
+}
+
+// --lora FILE[:SCALE] (repeatable): every adapter loaded into the prior pipeline and activated
+// with its weight.
+void apply_loras(const Args& args, PriorPipeline& prior) {
+    std::vector<std::string> names;
+    std::vector<double> weights;
+    for (const std::string& spec : args.all("lora")) {
+        std::string path = spec;
+        double scale = 1.0;
+        const auto colon = spec.find_last_of(':');
+        if (colon != std::string::npos) {
+            const std::string tail = spec.substr(colon + 1);
+            char* end = nullptr;
+            const double v = std::strtod(tail.c_str(), &end);
+            if (!tail.empty() && *end == '\0' && std::isfinite(v)) {
+                path = spec.substr(0, colon);
+                scale = v;
+            }
+        }
+        if (!exists(path)) throw IoError(path + ": no such file or folder (--lora " + spec + ")");
+        const std::string name = "lora" + std::to_string(names.size());
+        prior.load_lora_weights(path, name, scale);
+        names.push_back(name);
+        weights.push_back(scale);
+    }
+    if (!names.empty()) prior.set_adapters(names, weights);
 }
 
 std::vector<FlagSpec> decoder_flags() {
@@ -265,6 +295,7 @@ int run_generate(int argc, char** argv) {
     }
     CombinedPipeline pipe = combined ? CombinedPipeline::from_pretrained(args.str("model"), load)
                                      : CombinedPipeline::from_pretrained(args.str("prior"), args.str("decoder"), load);
+    apply_loras(args, pipe.prior_pipeline());
     const bool quiet = args.has("quiet");
     std::unique_ptr<Progress> prior_bar, decoder_bar;
     o.prior_callback = progress_callback(prior_bar, "prior", prior_total(o), quiet);
@@ -297,6 +328,7 @@ int run_prior(int argc, char** argv) {
     const LoadOptions load = load_options(args);
     require_dir("prior", args.str("prior"));
     PriorPipeline pipe = PriorPipeline::from_pretrained(args.str("prior"), load);
+    apply_loras(args, pipe);
     PriorOptions p;
     p.prompts = o.prompts;
     p.negative_prompts = o.negative_prompts;

@@ -106,11 +106,40 @@ public:
     const PriorPipelineConfig& config() const { return config_; }
     torch::Device device() const { return device_; }
 
+    // ---- LoRA, as diffusers' StableDiffusionLoraLoaderMixin (wuerstchen/lora.h has the rules)
+    // Loads a LoRA file (or a folder holding pytorch_lora_weights.safetensors) into the prior
+    // ("prior." / "lora_unet_" keys) and the text encoder ("text_encoder." / "lora_te_" keys)
+    // as adapter `adapter_name` with weight `scale` (empty name: "default_<n>"). Throws
+    // WeightError naming the file and key(s) when the file does not fit (nothing is applied
+    // then), InvalidArgument when the name is taken, IoError when the file is missing.
+    void load_lora_weights(const std::string& path, const std::string& adapter_name = "default",
+                           double scale = 1.0);
+    // Activates exactly these adapters with these weights (empty: 1.0 each; one value: for all).
+    // Throws InvalidArgument naming an unknown adapter.
+    void set_adapters(const std::vector<std::string>& adapter_names,
+                      const std::vector<double>& weights = {});
+    // The loaded adapters in load order (diffusers' get_list_adapters, merged over components).
+    std::vector<std::string> lora_adapters() const;
+    // Merges the active adapters (or `adapter_names`) into the weights, scaled by lora_scale
+    // times their weight; unfuse_lora() restores the original weights bit-exactly. Unloading
+    // while fused keeps the fused weights (diffusers' fuse + unload recipe).
+    void fuse_lora(double lora_scale = 1.0, const std::vector<std::string>& adapter_names = {});
+    void unfuse_lora();
+    // Removes every adapter (weights as they are: unfuse_lora() first to get the base back).
+    void unload_lora_weights();
+    void delete_adapters(const std::vector<std::string>& adapter_names);
+    void enable_lora();   // the unfused LoRA branches on (the default)
+    void disable_lora();  // ... off, adapters kept
+    // Writes adapter `adapter_name` (empty: the only one) with diffusers' peft keys to a
+    // .safetensors path, or a folder that gets pytorch_lora_weights.safetensors.
+    void save_lora_weights(const std::string& path, const std::string& adapter_name = "") const;
+
     PriorPipeline(PriorPipeline&&) noexcept = default;
     PriorPipeline& operator=(PriorPipeline&&) noexcept = default;
 
 private:
     torch::Tensor encode(const std::vector<std::string>& prompts, torch::ScalarType dtype);
+    std::vector<torch::nn::Module*> lora_modules() const;
 
     CLIPTokenizer tokenizer_;
     CLIPTextModel text_encoder_;

@@ -28,6 +28,7 @@
 #include "wuerstchen/diffnext.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/image.h"
+#include "wuerstchen/lora.h"
 #include "wuerstchen/paella_vq.h"
 #include "wuerstchen/pipeline_common.h"
 #include "wuerstchen/prior.h"

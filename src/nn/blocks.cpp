@@ -35,12 +35,12 @@ torch::Tensor gelu(const torch::Tensor& x) { return at::gelu(x); }
 // ---------------------------------------------------------------------------- TimestepBlock
 
 TimestepBlockImpl::TimestepBlockImpl(int64_t c, int64_t c_timestep) {
-    mapper = register_module("mapper", torch::nn::Linear(c_timestep, c * 2));
+    mapper = register_module("mapper", make_lora_linear(c_timestep, c * 2));
 }
 
 torch::Tensor TimestepBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
     // t: [B, c_r] -> [B, 2C, 1, 1] -> a, b: [B, C, 1, 1]
-    auto ab = mapper->forward(t).unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+    auto ab = lora_forward(mapper, t).unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
     return x * (1 + ab[0]) + ab[1];
 }
 
@@ -62,13 +62,13 @@ torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
 
 ChannelwiseMLPImpl::ChannelwiseMLPImpl(int64_t c_in, int64_t c_hidden, int64_t c_out) {
     // Upstream Sequential indices: 0 Linear, 1 GELU, 2 GRN, 3 Dropout, 4 Linear.
-    fc1 = register_module("0", torch::nn::Linear(c_in, c_hidden));
+    fc1 = register_module("0", make_lora_linear(c_in, c_hidden));
     grn = register_module("2", GlobalResponseNorm(c_hidden));
-    fc2 = register_module("4", torch::nn::Linear(c_hidden, c_out));
+    fc2 = register_module("4", make_lora_linear(c_hidden, c_out));
 }
 
 torch::Tensor ChannelwiseMLPImpl::forward(const torch::Tensor& x) {
-    return fc2->forward(grn->forward(nn::gelu(fc1->forward(x))));
+    return lora_forward(fc2, grn->forward(nn::gelu(lora_forward(fc1, x))));
 }
 
 // ---------------------------------------------------------------------------- ResBlock
@@ -95,11 +95,11 @@ torch::Tensor ResBlockImpl::forward(const torch::Tensor& x, const torch::Tensor&
 AttentionImpl::AttentionImpl(int64_t query_dim, int64_t heads_, int64_t dim_head_)
     : heads(heads_), dim_head(dim_head_) {
     const int64_t inner = heads * dim_head;
-    to_q = register_module("to_q", torch::nn::Linear(query_dim, inner));
-    to_k = register_module("to_k", torch::nn::Linear(query_dim, inner));
-    to_v = register_module("to_v", torch::nn::Linear(query_dim, inner));
+    to_q = register_module("to_q", make_lora_linear(query_dim, inner));
+    to_k = register_module("to_k", make_lora_linear(query_dim, inner));
+    to_v = register_module("to_v", make_lora_linear(query_dim, inner));
     // to_out.1 is a Dropout upstream: no parameters, identity at inference.
-    to_out = register_module("to_out", torch::nn::Sequential(torch::nn::Linear(inner, query_dim)));
+    to_out = register_module("to_out", torch::nn::Sequential(LoraLinear(inner, query_dim)));
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
@@ -107,9 +107,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     const int64_t n = x.size(1);
     const int64_t m = context.size(1);
     // [B, N, heads*dim_head] -> [B, heads, N, dim_head]
-    auto q = to_q->forward(x).view({b, n, heads, dim_head}).transpose(1, 2);
-    auto k = to_k->forward(context).view({b, m, heads, dim_head}).transpose(1, 2);
-    auto v = to_v->forward(context).view({b, m, heads, dim_head}).transpose(1, 2);
+    auto q = lora_forward(to_q, x).view({b, n, heads, dim_head}).transpose(1, 2);
+    auto k = lora_forward(to_k, context).view({b, m, heads, dim_head}).transpose(1, 2);
+    auto v = lora_forward(to_v, context).view({b, m, heads, dim_head}).transpose(1, 2);
     // AttnProcessor: softmax(q k^T * dim_head^-0.5) v, softmax in the input dtype.
 #if TORCH_VERSION_MAJOR >= 2
     auto out = at::scaled_dot_product_attention(q, k, v);  // default scale = dim_head^-0.5
@@ -127,8 +127,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 AttnBlockImpl::AttnBlockImpl(int64_t c, int64_t c_cond, int64_t nhead, bool self_attn_)
     : self_attn(self_attn_) {
     attention = register_module("attention", Attention(c, nhead, c / nhead));
-    kv_mapper = register_module(
-        "kv_mapper", torch::nn::Sequential(torch::nn::SiLU(), torch::nn::Linear(c_cond, c)));
+    kv_mapper = register_module("kv_mapper",
+                                torch::nn::Sequential(torch::nn::SiLU(), LoraLinear(c_cond, c)));
 }
 
 torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cond) {

@@ -3,12 +3,16 @@
 // Building blocks shared by stage C (WuerstchenPrior) and stage B (WuerstchenDiffNeXt), ported
 // from diffusers' modeling_wuerstchen_common.py. Child names are the diffusers attribute names,
 // with Sequential indices kept, so named_parameters() equals the checkpoint's key set.
+// Every Linear is a LoRA-capable wuerstchen::LoraLinearImpl (see wuerstchen/lora.h): the members
+// stay torch::nn::Linear, the forwards go through lora_forward().
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+
+#include "wuerstchen/lora.h"
 
 namespace wuerstchen::nn {
 

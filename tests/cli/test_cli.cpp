@@ -60,6 +60,16 @@ CliResult run_cli(const std::vector<std::string>& args, const std::string& cwd =
 
 std::string data(const std::string& rel) { return test::data_path(rel); }
 
+// Each bad invocation exits non-zero and prints exactly one line naming the problem.
+void expect_one_line_error(const CliResult& r, const std::vector<std::string>& fragments) {
+    EXPECT_NE(r.status, 0);
+    std::string err = r.err;
+    while (!err.empty() && err.back() == '\n') err.pop_back();
+    EXPECT_FALSE(err.empty());
+    EXPECT_EQ(err.find('\n'), std::string::npos) << "more than one line: " << r.err;
+    for (const auto& f : fragments) EXPECT_NE(err.find(f), std::string::npos) << "'" << err << "' lacks '" << f << "'";
+}
+
 TEST(CLI, GenerateMatchesCombinedReference) {
     const std::string dir = test::make_temp_dir("cli_gen_");
     const CliResult r = run_cli({"generate", "--model", data("tiny-wuerstchen-combined"), "--prompt",
@@ -148,6 +158,31 @@ TEST(CLI, PriorSavesSameEmbeddingsAsGenerate) {
     EXPECT_LE(images.max().item<float>(), 1.0f);
 }
 
+TEST(CLI, PriorWithLoraMatchesReference) {
+    // lora_reference: "a red sports car", 256x256, 3 steps, guidance 4, seed 3 (gen_lora.py).
+    const std::string dir = test::make_temp_dir("cli_lora_");
+    const SafeTensors ref = SafeTensors::open(data("lora/lora_reference.safetensors"));
+    for (const auto& [lora, key] : std::vector<std::pair<std::string, std::string>>{
+             {"", "no_lora"}, {data("lora/tiny-prior-lora") + ":1", "lora_scale_1"}}) {
+        std::vector<std::string> args = {"prior", "--prior", data("tiny-wuerstchen-prior"), "--prompt",
+                                         "a red sports car", "--height", "256", "--width", "256",
+                                         "--prior-steps", "3", "--prior-guidance", "4", "--seed", "3",
+                                         "--device", "cpu", "--output-tensors", dir + "/" + key + ".safetensors",
+                                         "--quiet"};
+        if (!lora.empty()) args.insert(args.end(), {"--lora", lora});
+        const CliResult r = run_cli(args);
+        ASSERT_EQ(r.status, 0) << r.err;
+        const torch::Tensor expected = test::ref_tensor(ref, key);
+        EXPECT_TRUE(test::all_close("CLI prior " + key,
+                                    SafeTensors::open(dir + "/" + key + ".safetensors").tensor("image_embeddings"),
+                                    expected, test::scaled_tol(expected, 1e-3)));
+    }
+    expect_one_line_error(run_cli({"prior", "--prior", data("tiny-wuerstchen-prior"), "--prompt", "x",
+                                   "--device", "cpu", "--output-tensors", dir + "/x.safetensors",
+                                   "--lora", dir + "/missing.safetensors:0.5"}),
+                          {"missing.safetensors"});
+}
+
 TEST(CLI, TokenizeEqualsReferences) {
     const SafeTensors ref = test::reference("tokenizer_tiny");
     const auto prompts = nlohmann::json::parse(ref.metadata().at("info"))["prompts"];
@@ -176,16 +211,6 @@ TEST(CLI, InfoListsComponents) {
     EXPECT_EQ(j["components"]["decoder"]["config.json"]["c_hidden"], nlohmann::json::array({16, 32}));
     EXPECT_GT(j["components"]["vqgan"]["weights"]["parameters"].get<int64_t>(), 0);
     EXPECT_GT(j["components"]["vqgan"]["weights"]["dtypes"]["F32"].get<int64_t>(), 0);
-}
-
-// Each bad invocation exits non-zero and prints exactly one line naming the problem.
-void expect_one_line_error(const CliResult& r, const std::vector<std::string>& fragments) {
-    EXPECT_NE(r.status, 0);
-    std::string err = r.err;
-    while (!err.empty() && err.back() == '\n') err.pop_back();
-    EXPECT_FALSE(err.empty());
-    EXPECT_EQ(err.find('\n'), std::string::npos) << "more than one line: " << r.err;
-    for (const auto& f : fragments) EXPECT_NE(err.find(f), std::string::npos) << "'" << err << "' lacks '" << f << "'";
 }
 
 TEST(CLI, ErrorsAreOneLineAndNonZero) {
