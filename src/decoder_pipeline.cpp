@@ -110,7 +110,11 @@ std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int
             static_cast<int64_t>(static_cast<double>(w) * latent_dim_scale_)};
 }
 
-DecoderOutput DecoderPipeline::operator()(const DecoderOptions& opt) {
+DecoderOutput DecoderPipeline::operator()(const DecoderOptions& options) {
+    return with_memory_errors(kWhere, [&] { return run(options); });
+}
+
+DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     const DiffNeXtConfig& dcfg = decoder_->config();
     const torch::Device device = options_.device;
     const torch::ScalarType dtype = module_dtype(*decoder_);

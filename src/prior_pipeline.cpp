@@ -119,7 +119,11 @@ torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
     return encode_prompts(tokenizer_, text_encoder_, prompts, device_, dtype);
 }
 
-PriorOutput PriorPipeline::operator()(const PriorOptions& o) {
+PriorOutput PriorPipeline::operator()(const PriorOptions& options) {
+    return with_memory_errors(kWhere, [&] { return run(options); });
+}
+
+PriorOutput PriorPipeline::run(const PriorOptions& o) {
     // ---- validation: everything before any work or draw
     check_positive(kWhere, "height", o.height);
     check_positive(kWhere, "width", o.width);

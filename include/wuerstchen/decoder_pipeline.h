@@ -94,7 +94,9 @@ public:
                                            const LoadOptions& options = {});
 
     // Runs the pipeline under c10::InferenceMode. Throws InvalidArgument naming the argument for
-    // bad input, Cancelled when the callback returns false.
+    // bad input, Cancelled when the callback returns false, OutOfMemoryError when memory runs
+    // out; the pipeline stays usable in every case. One call at a time per pipeline object
+    // (separate objects may run concurrently on different threads).
     DecoderOutput operator()(const DecoderOptions& options);
 
     // The latent shape for image embeddings of spatial size h x w:
@@ -111,6 +113,7 @@ public:
     const LoadOptions& load_options() const { return options_; }
 
 private:
+    DecoderOutput run(const DecoderOptions& options);
     explicit DecoderPipeline(DecoderComponents components, const LoadOptions& options);
 
     CLIPTokenizer tokenizer_;

@@ -45,6 +45,13 @@ public:
     using Error::Error;
 };
 
+// Memory ran out during a pipeline call (CUDA or host). The message suggests what to change
+// (offload, fewer images, a smaller size); the pipeline stays usable.
+class OutOfMemoryError : public Error {
+public:
+    using Error::Error;
+};
+
 // A step callback returned false: the call stopped early. The pipeline stays usable.
 class Cancelled : public Error {
 public:

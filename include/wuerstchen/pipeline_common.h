@@ -5,10 +5,12 @@
 // argument validation that throws InvalidArgument naming the argument.
 
 #include <ATen/core/Generator.h>
+#include <c10/util/Exception.h>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <functional>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -66,6 +68,25 @@ private:
     torch::nn::Module* module_ = nullptr;
     torch::Device home_ = torch::kCPU;
 };
+
+// ------------------------------------------------------------------------------ resources
+// Runs one pipeline call and turns an allocation failure (CUDA out of memory, the CPU
+// allocator's "not enough memory", std::bad_alloc) into wuerstchen::OutOfMemoryError naming
+// `where` and suggesting remedies. Other errors pass through unchanged.
+bool is_out_of_memory(const c10::Error& error);
+[[noreturn]] void throw_out_of_memory(const char* where, const std::string& detail);
+
+template <typename F>
+auto with_memory_errors(const char* where, F&& call) -> decltype(call()) {
+    try {
+        return call();
+    } catch (const std::bad_alloc&) {
+        throw_out_of_memory(where, "std::bad_alloc");
+    } catch (const c10::Error& e) {
+        if (!is_out_of_memory(e)) throw;
+        throw_out_of_memory(where, e.what_without_backtrace());
+    }
+}
 
 // ------------------------------------------------------------------------------ validation
 // Each throws InvalidArgument whose message starts with "<where>: `<name>`".

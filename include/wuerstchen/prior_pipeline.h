@@ -92,7 +92,9 @@ public:
                                          const LoadOptions& options = {});
 
     // Runs the denoising loop. Throws InvalidArgument (naming the argument) for bad options and
-    // Cancelled when the callback returns false; the pipeline stays usable either way.
+    // Cancelled when the callback returns false, OutOfMemoryError when memory runs out; the
+    // pipeline stays usable in every case. One call at a time per pipeline object (separate
+    // objects may run concurrently on different threads; LoRA changes must not overlap calls).
     PriorOutput operator()(const PriorOptions& options);
     PriorOutput generate(const PriorOptions& options) { return (*this)(options); }
 
@@ -138,6 +140,7 @@ public:
     PriorPipeline& operator=(PriorPipeline&&) noexcept = default;
 
 private:
+    PriorOutput run(const PriorOptions& options);
     torch::Tensor encode(const std::vector<std::string>& prompts, torch::ScalarType dtype);
     std::vector<torch::nn::Module*> lora_modules() const;
 
