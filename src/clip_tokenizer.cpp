@@ -4,14 +4,17 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <system_error>
 #include <unordered_map>
 #include <utility>
 
+#include "json_util.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
 
@@ -202,6 +205,9 @@ nlohmann::json parse_json_file(const std::string& path) {
     } catch (const Error& e) {
         throw TokenizerError(path + ": cannot read: " + e.what());
     }
+    if (detail::json_too_deep(text.data(), text.data() + text.size()))
+        throw TokenizerError(path + ": invalid JSON: nested deeper than " +
+                             std::to_string(detail::kMaxJsonDepth) + " levels");
     try {
         return nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception& e) {
@@ -232,7 +238,9 @@ bool token_string(const nlohmann::json& object, const std::string& key, const st
 
 struct CLIPTokenizer::Impl {
     std::unordered_map<std::string, int64_t> vocab;
-    std::vector<std::string> id_to_token;
+    // A map, not a vector indexed by id: ids come from the files, and one id of 10^12 must not
+    // size an allocation.
+    std::unordered_map<int64_t, std::string> id_to_token;
     // "first\nsecond" -> rank (byte-level tokens never contain '\n').
     std::unordered_map<std::string, int> merge_ranks;
     // Added tokens (the specials among them) are cut out of the raw text before normalisation.
@@ -286,18 +294,24 @@ struct CLIPTokenizer::Impl {
         for (auto it = decoder.begin(); it != decoder.end(); ++it) {
             std::string content;
             if (!token_string(nlohmann::json{{"t", it.value()}}, "t", source, content)) continue;
-            int64_t id = 0;
-            try {
-                id = std::stoll(it.key());
-            } catch (const std::exception&) {
+            // The whole key must be a non-negative decimal id ("12abc" and "-1" are not).
+            int64_t id = -1;
+            const char* first = it.key().data();
+            const char* last = first + it.key().size();
+            const auto [end, ec] = std::from_chars(first, last, id);
+            if (ec != std::errc() || end != last || id < 0)
                 throw TokenizerError(source + ": added_tokens_decoder key '" + it.key() +
                                      "' is not an id");
-            }
-            add_token(content, id);
+            add_token(content, id, source);
         }
     }
 
-    void add_token(const std::string& content, int64_t id) {
+    // Ids index the text encoder's embedding table, so they are never negative (JSON integers
+    // above INT64_MAX arrive here wrapped to negative values).
+    void add_token(const std::string& content, int64_t id, const std::string& source) {
+        if (id < 0)
+            throw TokenizerError(source + ": added token '" + content + "' has negative id " +
+                                 std::to_string(id));
         for (const auto& t : added_tokens)
             if (t.first == content) return;
         added_tokens.emplace_back(content, id);
@@ -320,7 +334,7 @@ struct CLIPTokenizer::Impl {
         unk_id = special_id("unk_token", unk, dir);
         for (const auto& [content, id] : {std::make_pair(bos, bos_id), std::make_pair(eos, eos_id),
                                           std::make_pair(unk, unk_id), std::make_pair(pad, pad_id)})
-            add_token(content, id);
+            add_token(content, id, dir);
         // Leftmost-longest matching: try longer tokens first at each position.
         std::stable_sort(
             added_tokens.begin(), added_tokens.end(),
@@ -328,12 +342,9 @@ struct CLIPTokenizer::Impl {
         added_tokens.erase(std::remove_if(added_tokens.begin(), added_tokens.end(),
                                           [](const auto& t) { return t.first.empty(); }),
                            added_tokens.end());
-        int64_t max_id = -1;
-        for (const auto& [tok, id] : vocab) max_id = std::max(max_id, id);
-        for (const auto& t : added_tokens) max_id = std::max(max_id, t.second);
-        id_to_token.assign(static_cast<size_t>(max_id + 1), std::string());
-        for (const auto& [tok, id] : vocab) id_to_token[static_cast<size_t>(id)] = tok;
-        for (const auto& [tok, id] : added_tokens) id_to_token[static_cast<size_t>(id)] = tok;
+        id_to_token.clear();
+        for (const auto& [tok, id] : vocab) id_to_token[id] = tok;
+        for (const auto& [tok, id] : added_tokens) id_to_token[id] = tok;
         size = vocab.size();
         for (const auto& t : added_tokens)
             if (!vocab.count(t.first)) ++size;
@@ -505,7 +516,8 @@ CLIPTokenizer CLIPTokenizer::from_pretrained(const std::string& dir) {
                     !t.at("content").is_string() || !t.at("id").is_number_integer())
                     throw TokenizerError(tokenizer_json +
                                          ": malformed entry in 'added_tokens': " + t.dump());
-                impl->add_token(t.at("content").get<std::string>(), t.at("id").get<int64_t>());
+                impl->add_token(t.at("content").get<std::string>(), t.at("id").get<int64_t>(),
+                                tokenizer_json);
             }
         }
     } else if (fs::exists(vocab_json, ec)) {
@@ -538,7 +550,7 @@ CLIPTokenizer CLIPTokenizer::from_pretrained(const std::string& dir) {
             for (auto it = added.begin(); it != added.end(); ++it) {
                 if (!it.value().is_number_integer())
                     throw TokenizerError(added_json + ": '" + it.key() + "' must map to an id");
-                impl->add_token(it.key(), it.value().get<int64_t>());
+                impl->add_token(it.key(), it.value().get<int64_t>(), added_json);
             }
         }
     } else {
@@ -603,8 +615,8 @@ BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
 std::string CLIPTokenizer::decode(const std::vector<int64_t>& ids) const {
     std::string joined;
     for (const int64_t id : ids) {
-        if (id >= 0 && static_cast<size_t>(id) < impl_->id_to_token.size())
-            joined += impl_->id_to_token[static_cast<size_t>(id)];
+        const auto it = impl_->id_to_token.find(id);
+        if (it != impl_->id_to_token.end()) joined += it->second;
     }
     std::string bytes;
     for (const int32_t cp : decode_utf8(joined)) {

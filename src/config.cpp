@@ -17,6 +17,9 @@ void config_fail(const std::string& source, const std::string& key, const std::s
 }
 
 nlohmann::json JsonFields::parse_object(const std::string& text, const std::string& source) {
+    if (json_too_deep(text.data(), text.data() + text.size()))
+        throw ConfigError(source + ": invalid JSON: nested deeper than " +
+                          std::to_string(kMaxJsonDepth) + " levels");
     nlohmann::json j;
     try {
         j = nlohmann::json::parse(text);
@@ -32,6 +35,12 @@ void JsonFields::fail(const std::string& key, const std::string& what) const {
 }
 
 int JsonFields::to_int(const std::string& key, const nlohmann::json& v) const {
+    // Unsigned first: get<int64_t>() would wrap values above INT64_MAX (2^64-1 became -1).
+    if (v.is_number_unsigned()) {
+        if (v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int>::max()))
+            fail(key, "is out of range for an integer");
+        return static_cast<int>(v.get<uint64_t>());
+    }
     if (v.is_number_integer()) {
         const auto i = v.get<int64_t>();
         if (i < std::numeric_limits<int>::min() || i > std::numeric_limits<int>::max())

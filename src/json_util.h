@@ -4,12 +4,43 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
 #include "wuerstchen/error.h"
 
 namespace wuerstchen::detail {
+
+// nlohmann's parser is iterative, but its serializer (dump(), used in error messages) and its
+// copy constructor recurse once per nesting level, so a hostile file of a few hundred KiB of
+// '[' overflows the stack. Real configs, tokenizers and safetensors headers nest fewer than 10
+// levels; every parser in the library rejects text nested deeper than this before parsing it.
+constexpr size_t kMaxJsonDepth = 256;
+
+// True when the brackets of `text` (outside strings) nest deeper than kMaxJsonDepth. Malformed
+// text is not diagnosed here; the JSON parser does that.
+inline bool json_too_deep(const char* begin, const char* end) {
+    size_t depth = 0;
+    bool in_string = false;
+    for (const char* p = begin; p != end; ++p) {
+        const char c = *p;
+        if (in_string) {
+            if (c == '\\') {
+                if (++p == end) break;
+            } else if (c == '"') {
+                in_string = false;
+            }
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > kMaxJsonDepth) return true;
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            --depth;
+        }
+    }
+    return false;
+}
 
 class JsonFields {
 public:

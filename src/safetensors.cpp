@@ -13,6 +13,7 @@
 #include <fstream>
 #include <limits>
 
+#include "json_util.h"
 #include "wuerstchen/error.h"
 
 namespace wuerstchen {
@@ -93,6 +94,9 @@ struct SafeTensors::Impl {
 };
 
 void SafeTensors::Impl::parse_header(const char* text, size_t size) {
+    if (detail::json_too_deep(text, text + size))
+        fail("invalid header JSON: nested deeper than " + std::to_string(detail::kMaxJsonDepth) +
+             " levels");
     nlohmann::json header;
     try {
         header = nlohmann::json::parse(text, text + size);
@@ -158,17 +162,19 @@ void SafeTensors::Impl::parse_header(const char* text, size_t size) {
                            std::to_string(elements * esize) + " bytes)");
         auto [pos, inserted] = tensors.emplace(name, std::move(info));
         if (!inserted) fail(name, "duplicate tensor name");
-        by_offset.push_back(&pos->second);
+        // Empty tensors occupy no bytes and cannot overlap anything.
+        if (pos->second.begin != pos->second.end) by_offset.push_back(&pos->second);
     }
 
+    // Sorted by begin, non-empty ranges are disjoint iff each starts at or after the previous
+    // one's end. (Empty ranges are left out above: skipping them here would compare the
+    // neighbours of an empty tensor with it instead of with each other.)
     std::sort(by_offset.begin(), by_offset.end(), [](const TensorInfo* a, const TensorInfo* b) {
         return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
     });
     for (size_t i = 1; i < by_offset.size(); ++i) {
         const TensorInfo& prev = *by_offset[i - 1];
         const TensorInfo& cur = *by_offset[i];
-        // Empty tensors occupy no bytes and cannot overlap anything.
-        if (cur.begin == cur.end || prev.begin == prev.end) continue;
         if (cur.begin < prev.end)
             fail("tensors '" + prev.name + "' and '" + cur.name + "' overlap in the data region");
     }

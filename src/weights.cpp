@@ -9,6 +9,7 @@
 #include <set>
 #include <sstream>
 
+#include "json_util.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/safetensors.h"
@@ -71,9 +72,13 @@ std::vector<std::string> find_weight_files(const std::string& dir, const std::st
     if (is_file(single)) return {single};
     const std::string index = dir + "/" + stem + ".safetensors.index.json";
     if (is_file(index)) {
+        const std::string text = read_text_file(index);
+        if (detail::json_too_deep(text.data(), text.data() + text.size()))
+            throw WeightError(index + ": invalid JSON: nested deeper than " +
+                              std::to_string(detail::kMaxJsonDepth) + " levels");
         nlohmann::json j;
         try {
-            j = nlohmann::json::parse(read_text_file(index));
+            j = nlohmann::json::parse(text);
         } catch (const nlohmann::json::exception& e) {
             throw WeightError(index + ": invalid JSON: " + e.what());
         }
