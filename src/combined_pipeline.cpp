@@ -20,10 +20,7 @@ CombinedPipeline CombinedPipeline::from_pretrained(const std::string& dir,
                             DecoderPipeline::from_pretrained(dir, options));
 }
 
-CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
-    // One generator for both stages, so a seed reproduces upstream's draw sequence.
-    at::Generator generator = call_generator(options.generator, options.seed);
-
+PriorOptions prior_options(const CombinedOptions& options) {
     PriorOptions prior;
     prior.prompts = options.prompts;
     prior.negative_prompts = options.negative_prompts;
@@ -35,9 +32,20 @@ CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
     prior.timesteps = options.prior_timesteps;
     prior.guidance_scale = options.prior_guidance_scale;
     prior.num_images_per_prompt = options.num_images_per_prompt;
-    prior.generator = &generator;
+    prior.seed = options.seed;
+    prior.generator = options.generator;
     prior.latents = options.latents;
     prior.callback = options.prior_callback;
+    return prior;
+}
+
+CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
+    // One generator for both stages, so a seed reproduces upstream's draw sequence.
+    at::Generator generator = call_generator(options.generator, options.seed);
+
+    PriorOptions prior = prior_options(options);
+    prior.seed.reset();
+    prior.generator = &generator;
     CombinedOutput out;
     out.image_embeddings = prior_(prior).image_embeddings;
 

@@ -153,6 +153,8 @@ std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups) {
     return out;
 }
 
+}  // namespace
+
 LoadOptions load_options(const Args& args) {
     LoadOptions opts;
     const bool cuda = torch::cuda::is_available();
@@ -198,6 +200,8 @@ int pixel_size(const Args& args, const std::string& flag) {
         throw UsageError("--" + flag + " " + std::to_string(v) + ": must be a positive multiple of 128");
     return v;
 }
+
+namespace {
 
 // Fills the prior half of the options shared by `generate` and `prior`.
 void prior_options(const Args& args, CombinedOptions& o) {
@@ -329,16 +333,7 @@ int run_prior(int argc, char** argv) {
     require_dir("prior", args.str("prior"));
     PriorPipeline pipe = PriorPipeline::from_pretrained(args.str("prior"), load);
     apply_loras(args, pipe);
-    PriorOptions p;
-    p.prompts = o.prompts;
-    p.negative_prompts = o.negative_prompts;
-    p.height = o.height;
-    p.width = o.width;
-    p.num_inference_steps = o.prior_num_inference_steps;
-    p.timesteps = o.prior_timesteps;
-    p.guidance_scale = o.prior_guidance_scale;
-    p.num_images_per_prompt = o.num_images_per_prompt;
-    p.seed = o.seed;
+    PriorOptions p = prior_options(o);
     std::unique_ptr<Progress> bar;
     p.callback = progress_callback(bar, "prior", prior_total(o), args.has("quiet"));
     const torch::Tensor emb = pipe(p).image_embeddings;

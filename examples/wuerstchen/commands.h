@@ -3,6 +3,12 @@
 // The subcommands of the `wuerstchen` tool. Each returns the process exit status and throws
 // UsageError (status 2) or wuerstchen::Error (status 1) with a one-line message.
 
+#include <string>
+#include <vector>
+
+#include "args.h"
+#include "wuerstchen/weights.h"
+
 namespace wuerstchen::cli {
 
 int run_generate(int argc, char** argv);
@@ -10,5 +16,14 @@ int run_prior(int argc, char** argv);
 int run_decode(int argc, char** argv);
 int run_tokenize(int argc, char** argv);
 int run_info(int argc, char** argv);
+int run_bench(int argc, char** argv);
+
+// Shared by the subcommands (commands.cpp).
+// --device / --dtype / --offload; UsageError for a bad value or CUDA asked for but absent.
+LoadOptions load_options(const Args& args);
+// 'default' (kDefaultStageCTimesteps) or a comma-separated list of numbers.
+std::vector<double> parse_timesteps(const std::string& flag, const std::string& text);
+// --height / --width: a positive multiple of 128 (default 1024).
+int pixel_size(const Args& args, const std::string& flag);
 
 }  // namespace wuerstchen::cli

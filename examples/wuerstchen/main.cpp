@@ -5,6 +5,7 @@
 //   wuerstchen decode   --decoder DIR --embeddings FILE --output out.png [options]
 //   wuerstchen tokenize --tokenizer DIR --text TEXT
 //   wuerstchen info     DIR
+//   wuerstchen bench    --model DIR | --prior DIR --decoder DIR | --random-weights [options]
 
 #include <cstdio>
 #include <cstring>
@@ -26,6 +27,7 @@ constexpr const char* kUsage =
     "  decode     stages B and A on saved image embeddings\n"
     "  tokenize   CLIP token ids and attention mask of a text, as JSON\n"
     "  info       configs, parameter counts and dtypes of a model folder\n"
+    "  bench      time each stage (text encoding, prior, decoder, VQ decode) as JSON\n"
     "\n"
     "`wuerstchen <command> --help` lists a command's options.\n";
 
@@ -51,6 +53,7 @@ int main(int argc, char** argv) {
         if (command == "decode") return run_decode(argc, argv);
         if (command == "tokenize") return run_tokenize(argc, argv);
         if (command == "info") return run_info(argc, argv);
+        if (command == "bench") return run_bench(argc, argv);
         std::fprintf(stderr, "wuerstchen: unknown command '%s' (see wuerstchen --help)\n", command.c_str());
         return 2;
     } catch (const UsageError& e) {

@@ -60,6 +60,10 @@ struct CombinedOutput {
     torch::Tensor image_embeddings;  // the prior's output, [B * n, 16, h, w]
 };
 
+// The stage-C part of a combined call: prompts, size, prior schedule and guidance, images per
+// prompt, seed / generator, latents and prior_callback, as PriorOptions.
+PriorOptions prior_options(const CombinedOptions& options);
+
 class CombinedPipeline {
 public:
     CombinedPipeline(PriorPipeline prior, DecoderPipeline decoder);

@@ -249,5 +249,78 @@ TEST(CLI, HelpForEachCommand) {
     }
 }
 
+// `bench` prints one JSON object whose stage timings are positive and add up to the total.
+void expect_bench_json(const CliResult& r, const std::vector<int64_t>& image_shape) {
+    ASSERT_EQ(r.status, 0) << r.err;
+    nlohmann::json j;
+    ASSERT_NO_THROW(j = nlohmann::json::parse(r.out)) << r.out;
+    EXPECT_EQ(j.at("device"), "cpu");
+    EXPECT_EQ(j.at("device_type"), "cpu");
+    EXPECT_EQ(j.at("dtype"), "fp32");
+    EXPECT_EQ(j.at("batch"), 1);
+    EXPECT_EQ(j.at("runs"), 1);
+    EXPECT_FALSE(j.at("libtorch").get<std::string>().empty());
+    EXPECT_TRUE(j.at("peak_cuda_memory_bytes").is_null());
+    EXPECT_TRUE(j.at("peak_cuda_memory_gib").is_null());
+    EXPECT_EQ(j.at("images_shape").get<std::vector<int64_t>>(), image_shape);
+    double sum = 0;
+    for (const char* stage : {"text_encoding", "prior_loop", "decoder_loop", "vq_decode"}) {
+        const auto& s = j.at("stages").at(stage);
+        EXPECT_GT(s.at("median_s").get<double>(), 0) << stage;
+        EXPECT_GT(s.at("min_s").get<double>(), 0) << stage;
+        EXPECT_LE(s.at("min_s").get<double>(), s.at("median_s").get<double>()) << stage;
+        EXPECT_EQ(s.at("runs").size(), 1u) << stage;
+        sum += s.at("median_s").get<double>();
+    }
+    // One run: the total clock spans exactly the four stage clocks (each rounded to 1 us).
+    EXPECT_NEAR(j.at("total").at("median_s").get<double>(), sum, 1e-5);
+    int64_t params = 0;
+    for (const char* part : {"prior_text_encoder", "prior", "decoder_text_encoder", "decoder", "vqgan"}) {
+        EXPECT_GT(j.at("parameters").at(part).get<int64_t>(), 0) << part;
+        params += j.at("parameters").at(part).get<int64_t>();
+    }
+    EXPECT_EQ(j.at("parameters").at("total").get<int64_t>(), params);
+}
+
+TEST(CLI, BenchTinyCpuPrintsJson) {
+    const std::vector<std::string> common = {"--device", "cpu", "--height", "128", "--width", "128",
+                                             "--prior-steps", "2", "--decoder-steps", "2",
+                                             "--runs", "1", "--warmup", "0", "--quiet"};
+    auto with = [&](std::vector<std::string> head) {
+        head.insert(head.end(), common.begin(), common.end());
+        return head;
+    };
+    // Built-in tiny configs with seeded random weights and the built-in byte-level tokenizer.
+    const CliResult random = run_cli(with({"bench", "--random-weights", "--tiny"}));
+    expect_bench_json(random, {1, 3, 128, 128});
+    if (!HasFailure()) {
+        const auto j = nlohmann::json::parse(random.out);
+        EXPECT_EQ(j.at("weights"), "random-tiny");
+        EXPECT_EQ(j.at("resolution"), "128x128");
+        EXPECT_EQ(j.at("prior_steps"), 2);
+        EXPECT_EQ(j.at("image_embeddings_shape").get<std::vector<int64_t>>(),
+                  (std::vector<int64_t>{1, 16, 3, 3}));
+    }
+    // ... with a tokenizer folder, and a model folder (the loading path).
+    expect_bench_json(run_cli(with({"bench", "--random-weights", "--tiny", "--tokenizer",
+                                    data("tiny-wuerstchen/tokenizer")})),
+                      {1, 3, 128, 128});
+    expect_bench_json(run_cli(with({"bench", "--model", data("tiny-wuerstchen-combined")})),
+                      {1, 3, 128, 128});
+}
+
+TEST(CLI, BenchUsageErrors) {
+    expect_one_line_error(run_cli({"bench", "--device", "cpu"}), {"--random-weights", "--model"});
+    expect_one_line_error(run_cli({"bench", "--model", data("tiny-wuerstchen-combined"), "--tiny"}),
+                          {"--tiny goes with --random-weights"});
+    expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--runs", "0"}),
+                          {"--runs must be at least 1"});
+    expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--offload"}),
+                          {"--offload needs --device cuda"});
+    const CliResult help = run_cli({"bench", "--help"});
+    EXPECT_EQ(help.status, 0);
+    EXPECT_NE(help.out.find("usage: wuerstchen bench"), std::string::npos) << help.out;
+}
+
 }  // namespace
 }  // namespace wuerstchen

@@ -1,0 +1,577 @@
+// `wuerstchen bench`: times the text-to-image path stage by stage and prints one JSON object.
+//
+// The models are real folders (--model DIR, or --prior DIR --decoder DIR) or, with
+// --random-weights, built from the configs of warp-ai/wuerstchen(-prior) (or tiny ones with
+// --tiny) and filled with seeded random weights, so the real sizes can be timed without a
+// download. The randomisation follows ../shared/tools/bench_diffusers.py (the diffusers anchor):
+// 1-D "norm" weights 1, everything else N(0, 0.02).
+//
+// Each run calls the library's public stages in order, with a device synchronisation before
+// every clock read:
+//   text_encoding  the prior's text encoder on the prompt and, with guidance, the negative prompt
+//                  (what PriorPipeline's encode_prompt does)
+//   prior_loop     PriorPipeline with those prompt_embeds: latents draw + stage-C loop
+//   decoder_loop   DecoderPipeline with decode = false: its own CLIP ViT-H encoding of the prompt
+//                  (the pipeline has no prompt_embeds input) + latents draw + stage-B loop
+//   vq_decode      PaellaVQModel::decode of the latents, clamped and copied to the host as the
+//                  pipeline does
+//   total          one clock around the four (so it also holds the synchronisations)
+
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/cuda.h>
+#include <torch/version.h>
+
+#if defined(WUERSTCHEN_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "args.h"
+#include "commands.h"
+#include "wuerstchen/clip_text_model.h"
+#include "wuerstchen/clip_tokenizer.h"
+#include "wuerstchen/combined_pipeline.h"
+#include "wuerstchen/config.h"
+#include "wuerstchen/decoder_pipeline.h"
+#include "wuerstchen/diffnext.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/paella_vq.h"
+#include "wuerstchen/prior.h"
+#include "wuerstchen/prior_pipeline.h"
+#include "wuerstchen/scheduler.h"
+#include "wuerstchen/weights.h"
+
+namespace wuerstchen::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// The model configs of one --random-weights build.
+struct RandomConfigs {
+    CLIPTextConfig prior_text;
+    CLIPTextConfig decoder_text;
+    PriorConfig prior;
+    DiffNeXtConfig decoder;
+    PaellaVQConfig vqgan;
+};
+
+CLIPTextConfig clip_text(int hidden, int layers, int heads, int intermediate) {
+    CLIPTextConfig c;
+    c.vocab_size = 49408;
+    c.hidden_size = hidden;
+    c.intermediate_size = intermediate;
+    c.num_hidden_layers = layers;
+    c.num_attention_heads = heads;
+    c.max_position_embeddings = 77;
+    c.hidden_act = "gelu";
+    c.bos_token_id = 49406;
+    c.eos_token_id = 49407;
+    c.pad_token_id = 1;
+    c.projection_dim = hidden;
+    return c;
+}
+
+// warp-ai/wuerstchen-prior + warp-ai/wuerstchen: prior text encoder CLIP ViT-bigG text, stage C
+// c 1536 / depth 32 / 24 heads, decoder text encoder CLIP ViT-H text, WuerstchenDiffNeXt and
+// PaellaVQModel with their defaults.
+RandomConfigs real_size_configs() {
+    RandomConfigs c;
+    c.prior_text = clip_text(1280, 32, 20, 5120);
+    c.decoder_text = clip_text(1024, 24, 16, 4096);
+    c.prior.c_in = 16;
+    c.prior.c = 1536;
+    c.prior.c_cond = 1280;
+    c.prior.c_r = 64;
+    c.prior.depth = 32;
+    c.prior.nhead = 24;
+    return c;
+}
+
+// The shapes of the tests/data fixtures (with the real vocabulary size, so the same token ids
+// fit): every stage runs in milliseconds on a CPU.
+RandomConfigs tiny_configs() {
+    RandomConfigs c;
+    c.prior_text = clip_text(32, 2, 2, 37);
+    c.decoder_text = clip_text(24, 2, 2, 40);
+    c.prior.c = 32;
+    c.prior.c_cond = 32;
+    c.prior.depth = 2;
+    c.prior.nhead = 2;
+    c.decoder.c_cond = 32;
+    c.decoder.c_hidden = {16, 32};
+    c.decoder.nhead = {-1, 2};
+    c.decoder.blocks = {1, 2};
+    c.decoder.level_config = {"CT", "CTA"};
+    c.decoder.inject_effnet = {false, true};
+    c.decoder.clip_embd = 24;
+    c.decoder.dropout = {0.1, 0.1};
+    c.vqgan.embed_dim = 32;
+    c.vqgan.bottleneck_blocks = 2;
+    c.vqgan.num_vq_embeddings = 64;
+    return c;
+}
+
+bool ends_with(const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// bench_diffusers.py's randomize_: 1-D norm weights 1, all other parameters N(0, 0.02), drawn
+// from `generator` in named_parameters() order. Buffers keep their initial values.
+void randomize(torch::nn::Module& module, at::Generator& generator) {
+    torch::NoGradGuard no_grad;
+    for (auto& item : module.named_parameters()) {
+        torch::Tensor& p = item.value();
+        if (p.dim() == 1 && item.key().find("norm") != std::string::npos &&
+            ends_with(item.key(), "weight"))
+            p.fill_(1.0);
+        else
+            p.normal_(0.0, 0.02, generator);
+    }
+}
+
+// Builds one module on the CPU in float32, randomises it, then moves / casts it, one module at a
+// time so that the host never holds more than one float32 copy.
+template <typename Holder, typename Config>
+Holder build_random(const Config& config, at::Generator& generator, const LoadOptions& place) {
+    Holder module(config);
+    randomize(*module, generator);
+    prepare_module(*module, place);
+    return module;
+}
+
+// GPT-2's bytes_to_unicode alphabet (the 256 single-byte symbols of byte-level BPE) as UTF-8.
+std::vector<std::string> byte_alphabet() {
+    std::vector<int> printable;
+    for (int b = '!'; b <= '~'; ++b) printable.push_back(b);
+    for (int b = 0xA1; b <= 0xAC; ++b) printable.push_back(b);
+    for (int b = 0xAE; b <= 0xFF; ++b) printable.push_back(b);
+    std::vector<std::string> out;
+    int extra = 0;
+    for (int b = 0; b < 256; ++b) {
+        const bool kept = std::find(printable.begin(), printable.end(), b) != printable.end();
+        const int cp = kept ? b : 256 + extra++;
+        std::string utf8;
+        if (cp < 0x80) {
+            utf8 += static_cast<char>(cp);
+        } else {
+            utf8 += static_cast<char>(0xC0 | (cp >> 6));
+            utf8 += static_cast<char>(0x80 | (cp & 0x3F));
+        }
+        out.push_back(utf8);
+    }
+    return out;
+}
+
+// A CLIP tokenizer without merges for --random-weights without --tokenizer: every byte is a
+// token, bos / eos have CLIP's ids. Token ids only choose embedding rows, so the text encoders'
+// cost is that of real prompts of the same length.
+CLIPTokenizer byte_level_tokenizer() {
+    nlohmann::json vocab = nlohmann::json::object();
+    int id = 0;
+    const auto alphabet = byte_alphabet();
+    for (const auto& s : alphabet) vocab[s] = id++;
+    for (const auto& s : alphabet) vocab[s + "</w>"] = id++;
+    vocab["<|startoftext|>"] = 49406;
+    vocab["<|endoftext|>"] = 49407;
+    const nlohmann::json config = {{"bos_token", "<|startoftext|>"},
+                                   {"eos_token", "<|endoftext|>"},
+                                   {"unk_token", "<|endoftext|>"},
+                                   {"pad_token", "<|endoftext|>"},
+                                   {"model_max_length", 77}};
+    std::string pattern = (fs::temp_directory_path() / "wuerstchen_bench_tok_XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr)
+        throw IoError(pattern + ": cannot create a temporary folder for the bench tokenizer");
+    const fs::path dir(pattern);
+    auto write = [&](const char* name, const std::string& text) {
+        FILE* f = std::fopen((dir / name).c_str(), "wb");
+        if (f == nullptr) throw IoError((dir / name).string() + ": cannot write");
+        const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+        if (std::fclose(f) != 0 || !ok) throw IoError((dir / name).string() + ": cannot write");
+    };
+    std::optional<CLIPTokenizer> tokenizer;
+    try {
+        write("vocab.json", vocab.dump());
+        write("merges.txt", "#version: 0.2\n");
+        write("tokenizer_config.json", config.dump());
+        tokenizer.emplace(CLIPTokenizer::from_pretrained(dir.string()));
+    } catch (...) {
+        std::error_code ec;
+        fs::remove_all(dir, ec);
+        throw;
+    }
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    return std::move(*tokenizer);
+}
+
+int64_t parameter_count(const torch::nn::Module& module) {
+    int64_t n = 0;
+    for (const auto& p : module.parameters()) n += p.numel();
+    return n;
+}
+
+std::string device_name(torch::Device device) {
+    if (!device.is_cuda()) return "cpu";
+#if defined(WUERSTCHEN_WITH_CUDA)
+    const int index = device.has_index() ? device.index() : c10::cuda::current_device();
+    return at::cuda::getDeviceProperties(index)->name;
+#else
+    return "cuda (name unknown: the tool was built without libtorch's CUDA headers)";
+#endif
+}
+
+// Peak bytes of the CUDA caching allocator since the last reset: {allocated, reserved}.
+struct PeakMemory {
+    int64_t allocated = -1;
+    int64_t reserved = -1;
+};
+
+int cuda_index(torch::Device device) {
+#if defined(WUERSTCHEN_WITH_CUDA)
+    return device.has_index() ? device.index() : c10::cuda::current_device();
+#else
+    return device.has_index() ? device.index() : 0;
+#endif
+}
+
+void reset_peak_memory(torch::Device device) {
+#if defined(WUERSTCHEN_WITH_CUDA)
+    if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(cuda_index(device));
+#else
+    (void)device;
+#endif
+}
+
+PeakMemory peak_memory(torch::Device device) {
+    PeakMemory out;
+#if defined(WUERSTCHEN_WITH_CUDA)
+    if (device.is_cuda()) {
+        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(device));
+        // Index 0 is StatType::AGGREGATE (all pools).
+        out.allocated = stats.allocated_bytes[0].peak;
+        out.reserved = stats.reserved_bytes[0].peak;
+    }
+#else
+    (void)device;
+#endif
+    return out;
+}
+
+nlohmann::json summary(const std::vector<double>& seconds) {
+    std::vector<double> sorted = seconds;
+    std::sort(sorted.begin(), sorted.end());
+    const size_t n = sorted.size();
+    const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+    auto round6 = [](double v) { return std::round(v * 1e6) / 1e6; };
+    nlohmann::json runs = nlohmann::json::array();
+    for (double s : seconds) runs.push_back(round6(s));
+    return {{"median_s", round6(median)}, {"min_s", round6(sorted.front())}, {"runs", runs}};
+}
+
+int positive(const Args& args, const std::string& flag, int fallback, int minimum) {
+    const int v = args.integer(flag, fallback);
+    if (v < minimum) throw UsageError("--" + flag + " must be at least " + std::to_string(minimum));
+    return v;
+}
+
+}  // namespace
+
+int run_bench(int argc, char** argv) {
+    Args args(
+        "bench",
+        {{"model", "DIR", "a combined pipeline folder (prior_* + decoder parts)"},
+         {"prior", "DIR", "a warp-ai/wuerstchen-prior style folder"},
+         {"decoder", "DIR", "a warp-ai/wuerstchen style folder"},
+         {"random-weights", "",
+          "build the real-size models (warp-ai/wuerstchen + wuerstchen-prior configs) with "
+          "seeded random weights instead of loading folders"},
+         {"tiny", "", "with --random-weights: the tiny test-fixture sizes instead (smoke runs)"},
+         {"tokenizer", "DIR",
+          "with --random-weights: a CLIP tokenizer folder (default: a byte-level one)"},
+         {"prompt", "TEXT", "the prompt (default 'Anthropomorphic cat dressed as a fire fighter')"},
+         {"height", "PX", "image height, a multiple of 128 (default 1024)"},
+         {"width", "PX", "image width, a multiple of 128 (default 1024)"},
+         {"batch", "N", "images per call (num_images_per_prompt; default 1)"},
+         {"prior-steps", "N", "stage-C steps, evenly spaced (default: --prior-timesteps default)"},
+         {"prior-timesteps", "default|LIST",
+          "stage-C schedule: 'default' (DEFAULT_STAGE_C_TIMESTEPS, 29 steps) or "
+          "comma-separated descending values in [0,1]"},
+         {"prior-guidance", "G", "stage-C classifier-free guidance (default 4)"},
+         {"decoder-steps", "N", "stage-B steps (default 12)"},
+         {"decoder-guidance", "G", "stage-B classifier-free guidance (default 0: off)"},
+         {"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
+         {"dtype", "fp32|fp16|bf16",
+          "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
+         {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
+         {"seed", "S", "seed of the random weights and of every run's noise (default 0)"},
+         {"warmup", "N", "untimed runs first (default 1)"},
+         {"runs", "N", "timed runs (default 3)"},
+         {"quiet", "", "no progress lines on stderr"}});
+    args.parse(argc, argv, 2);
+    if (args.help()) {
+        std::cout << args.usage(
+                         "(--model DIR | --prior DIR --decoder DIR | --random-weights [--tiny]) "
+                         "[options]")
+                  << "\nPrints one JSON object: device, dtype, sizes, the median and minimum "
+                     "seconds of each stage\n(text_encoding, prior_loop, decoder_loop, vq_decode) "
+                     "and of the total, peak CUDA memory\n(null on the CPU) and parameter "
+                     "counts. The decoder_loop stage includes the decoder pipeline's\nown text "
+                     "encoding of the prompt.\n";
+        return 0;
+    }
+    if (!args.positional().empty())
+        throw UsageError("unexpected argument '" + args.positional()[0] + "'");
+
+    // ---- what to load
+    const bool random = args.has("random-weights");
+    const bool combined = args.has("model");
+    const bool two = args.has("prior") || args.has("decoder");
+    if (random + combined + two != 1)
+        throw UsageError(
+            "give exactly one of --model DIR, --prior DIR --decoder DIR, or --random-weights");
+    if (two && !(args.has("prior") && args.has("decoder")))
+        throw UsageError("--prior and --decoder go together (or use --model DIR)");
+    if (args.has("tiny") && !random) throw UsageError("--tiny goes with --random-weights");
+    if (args.has("tokenizer") && !random)
+        throw UsageError("--tokenizer goes with --random-weights (folders bring their own)");
+
+    // ---- call parameters
+    const std::string prompt = args.str("prompt", "Anthropomorphic cat dressed as a fire fighter");
+    const int height = pixel_size(args, "height");
+    const int width = pixel_size(args, "width");
+    const int batch = positive(args, "batch", 1, 1);
+    if (args.has("prior-steps") && args.has("prior-timesteps"))
+        throw UsageError("give either --prior-steps or --prior-timesteps, not both");
+    std::vector<double> prior_timesteps;
+    int prior_steps = 0;
+    if (args.has("prior-steps")) {
+        prior_steps = positive(args, "prior-steps", 60, 1);
+    } else {
+        prior_timesteps =
+            parse_timesteps("prior-timesteps", args.str("prior-timesteps", "default"));
+        prior_steps = static_cast<int>(prior_timesteps.size()) - 1;
+    }
+    const double prior_guidance = args.number("prior-guidance", 4.0);
+    const int decoder_steps = positive(args, "decoder-steps", 12, 1);
+    const double decoder_guidance = args.number("decoder-guidance", 0.0);
+    const int warmup = positive(args, "warmup", 1, 0);
+    const int runs = positive(args, "runs", 3, 1);
+    const uint64_t seed = args.seed("seed").value_or(0);
+    const bool quiet = args.has("quiet");
+    const LoadOptions load = load_options(args);
+    const torch::Device device = load.device;
+    auto note = [quiet](const std::string& line) {
+        if (!quiet) std::fprintf(stderr, "bench: %s\n", line.c_str());
+    };
+
+    // ---- models
+    const auto load_start = std::chrono::steady_clock::now();
+    std::optional<CombinedPipeline> pipe;
+    std::string source;
+    if (random) {
+        const RandomConfigs cfg = args.has("tiny") ? tiny_configs() : real_size_configs();
+        source = args.has("tiny") ? "random-tiny" : "random-real-size";
+        note(std::string("building ") + (args.has("tiny") ? "tiny" : "real-size") +
+             " models with random weights (seed " + std::to_string(seed) + ")");
+        // Offloaded stages live on the CPU between uses (as from_pretrained loads them).
+        LoadOptions place = load;
+        if (load.offload) place.device = torch::kCPU;
+        at::Generator generator = make_generator(seed);
+        auto prior_text = build_random<CLIPTextModel>(cfg.prior_text, generator, place);
+        auto prior = build_random<WuerstchenPrior>(cfg.prior, generator, place);
+        auto decoder_text = build_random<CLIPTextModel>(cfg.decoder_text, generator, place);
+        auto decoder = build_random<WuerstchenDiffNeXt>(cfg.decoder, generator, place);
+        auto vqgan = build_random<PaellaVQModel>(cfg.vqgan, generator, place);
+        const std::string tokenizer_dir = args.str("tokenizer");
+        if (args.has("tokenizer") && !fs::is_directory(tokenizer_dir))
+            throw IoError(tokenizer_dir + ": no such folder (--tokenizer)");
+        const CLIPTokenizer tokenizer = args.has("tokenizer")
+                                            ? CLIPTokenizer::from_pretrained(tokenizer_dir)
+                                            : byte_level_tokenizer();
+        PriorPipeline prior_pipe(tokenizer, prior_text, prior, DDPMWuerstchenScheduler(),
+                                 PriorPipelineConfig{}, load);
+        DecoderComponents parts{tokenizer, decoder_text, decoder, vqgan, SchedulerConfig{}, 10.67};
+        pipe.emplace(std::move(prior_pipe),
+                     DecoderPipeline::from_components(std::move(parts), load));
+    } else if (combined) {
+        source = args.str("model");
+        if (!fs::is_directory(source)) throw IoError(source + ": no such folder (--model)");
+        note("loading " + source);
+        pipe.emplace(CombinedPipeline::from_pretrained(source, load));
+    } else {
+        for (const char* flag : {"prior", "decoder"})
+            if (!fs::is_directory(args.str(flag)))
+                throw IoError(args.str(flag) + ": no such folder (--" + flag + ")");
+        source = args.str("prior") + " + " + args.str("decoder");
+        note("loading " + source);
+        pipe.emplace(
+            CombinedPipeline::from_pretrained(args.str("prior"), args.str("decoder"), load));
+    }
+    const double load_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
+    PriorPipeline& prior = pipe->prior_pipeline();
+    DecoderPipeline& decoder = pipe->decoder_pipeline();
+    PaellaVQModel& vqgan = decoder.vqgan();
+
+    // ---- one run, stage by stage
+    auto sync = [device]() {
+        if (device.is_cuda()) torch::cuda::synchronize(device.has_index() ? device.index() : -1);
+    };
+    using Clock = std::chrono::steady_clock;
+    auto seconds = [](Clock::time_point a, Clock::time_point b) {
+        return std::chrono::duration<double>(b - a).count();
+    };
+    const bool prior_cfg = prior_guidance > 1.0;
+    std::vector<double> t_text, t_prior, t_decoder, t_vq, t_total;
+    std::vector<int64_t> embedding_shape, image_shape;
+    auto run_once = [&](bool timed) {
+        sync();
+        const auto t0 = Clock::now();
+        torch::Tensor prompt_embeds, negative_embeds;
+        {
+            CLIPTextModel& te = prior.text_encoder();
+            OffloadGuard on_device(*te, device, load.offload);
+            c10::InferenceMode inference;
+            const auto dtype = module_dtype(*te);
+            prompt_embeds = encode_prompts(prior.tokenizer(), te, {prompt}, device, dtype);
+            if (prior_cfg)
+                negative_embeds = encode_prompts(prior.tokenizer(), te, {""}, device, dtype);
+        }
+        sync();
+        const auto t1 = Clock::now();
+
+        PriorOptions po;
+        po.prompt_embeds = prompt_embeds;
+        if (prior_cfg) po.negative_prompt_embeds = negative_embeds;
+        po.height = height;
+        po.width = width;
+        if (prior_timesteps.empty())
+            po.num_inference_steps = prior_steps;
+        else
+            po.timesteps = prior_timesteps;
+        po.guidance_scale = prior_guidance;
+        po.num_images_per_prompt = batch;
+        po.seed = seed;
+        const torch::Tensor embeddings = prior(po).image_embeddings;
+        sync();
+        const auto t2 = Clock::now();
+
+        DecoderOptions dopt;
+        dopt.image_embeddings = embeddings;
+        dopt.prompts = {prompt};
+        dopt.num_inference_steps = decoder_steps;
+        dopt.guidance_scale = decoder_guidance;
+        dopt.seed = seed;
+        dopt.decode = false;
+        const torch::Tensor latents = decoder(dopt).latents;
+        sync();
+        const auto t3 = Clock::now();
+
+        torch::Tensor images;
+        {
+            OffloadGuard on_device(*vqgan, device, load.offload);
+            c10::InferenceMode inference;
+            const auto scaled =
+                (latents * vqgan->scale_factor()).to(module_device(*vqgan), module_dtype(*vqgan));
+            images = vqgan->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
+        }
+        sync();
+        const auto t4 = Clock::now();
+
+        embedding_shape = embeddings.sizes().vec();
+        image_shape = images.sizes().vec();
+        if (timed) {
+            t_text.push_back(seconds(t0, t1));
+            t_prior.push_back(seconds(t1, t2));
+            t_decoder.push_back(seconds(t2, t3));
+            t_vq.push_back(seconds(t3, t4));
+            t_total.push_back(seconds(t0, t4));
+        }
+        return seconds(t0, t4);
+    };
+
+    for (int i = 0; i < warmup; ++i) {
+        const double s = run_once(false);
+        note("warm-up " + std::to_string(i + 1) + "/" + std::to_string(warmup) + ": " +
+             std::to_string(s) + " s");
+    }
+    reset_peak_memory(device);
+    for (int i = 0; i < runs; ++i) {
+        const double s = run_once(true);
+        note("run " + std::to_string(i + 1) + "/" + std::to_string(runs) + ": " +
+             std::to_string(s) + " s");
+    }
+    const PeakMemory peak = peak_memory(device);
+
+    // ---- report
+    nlohmann::json out;
+    out["device"] = device_name(device);
+    out["device_type"] = device.is_cuda() ? "cuda" : "cpu";
+    if (!device.is_cuda()) out["cpu_threads"] = at::get_num_threads();
+    out["dtype"] = dtype_label(module_dtype(*prior.prior()));
+    out["batch"] = batch;
+    out["height"] = height;
+    out["width"] = width;
+    out["resolution"] = std::to_string(height) + "x" + std::to_string(width);
+    out["libtorch"] = TORCH_VERSION;
+    out["weights"] = source;
+    out["offload"] = load.offload;
+    out["prior_steps"] = prior_steps;
+    out["prior_timesteps"] = prior_timesteps.empty() ? "linspace" : "custom";
+    out["prior_guidance"] = prior_guidance;
+    out["decoder_steps"] = decoder_steps;
+    out["decoder_guidance"] = decoder_guidance;
+    out["warmup"] = warmup;
+    out["runs"] = runs;
+    out["image_embeddings_shape"] = embedding_shape;
+    out["images_shape"] = image_shape;
+    out["load_s"] = std::round(load_s * 1e3) / 1e3;
+    out["stages"] = {{"text_encoding", summary(t_text)},
+                     {"prior_loop", summary(t_prior)},
+                     {"decoder_loop", summary(t_decoder)},
+                     {"vq_decode", summary(t_vq)}};
+    out["total"] = summary(t_total);
+    if (peak.allocated >= 0) {
+        out["peak_cuda_memory_bytes"] = peak.allocated;
+        out["peak_cuda_memory_gib"] = std::round(peak.allocated / double(1 << 30) * 1e3) / 1e3;
+        out["peak_cuda_reserved_bytes"] = peak.reserved;
+    } else {
+        out["peak_cuda_memory_bytes"] = nullptr;
+        out["peak_cuda_memory_gib"] = nullptr;
+        out["peak_cuda_reserved_bytes"] = nullptr;
+    }
+    const int64_t p_text = parameter_count(*prior.text_encoder());
+    const int64_t p_prior = parameter_count(*prior.prior());
+    const int64_t d_text = parameter_count(*decoder.text_encoder());
+    const int64_t d_decoder = parameter_count(*decoder.decoder());
+    const int64_t d_vq = parameter_count(*vqgan);
+    out["parameters"] = {{"prior_text_encoder", p_text},
+                         {"prior", p_prior},
+                         {"decoder_text_encoder", d_text},
+                         {"decoder", d_decoder},
+                         {"vqgan", d_vq},
+                         {"total", p_text + p_prior + d_text + d_decoder + d_vq}};
+    out["stage_notes"] =
+        "text_encoding: prior text encoder on the prompt (+ the empty negative prompt with "
+        "guidance); decoder_loop includes the decoder pipeline's own text encoding; total is one "
+        "clock around all four stages";
+    std::cout << out.dump(2) << std::endl;
+    return 0;
+}
+
+}  // namespace wuerstchen::cli
