@@ -184,7 +184,9 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     // ---- encode_prompt
     torch::Tensor text_states;
     {
-        OffloadGuard on_device(*text_encoder_, device_, offload_);
+        // Offload moves the text encoder only when some text is left to encode.
+        const bool encodes_text = !has_embeds || (cfg && !o.negative_prompt_embeds.defined());
+        OffloadGuard on_device(*text_encoder_, device_, offload_ && encodes_text);
         auto prompt_embeds =
             has_embeds ? o.prompt_embeds.to(device_, dtype) : encode(o.prompts, dtype);
         prompt_embeds = prompt_embeds.repeat_interleave(n, 0);
