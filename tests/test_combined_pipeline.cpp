@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include "reference_cases.h"
 #include "test_util.h"
 #include "wuerstchen/combined_pipeline.h"
 #include "wuerstchen/error.h"
@@ -10,23 +11,9 @@
 namespace wuerstchen {
 namespace {
 
-CombinedOptions seed42_options() {
-    // As gen_fixtures.py's combined_seed42 case.
-    CombinedOptions o;
-    o.prompts = {"Anthropomorphic cat dressed as a fire fighter"};
-    o.height = 256;
-    o.width = 384;
-    o.prior_num_inference_steps = 3;
-    o.num_inference_steps = 2;
-    o.prior_guidance_scale = 4.0;
-    o.decoder_guidance_scale = 0.0;
-    o.seed = 42;
-    return o;
-}
-
 TEST(CombinedPipeline, CombinedSaveMatchesSeed42Reference) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
-    const CombinedOutput out = pipe(seed42_options());
+    const CombinedOutput out = pipe(test::combined_seed42_options());
     const SafeTensors ref = test::reference("pipeline_combined_seed42");
     EXPECT_TRUE(test::all_close("combined_seed42 images", out.images, test::ref_tensor(ref, "images"), 1e-3));
     EXPECT_EQ(out.image_embeddings.sizes(), torch::IntArrayRef({1, 16, 6, 9}));
@@ -36,14 +23,14 @@ TEST(CombinedPipeline, TwoFoldersEqualCombinedSave) {
     CombinedPipeline two = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-prior"),
                                                              test::data_path("tiny-wuerstchen"));
     CombinedPipeline one = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
-    const CombinedOutput a = two(seed42_options());
-    const CombinedOutput b = one(seed42_options());
+    const CombinedOutput a = two(test::combined_seed42_options());
+    const CombinedOutput b = one(test::combined_seed42_options());
     EXPECT_TRUE(test::all_close("two folders vs combined save", a.images, b.images, 0.0));
 }
 
 TEST(CombinedPipeline, CallerGeneratorFlowsThroughBothStages) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
-    CombinedOptions o = seed42_options();
+    CombinedOptions o = test::combined_seed42_options();
     o.seed.reset();
     at::Generator g = make_generator(42);
     o.generator = &g;
@@ -57,7 +44,7 @@ TEST(CombinedPipeline, CallerGeneratorFlowsThroughBothStages) {
 
 TEST(CombinedPipeline, ImagesPerPromptAndCallbacks) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
-    CombinedOptions o = seed42_options();
+    CombinedOptions o = test::combined_seed42_options();
     o.prompts = {"horse", "a cozy cabin"};
     o.num_images_per_prompt = 2;
     o.height = o.width = 128;
@@ -72,23 +59,23 @@ TEST(CombinedPipeline, ImagesPerPromptAndCallbacks) {
 
 TEST(CombinedPipeline, CancelInEitherStageLeavesPipelineUsable) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
-    CombinedOptions o = seed42_options();
+    CombinedOptions o = test::combined_seed42_options();
     o.callback = [](int, double, torch::Tensor&) { return false; };
     EXPECT_THROW(pipe(o), Cancelled);
     o.callback = nullptr;
     o.prior_callback = [](int step, double, torch::Tensor&) { return step < 1; };
     EXPECT_THROW(pipe(o), Cancelled);
-    const CombinedOutput out = pipe(seed42_options());
+    const CombinedOutput out = pipe(test::combined_seed42_options());
     const SafeTensors ref = test::reference("pipeline_combined_seed42");
     EXPECT_TRUE(test::all_close("combined_seed42 after cancel", out.images, test::ref_tensor(ref, "images"), 1e-3));
 }
 
 TEST(CombinedPipeline, BadArguments) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
-    CombinedOptions o = seed42_options();
+    CombinedOptions o = test::combined_seed42_options();
     o.height = 0;
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "height");
-    o = seed42_options();
+    o = test::combined_seed42_options();
     o.num_inference_steps = 0;
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "num_inference_steps");
     WUERSTCHEN_EXPECT_THROW_MSG(CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-prior")), Error,

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "reference_cases.h"
 #include "test_util.h"
 #include "wuerstchen/decoder_pipeline.h"
 #include "wuerstchen/error.h"
@@ -43,16 +44,6 @@ protected:
         return (*pipe_)(opt);
     }
 
-    static DecoderOptions seed22_options(const SafeTensors& ref) {
-        DecoderOptions opt;
-        opt.image_embeddings = test::ref_tensor(ref, "image_embeddings");
-        opt.prompts = {"horse"};
-        opt.num_inference_steps = 3;
-        opt.guidance_scale = 0.0;
-        opt.seed = 22;
-        return opt;
-    }
-
     static std::unique_ptr<DecoderPipeline> pipe_;
 };
 std::unique_ptr<DecoderPipeline> DecoderPipelineTest::pipe_;
@@ -71,7 +62,7 @@ void expect_case(const std::string& name, const DecoderOutput& out,
 TEST_F(DecoderPipelineTest, Seed22MatchesDiffusers) {
     const auto ref = test::reference("pipeline_decoder_seed22");
     std::vector<torch::Tensor> steps;
-    const auto out = run(seed22_options(ref), &steps);
+    const auto out = run(test::decoder_seed22_options(ref), &steps);
     EXPECT_EQ(out.images.sizes(), (std::vector<int64_t>{1, 3, 256, 256}));
     expect_case("decoder_seed22", out, steps, ref);
 }
@@ -109,7 +100,7 @@ TEST_F(DecoderPipelineTest, CfgNegativeBatch2MatchesDiffusers) {
 // same seed and (b) explicit latents drawn first from the same generator.
 TEST_F(DecoderPipelineTest, ImagesPerPromptRepeatsEmbeddings) {
     const auto ref = test::reference("pipeline_decoder_seed22");
-    DecoderOptions opt = seed22_options(ref);
+    DecoderOptions opt = test::decoder_seed22_options(ref);
     opt.num_images_per_prompt = 2;
     opt.num_inference_steps = 2;
     const auto two = run(opt, nullptr);
@@ -136,7 +127,7 @@ TEST_F(DecoderPipelineTest, ImagesPerPromptRepeatsEmbeddings) {
 
 TEST_F(DecoderPipelineTest, CancelThenReuse) {
     const auto ref = test::reference("pipeline_decoder_seed22");
-    DecoderOptions opt = seed22_options(ref);
+    DecoderOptions opt = test::decoder_seed22_options(ref);
     int calls = 0;
     opt.callback = [&calls](int step, double, torch::Tensor&) {
         ++calls;
@@ -146,7 +137,7 @@ TEST_F(DecoderPipelineTest, CancelThenReuse) {
     EXPECT_EQ(calls, 2);
 
     std::vector<torch::Tensor> steps;
-    expect_case("decoder_seed22 after a cancelled call", run(seed22_options(ref), &steps), steps,
+    expect_case("decoder_seed22 after a cancelled call", run(test::decoder_seed22_options(ref), &steps), steps,
                 ref);
 }
 
@@ -155,7 +146,7 @@ TEST_F(DecoderPipelineTest, CombinedFolderAndComponents) {
     auto combined = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
     EXPECT_DOUBLE_EQ(combined.latent_dim_scale(), 10.67);
     EXPECT_TRUE(test::all_close("decoder_seed22 from the combined folder",
-                                combined(seed22_options(ref)).images,
+                                combined(test::decoder_seed22_options(ref)).images,
                                 test::ref_tensor(ref, "images"), kPipelineTol));
 
     DecoderComponents parts{pipe_->tokenizer(),        pipe_->text_encoder(),
@@ -163,13 +154,13 @@ TEST_F(DecoderPipelineTest, CombinedFolderAndComponents) {
                             pipe_->scheduler_config(), pipe_->latent_dim_scale()};
     auto shared = DecoderPipeline::from_components(std::move(parts));
     EXPECT_TRUE(test::all_close("decoder_seed22 from components",
-                                shared(seed22_options(ref)).images, test::ref_tensor(ref, "images"),
+                                shared(test::decoder_seed22_options(ref)).images, test::ref_tensor(ref, "images"),
                                 kPipelineTol));
 }
 
 TEST_F(DecoderPipelineTest, LatentOutputSkipsVQGAN) {
     const auto ref = test::reference("pipeline_decoder_seed22");
-    DecoderOptions opt = seed22_options(ref);
+    DecoderOptions opt = test::decoder_seed22_options(ref);
     opt.decode = false;
     const auto out = (*pipe_)(opt);
     EXPECT_FALSE(out.images.defined());
@@ -180,7 +171,7 @@ TEST_F(DecoderPipelineTest, LatentOutputSkipsVQGAN) {
 
 TEST_F(DecoderPipelineTest, RejectsBadArguments) {
     const auto ref = test::reference("pipeline_decoder_seed22");
-    const DecoderOptions good = seed22_options(ref);  // embeddings [1, 16, 6, 6] -> latents 64x64
+    const DecoderOptions good = test::decoder_seed22_options(ref);  // embeddings [1, 16, 6, 6] -> latents 64x64
     auto& pipe = *pipe_;
 
     DecoderOptions o = good;

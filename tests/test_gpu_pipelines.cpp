@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "reference_cases.h"
 #include "test_util.h"
 #include "wuerstchen/combined_pipeline.h"
 #include "wuerstchen/decoder_pipeline.h"
@@ -67,47 +68,14 @@ private:
     bool restore_ = false;
 };
 
-// As the CPU tests: gen_fixtures.py's prior_seed0, decoder_seed22 and combined_seed42 calls.
-PriorOptions prior_seed0() {
-    PriorOptions o;
-    o.prompt("horse");
-    o.height = 256;
-    o.width = 256;
-    o.num_inference_steps = 4;
-    o.guidance_scale = 4.0;
-    o.seed = 0;
-    return o;
-}
-
-DecoderOptions decoder_seed22(const SafeTensors& ref) {
-    DecoderOptions o;
-    o.image_embeddings = ref_tensor(ref, "image_embeddings");
-    o.prompts = {"horse"};
-    o.num_inference_steps = 3;
-    o.guidance_scale = 0.0;
-    o.seed = 22;
-    return o;
-}
-
-CombinedOptions combined_seed42() {
-    CombinedOptions o;
-    o.prompts = {"Anthropomorphic cat dressed as a fire fighter"};
-    o.height = 256;
-    o.width = 384;
-    o.prior_num_inference_steps = 3;
-    o.num_inference_steps = 2;
-    o.prior_guidance_scale = 4.0;
-    o.decoder_guidance_scale = 0.0;
-    o.seed = 42;
-    return o;
-}
+// The same calls as the CPU parity tests (reference_cases.h).
 
 torch::Tensor host(const torch::Tensor& t) { return t.to(torch::kCPU, torch::kFloat32); }
 
 TEST_F(GpuPipelines, PriorFp32MatchesReference) {
     auto pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"),
                                                on_cuda(torch::kFloat32));
-    const auto out = pipe(prior_seed0()).image_embeddings;
+    const auto out = pipe(test::prior_seed0_options()).image_embeddings;
     EXPECT_TRUE(out.is_cuda());
     const auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
     EXPECT_TRUE(all_close("cuda fp32 prior_seed0 image_embeddings", host(out), expected,
@@ -118,7 +86,7 @@ TEST_F(GpuPipelines, DecoderFp32MatchesReference) {
     auto pipe =
         DecoderPipeline::from_pretrained(data_path("tiny-wuerstchen"), on_cuda(torch::kFloat32));
     const auto ref = reference("pipeline_decoder_seed22");
-    const auto out = pipe(decoder_seed22(ref));
+    const auto out = pipe(test::decoder_seed22_options(ref));
     EXPECT_TRUE(out.latents.is_cuda());
     EXPECT_TRUE(all_close("cuda fp32 decoder_seed22 images", out.images, ref_tensor(ref, "images"),
                           kFp32Tol));
@@ -142,7 +110,7 @@ TEST_F(GpuPipelines, DecoderCfgBatch2Fp32MatchesReference) {
 TEST_F(GpuPipelines, CombinedFp32MatchesReference) {
     auto pipe = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
                                                   on_cuda(torch::kFloat32));
-    const auto out = pipe(combined_seed42());
+    const auto out = pipe(test::combined_seed42_options());
     const auto ref = reference("pipeline_combined_seed42");
     EXPECT_TRUE(all_close("cuda fp32 combined_seed42 images", out.images, ref_tensor(ref, "images"),
                           kFp32Tol));
@@ -151,7 +119,7 @@ TEST_F(GpuPipelines, CombinedFp32MatchesReference) {
 TEST_F(GpuPipelines, PriorFp16MatchesReference) {
     auto pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"),
                                                on_cuda(torch::kFloat16));
-    const auto out = pipe(prior_seed0()).image_embeddings;
+    const auto out = pipe(test::prior_seed0_options()).image_embeddings;
     EXPECT_EQ(out.scalar_type(), torch::kFloat16);
     const auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
     EXPECT_TRUE(all_close("cuda fp16 prior_seed0 image_embeddings (relative)", host(out), expected,
@@ -162,7 +130,7 @@ TEST_F(GpuPipelines, DecoderFp16MatchesReference) {
     auto pipe =
         DecoderPipeline::from_pretrained(data_path("tiny-wuerstchen"), on_cuda(torch::kFloat16));
     const auto ref = reference("pipeline_decoder_seed22");
-    const auto out = pipe(decoder_seed22(ref));
+    const auto out = pipe(test::decoder_seed22_options(ref));
     EXPECT_EQ(out.latents.scalar_type(), torch::kFloat16);
     EXPECT_TRUE(all_close("cuda fp16 decoder_seed22 images", out.images, ref_tensor(ref, "images"),
                           kFp16Tol));
@@ -171,7 +139,7 @@ TEST_F(GpuPipelines, DecoderFp16MatchesReference) {
 TEST_F(GpuPipelines, CombinedFp16MatchesReference) {
     auto pipe = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
                                                   on_cuda(torch::kFloat16));
-    const auto out = pipe(combined_seed42());
+    const auto out = pipe(test::combined_seed42_options());
     const auto ref = reference("pipeline_combined_seed42");
     EXPECT_TRUE(all_close("cuda fp16 combined_seed42 images", out.images, ref_tensor(ref, "images"),
                           kFp16Tol));
@@ -185,8 +153,8 @@ TEST_F(GpuPipelines, OffloadMatchesResident) {
                                                           on_cuda(dtype));
         auto offloaded = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
                                                            on_cuda(dtype, /*offload=*/true));
-        const auto a = resident(combined_seed42());
-        const auto b = offloaded(combined_seed42());
+        const auto a = resident(test::combined_seed42_options());
+        const auto b = offloaded(test::combined_seed42_options());
         // fp32: the same kernels on the same inputs. fp16: one ulp from a reduction whose order
         // is not fixed would show as ~1e-3 after the VQGAN, so that is the bound there.
         const double tol = dtype == torch::kFloat32 ? 1e-6 : 1e-3;
@@ -208,8 +176,8 @@ TEST_F(GpuPipelines, OffloadMatchesResident) {
 TEST_F(GpuPipelines, SameSeedSameResultTwice) {
     auto pipe = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
                                                   on_cuda(torch::kFloat32));
-    const auto a = pipe(combined_seed42());
-    const auto b = pipe(combined_seed42());
+    const auto a = pipe(test::combined_seed42_options());
+    const auto b = pipe(test::combined_seed42_options());
     EXPECT_TRUE(all_close("cuda fp32 repeated call", b.images, a.images, 1e-6));
 }
 

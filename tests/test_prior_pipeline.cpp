@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "reference_cases.h"
 #include "test_util.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/prior_pipeline.h"
@@ -53,20 +54,9 @@ void expect_matches(const std::string& name, const torch::Tensor& embeddings,
     }
 }
 
-PriorOptions seed0_options() {
-    PriorOptions o;
-    o.prompt("horse");
-    o.height = 256;
-    o.width = 256;
-    o.num_inference_steps = 4;
-    o.guidance_scale = 4.0;
-    o.seed = 0;
-    return o;
-}
-
 TEST(PriorPipeline, Seed0MatchesDiffusers) {
     StepRecorder rec;
-    auto o = seed0_options();
+    auto o = test::prior_seed0_options();
     o.callback = rec.callback();
     auto out = pipeline()(o);
     EXPECT_EQ(out.image_embeddings.sizes(), (std::vector<int64_t>{1, 16, 6, 6}));
@@ -107,7 +97,7 @@ TEST(PriorPipeline, BatchWithoutGuidanceMatchesDiffusers) {
 
 TEST(PriorPipeline, CallerGeneratorAndPromptEmbeds) {
     // The same call through a caller-owned generator and precomputed text states.
-    auto o = seed0_options();
+    auto o = test::prior_seed0_options();
     o.seed.reset();
     auto gen = make_generator(0);
     o.generator = &gen;
@@ -125,7 +115,7 @@ TEST(PriorPipeline, CombinedFolderComponents) {
     EXPECT_DOUBLE_EQ(pipe.config().latent_mean, 42.0);
     EXPECT_DOUBLE_EQ(pipe.config().resolution_multiple, 42.67);
     auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
-    auto out = pipe(seed0_options());
+    auto out = pipe(test::prior_seed0_options());
     EXPECT_TRUE(all_close("prior_seed0 from the combined folder", out.image_embeddings, expected,
                           scaled_tol(expected, kRel)));
     WUERSTCHEN_EXPECT_THROW_MSG(
@@ -134,7 +124,7 @@ TEST(PriorPipeline, CombinedFolderComponents) {
 }
 
 TEST(PriorPipeline, CallbackCancelsAndPipelineStaysUsable) {
-    auto o = seed0_options();
+    auto o = test::prior_seed0_options();
     int calls = 0;
     o.callback = [&calls](int step, double, torch::Tensor&) {
         ++calls;
@@ -143,13 +133,13 @@ TEST(PriorPipeline, CallbackCancelsAndPipelineStaysUsable) {
     WUERSTCHEN_EXPECT_THROW_MSG(pipeline()(o), Cancelled, "cancelled", "step 1");
     EXPECT_EQ(calls, 2);
     auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
-    auto out = pipeline()(seed0_options());
+    auto out = pipeline()(test::prior_seed0_options());
     EXPECT_TRUE(all_close("prior_seed0 after a cancelled call", out.image_embeddings, expected,
                           scaled_tol(expected, kRel)));
 }
 
 TEST(PriorPipeline, CallbackMayReplaceLatents) {
-    auto o = seed0_options();
+    auto o = test::prior_seed0_options();
     o.num_inference_steps = 2;
     o.callback = [](int, double, torch::Tensor& latents) {
         latents = torch::zeros_like(latents);
@@ -168,7 +158,7 @@ TEST(PriorPipeline, CallbackMayReplaceLatents) {
 TEST(PriorPipeline, RejectsBadArguments) {
     auto& pipe = pipeline();
     auto bad = [](auto edit) {
-        auto o = seed0_options();
+        auto o = test::prior_seed0_options();
         edit(o);
         return o;
     };
