@@ -3,7 +3,6 @@
 // a malformed index in a WeightError (each naming the source); anything else (another exception
 // type, a crash, a sanitizer report, a shard path outside the folder) is a finding.
 
-#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -12,8 +11,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <system_error>
 
+#include "scratch_dir.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/weights.h"
@@ -34,26 +33,9 @@ void run(Parse parse) {
     std::abort();
 }
 
-std::filesystem::path& scratch_path() {
-    static std::filesystem::path path;
-    return path;
-}
-void remove_scratch() {
-    std::error_code ec;
-    std::filesystem::remove_all(scratch_path(), ec);
-}
-
 // One scratch folder per process holding model.safetensors.index.json.
 const std::string& index_dir() {
-    static const std::string dir = [] {
-        const char* tmp = std::getenv("TMPDIR");
-        const std::filesystem::path d = std::filesystem::path(tmp ? tmp : "/tmp") /
-                                        ("wuerstchen-fuzz-index-" + std::to_string(::getpid()));
-        std::filesystem::create_directories(d);
-        scratch_path() = d;
-        std::atexit(remove_scratch);
-        return d.string();
-    }();
+    static const std::string dir = wuerstchen::fuzz::scratch_dir("index").string();
     return dir;
 }
 

@@ -3,7 +3,6 @@
 // of the input replaces. A malformed folder must end in a TokenizerError; a folder that loads
 // must then encode and decode without crashing.
 
-#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -15,6 +14,7 @@
 #include <system_error>
 #include <vector>
 
+#include "scratch_dir.h"
 #include "wuerstchen/clip_tokenizer.h"
 #include "wuerstchen/error.h"
 
@@ -48,28 +48,7 @@ const Layout kLayouts[] = {
     {kLegacy, "added_tokens.json"},
 };
 
-std::filesystem::path& scratch_path() {
-    static std::filesystem::path path;
-    return path;
-}
-void remove_scratch() {
-    std::error_code ec;
-    std::filesystem::remove_all(scratch_path(), ec);
-}
-
-// One scratch folder per process (libFuzzer -jobs/-workers run separate processes).
-const fs::path& scratch() {
-    static const fs::path dir = [] {
-        const char* tmp = std::getenv("TMPDIR");
-        fs::path d =
-            fs::path(tmp ? tmp : "/tmp") / ("wuerstchen-fuzz-tok-" + std::to_string(::getpid()));
-        fs::create_directories(d);
-        scratch_path() = d;
-        std::atexit(remove_scratch);
-        return d;
-    }();
-    return dir;
-}
+const fs::path& scratch() { return wuerstchen::fuzz::scratch_dir("tok"); }
 
 void write_file(const fs::path& path, const char* data, size_t size) {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
