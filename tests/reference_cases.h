@@ -34,6 +34,18 @@ inline DecoderOptions decoder_seed22_options(const SafeTensors& ref) {
     return o;
 }
 
+// pipeline_decoder_cfg_neg_b2: two embeddings, one prompt, a negative prompt, guidance 3.
+inline DecoderOptions decoder_cfg_neg_b2_options(const SafeTensors& ref) {
+    DecoderOptions o;
+    o.image_embeddings = ref_tensor(ref, "image_embeddings");
+    o.prompts = {"a lighthouse"};
+    o.negative_prompts = {"fog"};
+    o.num_inference_steps = 2;
+    o.guidance_scale = 3.0;
+    o.seed = 32;
+    return o;
+}
+
 // pipeline_combined_seed42: text to a 256x384 image.
 inline CombinedOptions combined_seed42_options() {
     CombinedOptions o;

@@ -71,13 +71,7 @@ TEST_F(DecoderPipelineTest, Seed22MatchesDiffusers) {
 // with zero image embeddings on the unconditional half.
 TEST_F(DecoderPipelineTest, CfgNegativeBatch2MatchesDiffusers) {
     const auto ref = test::reference("pipeline_decoder_cfg_neg_b2");
-    DecoderOptions opt;
-    opt.image_embeddings = test::ref_tensor(ref, "image_embeddings");
-    opt.prompts = {"a lighthouse"};
-    opt.negative_prompts = {"fog"};
-    opt.num_inference_steps = 2;
-    opt.guidance_scale = 3.0;
-    opt.seed = 32;
+    DecoderOptions opt = test::decoder_cfg_neg_b2_options(ref);
     std::vector<torch::Tensor> steps;
     const auto out = run(opt, &steps);
     expect_case("decoder_cfg_neg_b2", out, steps, ref);

@@ -96,14 +96,8 @@ TEST_F(GpuPipelines, DecoderCfgBatch2Fp32MatchesReference) {
     auto pipe =
         DecoderPipeline::from_pretrained(data_path("tiny-wuerstchen"), on_cuda(torch::kFloat32));
     const auto ref = reference("pipeline_decoder_cfg_neg_b2");
-    DecoderOptions o;
-    o.image_embeddings = ref_tensor(ref, "image_embeddings");
-    o.prompts = {"a lighthouse"};
-    o.negative_prompts = {"fog"};
-    o.num_inference_steps = 2;
-    o.guidance_scale = 3.0;
-    o.seed = 32;
-    EXPECT_TRUE(all_close("cuda fp32 decoder_cfg_neg_b2 images", pipe(o).images,
+    EXPECT_TRUE(all_close("cuda fp32 decoder_cfg_neg_b2 images",
+                          pipe(test::decoder_cfg_neg_b2_options(ref)).images,
                           ref_tensor(ref, "images"), kFp32Tol));
 }
 
