@@ -175,7 +175,8 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
     CLIPTextOutput out;
     for (const auto& module : *layers_) {
         if (output_hidden_states) out.hidden_states.push_back(hidden);
-        hidden = module->as<Layer>()->forward(hidden, allowed);
+        hidden = run_unit(block_hook, *module,
+                          [&] { return module->as<Layer>()->forward(hidden, allowed); });
     }
     if (output_hidden_states) out.hidden_states.push_back(hidden);
     out.last_hidden_state = final_layer_norm_(hidden);
@@ -191,6 +192,12 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
         torch::arange(batch, torch::TensorOptions().dtype(torch::kInt64).device(device));
     out.pooler_output = out.last_hidden_state.index({rows, eos_index});
     return out;
+}
+
+std::vector<torch::nn::Module*> CLIPTextModelImpl::offload_units() const {
+    std::vector<torch::nn::Module*> units;
+    for (const auto& layer : *layers_) units.push_back(layer.get());
+    return units;
 }
 
 CLIPTextModel load_clip_text_model(const std::string& dir, const LoadOptions& options) {

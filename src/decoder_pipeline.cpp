@@ -9,6 +9,8 @@
 
 #include "wuerstchen/error.h"
 #include "wuerstchen/scheduler.h"
+#include "offload.h"
+#include "step_graphs.h"
 
 namespace wuerstchen {
 
@@ -24,29 +26,6 @@ bool path_exists(const std::string& path) {
     struct stat st;
     return ::stat(path.c_str(), &st) == 0;
 }
-
-// With LoadOptions::offload the stages live on the CPU and visit the compute device only while
-// they run. The move happens outside InferenceMode (parameters must stay normal tensors).
-class OnDevice {
-public:
-    OnDevice(torch::nn::Module& module, const LoadOptions& options)
-        : module_(module), active_(options.offload && options.device != torch::kCPU) {
-        if (active_) module_.to(options.device);
-    }
-    ~OnDevice() {
-        if (!active_) return;
-        try {
-            module_.to(torch::kCPU);
-        } catch (...) {  // never throw from a destructor; the weights stay where they are
-        }
-    }
-    OnDevice(const OnDevice&) = delete;
-    OnDevice& operator=(const OnDevice&) = delete;
-
-private:
-    torch::nn::Module& module_;
-    bool active_;
-};
 
 // Rows of a [P, ...] tensor for `rows` outputs in embedding-major order with `per_embedding`
 // rows per embedding: one prompt serves all rows, else prompt i serves embedding i.
@@ -66,7 +45,13 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
       vqgan_(std::move(c.vqgan)),
       scheduler_(c.scheduler),
       latent_dim_scale_(c.latent_dim_scale),
-      options_(options) {
+      options_(options),
+      graphs_(std::make_shared<StepGraphs>()) {
+    if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
+        pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
+        pin_module(*decoder_);
+        pin_module(*vqgan_);
+    }
     if (!text_encoder_ || !decoder_ || !vqgan_)
         throw InvalidArgument(
             "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
@@ -86,9 +71,10 @@ DecoderPipeline DecoderPipeline::from_pretrained(const std::string& dir,
     const std::string index_path = dir + "/model_index.json";
     if (path_exists(index_path)) index = ModelIndex::from_file(index_path);
 
-    // Offloaded stages are loaded onto the CPU and moved per stage during a call.
+    // Offloaded stages are loaded onto the CPU and moved per stage (or block) during a call.
+    const OffloadMode mode = offload_mode(kWhere, options);
     LoadOptions load = options;
-    if (options.offload) load.device = torch::kCPU;
+    if (mode != OffloadMode::none) load.device = torch::kCPU;
 
     SchedulerConfig scheduler;
     const std::string scheduler_path = dir + "/scheduler/scheduler_config.json";
@@ -110,6 +96,29 @@ std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int
             static_cast<int64_t>(static_cast<double>(w) * latent_dim_scale_)};
 }
 
+size_t DecoderPipeline::captured_graphs() const { return graphs_->size(); }
+
+torch::Tensor DecoderPipeline::decode_latents(const torch::Tensor& latents) {
+    return with_memory_errors(kWhere, [&] {
+        const auto& cfg = decoder_->config();
+        if (!latents.defined() || latents.dim() != 4 || latents.size(1) != cfg.c_in ||
+            latents.size(0) < 1)
+            invalid("latents", "must have shape [B, " + std::to_string(cfg.c_in) + ", H, W], got " +
+                                   (latents.defined() ? shape_string(latents.sizes())
+                                                      : std::string("undefined")));
+        return decode_latents_impl(latents);
+    });
+}
+
+torch::Tensor DecoderPipeline::decode_latents_impl(const torch::Tensor& latents) {
+    // decode(latents * scale_factor).clamp(0, 1), on the host in float32
+    const StageScope on(*vqgan_, options_.device, offload_mode(kWhere, options_));
+    c10::InferenceMode guard;
+    const auto scaled =
+        (latents * vqgan_->scale_factor()).to(module_device(*vqgan_), module_dtype(*vqgan_));
+    return vqgan_->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
+}
+
 DecoderOutput DecoderPipeline::operator()(const DecoderOptions& options) {
     return with_memory_errors(kWhere, [&] { return run(options); });
 }
@@ -118,6 +127,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     const DiffNeXtConfig& dcfg = decoder_->config();
     const torch::Device device = options_.device;
     const torch::ScalarType dtype = module_dtype(*decoder_);
+    const OffloadMode mode = offload_mode(kWhere, options_);
 
     // ---- 1. check every argument before any work
     torch::Tensor embeddings = opt.image_embeddings;
@@ -186,7 +196,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     // ---- 2. text: [P, 77, D] -> one row per output, then the negative half for guidance
     torch::Tensor text;
     {
-        OnDevice on(*text_encoder_, options_);
+        const auto on = stage_scope(text_encoder_, device, mode);
         c10::InferenceMode guard;
         const auto prompt_embeds =
             encode_prompts(tokenizer_, text_encoder_, opt.prompts, device, dtype);
@@ -205,7 +215,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     // ---- 3. denoising loop (stage B)
     torch::Tensor latents;
     {
-        OnDevice on(*decoder_, options_);
+        const auto on = stage_scope(decoder_, device, mode);
         c10::InferenceMode guard;
         // Each embedding is repeated for its images (upstream forgets this; see the header).
         auto effnet = embeddings.to(device, dtype).repeat_interleave(per_embedding, 0);
@@ -215,22 +225,35 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
                                         : randn_like_diffusers(shape, generator, dtype, device);
         latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
+        // One denoising step: the decoder on [latents ; latents] for guidance (one batched
+        // forward), mixed as lerp(uncond, text, guidance_scale).
+        const double guidance = opt.guidance_scale;
+        const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
+            const auto& x = in[0];
+            const auto& ratio = in[1];
+            if (!cfg) return decoder_->forward(x, ratio, in[2], in[3]);
+            auto halves = decoder_->forward(at::cat({x, x}, 0), at::cat({ratio, ratio}, 0),
+                                            in[2], in[3])
+                              .chunk(2, 0);  // text, uncond
+            return at::lerp(halves[1], halves[0], guidance);
+        };
+        const bool graphs = options_.cuda_graphs && mode == OffloadMode::none && device.is_cuda();
+        std::string graph_key;
+        if (graphs) {
+            graphs_->invalidate_unless(weights_fingerprint(*decoder_));
+            graph_key = guidance_key(cfg, guidance);
+        }
         const std::vector<float>& ts = scheduler.timestep_values();
         for (size_t i = 0; i + 1 < ts.size(); ++i) {
-            // ratio = t.expand(B).to(dtype)
+            // ratio = t.expand(B).to(dtype), built on the device (no host round trip)
             const auto ratio =
-                at::full({rows}, ts[i], torch::TensorOptions().dtype(torch::kFloat32))
-                    .to(device, dtype);
-            torch::Tensor predicted;
-            if (cfg) {
-                predicted = decoder_->forward(at::cat({latents, latents}, 0),
-                                              at::cat({ratio, ratio}, 0), effnet, text);
-                auto halves = predicted.chunk(2, 0);  // text, uncond
-                predicted = at::lerp(halves[1], halves[0], opt.guidance_scale);
-            } else {
-                predicted = decoder_->forward(latents, ratio, effnet, text);
-            }
-            latents = scheduler.step(predicted, ratio, latents, generator);
+                at::full({rows}, ts[i], torch::TensorOptions().dtype(torch::kFloat32).device(device))
+                    .to(dtype);
+            const std::vector<torch::Tensor> inputs = {latents, ratio, effnet, text};
+            const torch::Tensor predicted =
+                graphs ? graphs_->run(inputs, graph_key, denoise) : denoise(inputs);
+            // The host-side timestep: the tensor overload would read it back from the device.
+            latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents, generator);
 
             if (opt.callback) {
                 torch::Tensor shown = latents;
@@ -249,15 +272,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     out.latents = latents;
     if (!opt.decode) return out;
 
-    // ---- 4. VQGAN (stage A): decode(latents * scale_factor).clamp(0, 1)
-    {
-        OnDevice on(*vqgan_, options_);
-        c10::InferenceMode guard;
-        const auto vq_device = module_device(*vqgan_);
-        const auto vq_dtype = module_dtype(*vqgan_);
-        auto scaled = (latents * vqgan_->scale_factor()).to(vq_device, vq_dtype);
-        out.images = vqgan_->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
-    }
+    // ---- 4. VQGAN (stage A)
+    out.images = decode_latents_impl(latents);
     return out;
 }
 

@@ -186,9 +186,10 @@ std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x,
         for (const auto& block : *level) {
             if (auto* res = block->as<ResBlockStageBImpl>()) {
                 if (inject && !effnet_c.defined()) effnet_c = map_effnet(i, effnet, x);
-                x = res->forward(x, effnet_c);
+                x = run_unit(block_hook, *res, [&] { return res->forward(x, effnet_c); });
             } else {
-                x = run_other_block(block, x, r_embed, clip);
+                x = run_unit(block_hook, *block,
+                             [&] { return run_other_block(block, x, r_embed, clip); });
             }
         }
         level_outputs.insert(level_outputs.begin(), x);
@@ -214,9 +215,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
                 torch::Tensor skip = (j == 0 && i > 0) ? level_outputs[i] : torch::Tensor();
                 if (effnet_c.defined())
                     skip = skip.defined() ? torch::cat({skip, effnet_c}, 1) : effnet_c;
-                x = res->forward(x, skip);
+                x = run_unit(block_hook, *res, [&] { return res->forward(x, skip); });
             } else {
-                x = run_other_block(block, x, r_embed, clip);
+                x = run_unit(block_hook, *block,
+                             [&] { return run_other_block(block, x, r_embed, clip); });
             }
         }
     }
@@ -253,6 +255,15 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     auto ab = clf->forward(h).chunk(2, 1);  // a, b: [B, c_out, H, W]
     auto b = ab[1].sigmoid() * (1 - kOutputEps * 2) + kOutputEps;
     return (x - ab[0]) / b;
+}
+
+std::vector<torch::nn::Module*> WuerstchenDiffNeXtImpl::offload_units() const {
+    std::vector<torch::nn::Module*> units;
+    for (const auto& levels : {down_blocks, up_blocks})
+        for (const auto& level : *levels)
+            for (const auto& block : *level->as<torch::nn::ModuleListImpl>())
+                units.push_back(block.get());
+    return units;
 }
 
 WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& options) {

@@ -43,7 +43,11 @@ torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generat
     // kernel takes different paths per dtype, so a float16 draw is not a cast float32 draw.
     // The kernel locks the generator's mutex itself.
     auto noise = at::randn(shape, generator, torch::TensorOptions().dtype(dtype));
-    return noise.to(device);
+    if (!device.is_cuda()) return noise.to(device);
+    // A blocking copy from pageable memory waits for the whole stream (a host synchronisation
+    // every denoising step); from page-locked memory the copy is queued and the host goes on
+    // (the pinned buffer is kept until the copy has run by libtorch's host allocator).
+    return noise.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
@@ -81,16 +85,22 @@ void move_module(torch::nn::Module& module, torch::Device device) {
 
 OffloadGuard::OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled) {
     if (!enabled) return;
-    home_ = module_device(module);
-    if (home_ == device) return;
-    module_ = &module;
-    move_module(module, device);
+    // set_data on a normal tensor from an inference tensor is refused: leave InferenceMode here.
+    c10::InferenceMode not_inference(/*enabled=*/false);
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> tensors = module.parameters();
+    for (auto& b : module.buffers()) tensors.push_back(b);
+    for (auto& t : tensors) {
+        if (t.device() == device) continue;
+        moved_.emplace_back(t, t.detach());
+        t.set_data(t.to(device));
+    }
 }
 
 OffloadGuard::~OffloadGuard() {
-    if (module_ == nullptr) return;
     try {
-        move_module(*module_, home_);
+        c10::InferenceMode not_inference(/*enabled=*/false);
+        for (auto& [registered, original] : moved_) registered.set_data(original);
     } catch (...) {  // a destructor must not throw; the module stays usable where it is
     }
 }
@@ -162,7 +172,7 @@ void throw_out_of_memory(const char* where, const std::string& detail) {
     std::string first_line = detail.substr(0, detail.find('\n'));
     throw OutOfMemoryError(std::string(where) + ": out of memory (" + first_line +
                            "); try fewer images per prompt, a smaller height/width, or "
-                           "LoadOptions::offload (CLI: --offload)");
+                           "LoadOptions::offload or sequential_offload (CLI: --offload, --sequential-offload)");
 }
 
 }  // namespace wuerstchen

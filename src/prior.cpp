@@ -45,13 +45,25 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     auto c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
     auto r_embed = gen_r_embedding(r);       // [B] -> [B, c_r]
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
-        x = res_blocks_[i]->forward(x);
-        x = timestep_blocks_[i]->forward(x, r_embed);
-        x = attn_blocks_[i]->forward(x, c_embed);
+        x = run_unit(block_hook, *res_blocks_[i], [&] { return res_blocks_[i]->forward(x); });
+        x = run_unit(block_hook, *timestep_blocks_[i],
+                     [&] { return timestep_blocks_[i]->forward(x, r_embed); });
+        x = run_unit(block_hook, *attn_blocks_[i],
+                     [&] { return attn_blocks_[i]->forward(x, c_embed); });
     }
     // [B, c, H, W] -> a, b: [B, c_in, H, W]
     auto ab = out_conv->forward(nn::layer_norm_2d(x)).chunk(2, 1);
     return (x_in - ab[0]) / ((1 - ab[1]).abs() + 1e-5);
+}
+
+std::vector<torch::nn::Module*> WuerstchenPriorImpl::offload_units() const {
+    std::vector<torch::nn::Module*> units;
+    for (size_t i = 0; i < res_blocks_.size(); ++i) {
+        units.push_back(res_blocks_[i].get());
+        units.push_back(timestep_blocks_[i].get());
+        units.push_back(attn_blocks_[i].get());
+    }
+    return units;
 }
 
 WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options) {

@@ -8,6 +8,8 @@
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
+#include "offload.h"
+#include "step_graphs.h"
 
 namespace wuerstchen {
 
@@ -29,9 +31,15 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
       prior_(std::move(prior)),
       scheduler_(std::move(scheduler)),
       config_(config),
-      device_(options.offload ? options.device : module_device(*prior_)),
-      offload_(options.offload) {
+      device_(options.offload || options.sequential_offload ? options.device
+                                                             : module_device(*prior_)),
+      options_(options),
+      graphs_(std::make_shared<StepGraphs>()) {
     if (!text_encoder_ || !prior_) invalid("`text_encoder` and `prior` must be loaded modules");
+    if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
+        pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
+        pin_module(*prior_);
+    }
     if (!(config_.resolution_multiple > 0) || !std::isfinite(config_.resolution_multiple))
         invalid("`resolution_multiple` must be a positive number");
     if (text_encoder_->config().hidden_size != prior_->config().c_cond)
@@ -52,8 +60,9 @@ PriorPipeline PriorPipeline::from_components(const std::string& dir, const std::
     for (const char* name : {"prior", "text_encoder", "tokenizer", "scheduler"})
         if (!index.components.empty() && !index.has_component(prefix + name))
             throw ConfigError(index_path + ": no component '" + prefix + name + "'");
+    const OffloadMode mode = offload_mode(kWhere, options);
     LoadOptions load = options;
-    if (options.offload) load.device = torch::kCPU;  // moved to options.device per call
+    if (mode != OffloadMode::none) load.device = torch::kCPU;  // moved to options.device per call
     auto tokenizer = CLIPTokenizer::from_pretrained(dir + "/" + prefix + "tokenizer");
     auto text_encoder = load_clip_text_model(dir + "/" + prefix + "text_encoder", load);
     auto prior = load_prior(dir + "/" + prefix + "prior", load);
@@ -119,6 +128,17 @@ torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
     return encode_prompts(tokenizer_, text_encoder_, prompts, device_, dtype);
 }
 
+size_t PriorPipeline::captured_graphs() const { return graphs_->size(); }
+
+torch::Tensor PriorPipeline::encode_prompt(const std::vector<std::string>& prompts) {
+    return with_memory_errors(kWhere, [&] {
+        if (prompts.empty()) invalid("`prompts` is empty");
+        const auto on_device = stage_scope(text_encoder_, device_, offload_mode(kWhere, options_));
+        c10::InferenceMode inference;
+        return encode(prompts, module_dtype(*text_encoder_));
+    });
+}
+
 PriorOutput PriorPipeline::operator()(const PriorOptions& options) {
     return with_memory_errors(kWhere, [&] { return run(options); });
 }
@@ -178,6 +198,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     else
         scheduler.set_timesteps(o.timesteps);
 
+    const OffloadMode mode = offload_mode(kWhere, options_);
     c10::InferenceMode inference;
     const torch::ScalarType dtype = module_dtype(*text_encoder_);
 
@@ -186,7 +207,8 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     {
         // Offload moves the text encoder only when some text is left to encode.
         const bool encodes_text = !has_embeds || (cfg && !o.negative_prompt_embeds.defined());
-        OffloadGuard on_device(*text_encoder_, device_, offload_ && encodes_text);
+        const auto on_device =
+            stage_scope(text_encoder_, device_, encodes_text ? mode : OffloadMode::none);
         auto prompt_embeds =
             has_embeds ? o.prompt_embeds.to(device_, dtype) : encode(o.prompts, dtype);
         prompt_embeds = prompt_embeds.repeat_interleave(n, 0);
@@ -214,7 +236,25 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
                                 : randn_like_diffusers(latent_shape, generator, dtype, device_);
     latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
-    OffloadGuard on_device(*prior_, device_, offload_);
+    const auto on_device = stage_scope(prior_, device_, mode);
+    // One denoising step: the prior on [latents ; latents] for guidance (one batched forward),
+    // mixed as lerp(uncond, text, guidance_scale).
+    const double guidance = o.guidance_scale;
+    const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
+        const auto& x = in[0];
+        const auto& ratio = in[1];
+        const auto& states = in[2];
+        if (!cfg) return prior_->forward(x, ratio, states);
+        auto chunks =
+            prior_->forward(torch::cat({x, x}), torch::cat({ratio, ratio}), states).chunk(2);
+        return torch::lerp(chunks[1], chunks[0], guidance);
+    };
+    const bool graphs = options_.cuda_graphs && mode == OffloadMode::none && device_.is_cuda();
+    std::string graph_key;
+    if (graphs) {
+        graphs_->invalidate_unless(weights_fingerprint(*prior_));
+        graph_key = guidance_key(cfg, guidance);
+    }
     const std::vector<float>& ts = scheduler.timestep_values();
     for (int i = 0; i + 1 < static_cast<int>(ts.size()); ++i) {
         const float t = ts[static_cast<size_t>(i)];
@@ -222,13 +262,8 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
         auto ratio = torch::full({latents.size(0)}, t,
                                  torch::TensorOptions().dtype(torch::kFloat32).device(device_))
                          .to(dtype);
-        torch::Tensor pred = cfg ? prior_->forward(torch::cat({latents, latents}),
-                                                   torch::cat({ratio, ratio}), text_states)
-                                 : prior_->forward(latents, ratio, text_states);
-        if (cfg) {
-            auto chunks = pred.chunk(2);
-            pred = torch::lerp(chunks[1], chunks[0], o.guidance_scale);
-        }
+        const std::vector<torch::Tensor> inputs = {latents, ratio, text_states};
+        torch::Tensor pred = graphs ? graphs_->run(inputs, graph_key, denoise) : denoise(inputs);
         latents = scheduler.step(pred, static_cast<double>(t), latents, generator);
 
         if (o.callback) {

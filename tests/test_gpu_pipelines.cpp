@@ -8,7 +8,8 @@
 //   *relative to their scale* instead: they are 42 * latents - 1, and each prior step divides
 //   its prediction by |1 - b| + 1e-5 (b from the model), so half-precision rounding of a and b
 //   is amplified where |1 - b| is small; an absolute bound would depend on the random weights.
-// - offload: the same kernels on the same inputs, so the same result (1e-6 in fp32, 1e-3 in fp16).
+// - offload (model or sequential) and CUDA graphs: the same kernels on the same inputs, so the
+//   same result (1e-6 in fp32, 1e-3 in fp16).
 
 #include <ATen/Context.h>
 #include <torch/cuda.h>
@@ -54,11 +55,14 @@ protected:
         at::globalContext().setAllowTF32CuBLAS(tf32_cublas_);
     }
 
-    static LoadOptions on_cuda(torch::ScalarType dtype, bool offload = false) {
+    static LoadOptions on_cuda(torch::ScalarType dtype, bool offload = false,
+                               bool sequential_offload = false, bool cuda_graphs = false) {
         LoadOptions o;
         o.device = torch::Device(torch::kCUDA);
         o.dtype = dtype;
         o.offload = offload;
+        o.sequential_offload = sequential_offload;
+        o.cuda_graphs = cuda_graphs;
         return o;
     }
 
@@ -139,30 +143,108 @@ TEST_F(GpuPipelines, CombinedFp16MatchesReference) {
                           kFp16Tol));
 }
 
-// LoadOptions::offload keeps every stage on the CPU between calls and gives the same numbers.
+double same_kernels_tol(torch::ScalarType dtype) {
+    // fp32: the same kernels on the same inputs. fp16: one ulp from a reduction whose order is
+    // not fixed would show as ~1e-3 after the VQGAN, so that is the bound there.
+    return dtype == torch::kFloat32 ? 1e-6 : 1e-3;
+}
+
+void expect_same_output(const std::string& what, const CombinedOutput& actual,
+                        const CombinedOutput& expected, double tol) {
+    EXPECT_TRUE(all_close(what + " images", actual.images, expected.images, tol));
+    EXPECT_TRUE(all_close(what + " image_embeddings", host(actual.image_embeddings),
+                          host(expected.image_embeddings),
+                          scaled_tol(host(expected.image_embeddings), tol)));
+}
+
+// LoadOptions::offload (stage at a time) and sequential_offload (block at a time) keep every
+// weight on the CPU between calls and give the same numbers.
 TEST_F(GpuPipelines, OffloadMatchesResident) {
-    for (const auto dtype : {torch::kFloat32, torch::kFloat16}) {
-        const std::string what = std::string("offload vs resident, ") + dtype_label(dtype);
-        auto resident = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
-                                                          on_cuda(dtype));
-        auto offloaded = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
-                                                           on_cuda(dtype, /*offload=*/true));
-        const auto a = resident(test::combined_seed42_options());
-        const auto b = offloaded(test::combined_seed42_options());
-        // fp32: the same kernels on the same inputs. fp16: one ulp from a reduction whose order
-        // is not fixed would show as ~1e-3 after the VQGAN, so that is the bound there.
-        const double tol = dtype == torch::kFloat32 ? 1e-6 : 1e-3;
-        EXPECT_TRUE(all_close(what + " images", b.images, a.images, tol));
-        EXPECT_TRUE(all_close(what + " image_embeddings", host(b.image_embeddings),
-                              host(a.image_embeddings), scaled_tol(host(a.image_embeddings), tol)));
-        // Between calls the offloaded stages are back on the CPU.
-        EXPECT_TRUE(module_device(*offloaded.prior_pipeline().prior()).is_cpu()) << what;
-        EXPECT_TRUE(module_device(*offloaded.prior_pipeline().text_encoder()).is_cpu()) << what;
-        EXPECT_TRUE(module_device(*offloaded.decoder_pipeline().decoder()).is_cpu()) << what;
-        EXPECT_TRUE(module_device(*offloaded.decoder_pipeline().text_encoder()).is_cpu()) << what;
-        EXPECT_TRUE(module_device(*offloaded.decoder_pipeline().vqgan()).is_cpu()) << what;
-        EXPECT_TRUE(module_device(*resident.prior_pipeline().prior()).is_cuda()) << what;
+    for (const bool sequential : {false, true}) {
+        for (const auto dtype : {torch::kFloat32, torch::kFloat16}) {
+            const std::string what = std::string(sequential ? "sequential offload" : "offload") +
+                                     " vs resident, " + dtype_label(dtype);
+            auto resident = CombinedPipeline::from_pretrained(
+                data_path("tiny-wuerstchen-combined"), on_cuda(dtype));
+            auto offloaded = CombinedPipeline::from_pretrained(
+                data_path("tiny-wuerstchen-combined"),
+                on_cuda(dtype, /*offload=*/!sequential, /*sequential_offload=*/sequential));
+            const auto a = resident(test::combined_seed42_options());
+            const auto b = offloaded(test::combined_seed42_options());
+            expect_same_output(what, b, a, same_kernels_tol(dtype));
+            // A second call (the prefetch of the first block carried over) repeats the first.
+            expect_same_output(what + ", second call", offloaded(test::combined_seed42_options()),
+                               a, same_kernels_tol(dtype));
+            // Between calls the offloaded stages are back on the CPU (pinned when sequential).
+            auto& prior = offloaded.prior_pipeline();
+            auto& decoder = offloaded.decoder_pipeline();
+            for (torch::nn::Module* m :
+                 {static_cast<torch::nn::Module*>(prior.prior().get()),
+                  static_cast<torch::nn::Module*>(prior.text_encoder().get()),
+                  static_cast<torch::nn::Module*>(decoder.decoder().get()),
+                  static_cast<torch::nn::Module*>(decoder.text_encoder().get()),
+                  static_cast<torch::nn::Module*>(decoder.vqgan().get())}) {
+                for (const auto& p : m->parameters()) {
+                    ASSERT_TRUE(p.is_cpu()) << what;
+                    if (sequential) ASSERT_TRUE(p.is_pinned()) << what;
+                }
+            }
+            EXPECT_TRUE(module_device(*resident.prior_pipeline().prior()).is_cuda()) << what;
+        }
     }
+}
+
+// LoadOptions::cuda_graphs: capture on the first call of a shape, replay afterwards, the same
+// numbers as eager; a new shape gets its own graph.
+TEST_F(GpuPipelines, CudaGraphsMatchEager) {
+    for (const auto dtype : {torch::kFloat32, torch::kFloat16}) {
+        const std::string what = std::string("cuda graphs vs eager, ") + dtype_label(dtype);
+        auto eager = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
+                                                       on_cuda(dtype));
+        auto graphed = CombinedPipeline::from_pretrained(
+            data_path("tiny-wuerstchen-combined"),
+            on_cuda(dtype, false, false, /*cuda_graphs=*/true));
+        const auto expected = eager(test::combined_seed42_options());
+        expect_same_output(what + " (capture)", graphed(test::combined_seed42_options()),
+                           expected, same_kernels_tol(dtype));
+        expect_same_output(what + " (replay)", graphed(test::combined_seed42_options()), expected,
+                           same_kernels_tol(dtype));
+        EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 1u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 1u) << what;
+        EXPECT_EQ(eager.prior_pipeline().captured_graphs(), 0u) << what;
+
+        CombinedOptions larger = test::combined_seed42_options();
+        larger.height = 384;
+        larger.num_images_per_prompt = 2;
+        expect_same_output(what + " (second shape)", graphed(larger), eager(larger),
+                           same_kernels_tol(dtype));
+        EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 2u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 2u) << what;
+    }
+}
+
+// A LoRA change after capture drops the graphs: the next call matches an eager pipeline with
+// the same adapter instead of replaying the old weights.
+TEST_F(GpuPipelines, CudaGraphsFollowLoraChanges) {
+    auto eager = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"),
+                                                on_cuda(torch::kFloat32));
+    auto graphed = PriorPipeline::from_pretrained(
+        data_path("tiny-wuerstchen-prior"),
+        on_cuda(torch::kFloat32, false, false, /*cuda_graphs=*/true));
+    const auto before = graphed(test::prior_seed0_options()).image_embeddings;
+    EXPECT_EQ(graphed.captured_graphs(), 1u);
+    for (auto* pipe : {&eager, &graphed})
+        pipe->load_lora_weights(data_path("lora/tiny-prior-lora"), "a", 1.0);
+    const auto expected = host(eager(test::prior_seed0_options()).image_embeddings);
+    const auto after = host(graphed(test::prior_seed0_options()).image_embeddings);
+    EXPECT_TRUE(all_close("cuda graphs after LoRA load", after, expected,
+                          scaled_tol(expected, 1e-6)));
+    EXPECT_GT(test::max_abs_diff(after, host(before)), 1e-3) << "the adapter changed nothing";
+    for (auto* pipe : {&eager, &graphed}) pipe->set_adapters({"a"}, {0.5});
+    EXPECT_TRUE(all_close("cuda graphs after set_adapters",
+                          host(graphed(test::prior_seed0_options()).image_embeddings),
+                          host(eager(test::prior_seed0_options()).image_embeddings),
+                          scaled_tol(expected, 1e-6)));
 }
 
 // A second call with the same seed repeats the first: nothing of a call stays behind on the

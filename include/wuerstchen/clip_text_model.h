@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "wuerstchen/block_hook.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/weights.h"
 
@@ -34,6 +35,11 @@ struct CLIPTextModelImpl : torch::nn::Module {
                            bool output_hidden_states = false);
 
     const CLIPTextConfig& config() const { return config_; }
+
+    // Sequential offload: the encoder layers in order; forward calls block_hook around each when
+    // it is set.
+    std::vector<torch::nn::Module*> offload_units() const;
+    BlockHook* block_hook = nullptr;
 
 private:
     CLIPTextConfig config_;

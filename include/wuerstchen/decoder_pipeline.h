@@ -20,6 +20,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -82,6 +83,8 @@ struct DecoderComponents {
     double latent_dim_scale = 10.67;  // model_index.json of the decoder pipeline
 };
 
+class StepGraphs;
+
 class DecoderPipeline {
 public:
     // A warp-ai/wuerstchen-style folder: decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/
@@ -99,6 +102,14 @@ public:
     // (separate objects may run concurrently on different threads).
     DecoderOutput operator()(const DecoderOptions& options);
 
+    // Stage A alone: the VQGAN's decode(latents * scale_factor).clamp(0, 1) for stage-B latents
+    // [B, c_in, H, W] -> images [B, 3, H', W'] float32 on the CPU. Offloads like a call.
+    torch::Tensor decode_latents(const torch::Tensor& latents);
+
+    // LoadOptions::cuda_graphs: the denoising-step graphs captured so far (one per latent shape,
+    // batch and guidance scale; dropped when the weights change).
+    size_t captured_graphs() const;
+
     // The latent shape for image embeddings of spatial size h x w:
     // [batch, c_in, int(h * latent_dim_scale), int(w * latent_dim_scale)] (Python int():
     // truncation).
@@ -114,6 +125,7 @@ public:
 
 private:
     DecoderOutput run(const DecoderOptions& options);
+    torch::Tensor decode_latents_impl(const torch::Tensor& latents);
     explicit DecoderPipeline(DecoderComponents components, const LoadOptions& options);
 
     CLIPTokenizer tokenizer_;
@@ -123,6 +135,7 @@ private:
     SchedulerConfig scheduler_;
     double latent_dim_scale_ = 10.67;
     LoadOptions options_;
+    std::shared_ptr<StepGraphs> graphs_;  // LoadOptions::cuda_graphs: one per pipeline
 };
 
 }  // namespace wuerstchen

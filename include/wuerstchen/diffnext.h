@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "wuerstchen/block_hook.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/weights.h"
 
@@ -36,6 +37,11 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     const DiffNeXtConfig& config() const { return config_; }
     // The factor the spatial size of x must be divisible by: patch_size * 2^(levels - 1).
     int64_t size_multiple() const;
+
+    // Sequential offload: every block of down_blocks then up_blocks (level samplers included) in
+    // execution order; forward calls block_hook around each when it is set.
+    std::vector<torch::nn::Module*> offload_units() const;
+    BlockHook* block_hook = nullptr;
 
     torch::nn::Linear clip_mapper{nullptr};
     // Holds effnet_mappers.<i> for the levels that inject the image embeddings; indices run over

@@ -13,6 +13,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "wuerstchen/clip_text_model.h"
@@ -35,7 +36,8 @@ at::Generator make_generator(uint64_t seed);
 at::Generator call_generator(at::Generator* generator, std::optional<uint64_t> seed);
 
 // diffusers' randn_tensor with a CPU generator: torch.randn(shape, generator=g, dtype=dtype) on the
-// CPU (bit-identical to torch for the same generator state), then moved to `device`.
+// CPU (bit-identical to torch for the same generator state), then moved to `device` (to CUDA
+// through pinned memory, without waiting for the device).
 torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generator,
                                    torch::ScalarType dtype = torch::kFloat32,
                                    torch::Device device = torch::kCPU);
@@ -55,8 +57,9 @@ torch::ScalarType module_dtype(const torch::nn::Module& module);
 // inside InferenceMode.
 void move_module(torch::nn::Module& module, torch::Device device);
 
-// LoadOptions::offload: while alive, `module` sits on `device`; it goes back to the device it
-// had before on destruction (also when the call throws). Does nothing when `enabled` is false.
+// LoadOptions::offload: while alive, `module` sits on `device`; on destruction (also when the
+// call throws) its parameters and buffers get their original tensors back (no copy back, and
+// pinned memory stays pinned). Does nothing when `enabled` is false.
 class OffloadGuard {
 public:
     OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled);
@@ -65,8 +68,7 @@ public:
     OffloadGuard& operator=(const OffloadGuard&) = delete;
 
 private:
-    torch::nn::Module* module_ = nullptr;
-    torch::Device home_ = torch::kCPU;
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> moved_;  // {registered, original}
 };
 
 // ------------------------------------------------------------------------------ resources

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "wuerstchen/block_hook.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/weights.h"
 
@@ -37,6 +38,11 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     torch::Tensor gen_r_embedding(const torch::Tensor& r) const;
 
     const PriorConfig& config() const { return config_; }
+
+    // Sequential offload: the blocks (ResBlock, TimestepBlock, AttnBlock per depth) in execution
+    // order; forward calls block_hook around each when it is set.
+    std::vector<torch::nn::Module*> offload_units() const;
+    BlockHook* block_hook = nullptr;
 
     torch::nn::Conv2d projection{nullptr};
     torch::nn::Sequential cond_mapper{nullptr};  // {0: Linear, 1: LeakyReLU(0.2), 2: Linear}

@@ -13,6 +13,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -73,11 +74,14 @@ struct PriorPipelineConfig {
     double resolution_multiple = 42.67;
 };
 
+class StepGraphs;
+
 class PriorPipeline {
 public:
     // From already-loaded components. The execution device is options.device when
-    // options.offload is set (the modules stay where they are between calls and move there while
-    // they run), else the prior's device. options.dtype is not used: the modules keep theirs.
+    // options.offload or options.sequential_offload is set (the modules stay where they are
+    // between calls and move there while they run), else the prior's device. options.dtype is
+    // not used: the modules keep theirs. Throws InvalidArgument when both offload modes are set.
     PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder, WuerstchenPrior prior,
                   DDPMWuerstchenScheduler scheduler, PriorPipelineConfig config = {},
                   const LoadOptions& options = {});
@@ -97,6 +101,15 @@ public:
     // objects may run concurrently on different threads; LoRA changes must not overlap calls).
     PriorOutput operator()(const PriorOptions& options);
     PriorOutput generate(const PriorOptions& options) { return (*this)(options); }
+
+    // The prior text encoder's last_hidden_state for `prompts` (tokenized with padding to 77 and
+    // truncation): [B, 77, c_cond] on the execution device in the encoder's dtype, what
+    // PriorOptions::prompt_embeds / negative_prompt_embeds take. Offloads like a call.
+    torch::Tensor encode_prompt(const std::vector<std::string>& prompts);
+
+    // LoadOptions::cuda_graphs: the denoising-step graphs captured so far (one per latent shape,
+    // batch and guidance scale; dropped when the weights or LoRA state change).
+    size_t captured_graphs() const;
 
     // The latent size for an image size: ceil(size / resolution_multiple).
     int64_t latent_size(int64_t pixels) const;
@@ -150,7 +163,8 @@ private:
     DDPMWuerstchenScheduler scheduler_;
     PriorPipelineConfig config_;
     torch::Device device_;
-    bool offload_ = false;
+    LoadOptions options_;                 // offload / sequential_offload / cuda_graphs
+    std::shared_ptr<StepGraphs> graphs_;  // LoadOptions::cuda_graphs: one per pipeline
 };
 
 }  // namespace wuerstchen

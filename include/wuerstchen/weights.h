@@ -14,8 +14,19 @@ namespace wuerstchen {
 struct LoadOptions {
     torch::Device device = torch::kCPU;
     torch::ScalarType dtype = torch::kFloat32;  // kFloat32, kFloat16 or kBFloat16
-    // Keep each stage on the CPU and move it to `device` only while it runs.
+    // Model offload: keep each stage on the CPU and move it to `device` only while it runs
+    // (diffusers' enable_model_cpu_offload).
     bool offload = false;
+    // Sequential offload (diffusers' enable_sequential_cpu_offload): weights stay on the CPU
+    // (pinned when `device` is CUDA) and each block of a model visits `device` only for its own
+    // forward, the next block's copy overlapping the current block's compute on a side stream.
+    // The smallest GPU footprint, at the cost of one weight transfer per block and step.
+    // Exclusive with `offload`. No effect when `device` is the CPU.
+    bool sequential_offload = false;
+    // Replay each denoising step from a CUDA graph captured on its first use for a shape, batch
+    // and guidance scale (cached per pipeline; capture costs one extra step). Only on CUDA, and
+    // only without offloading (the weights must stay put); ignored otherwise.
+    bool cuda_graphs = false;
 };
 
 // Parses "fp32" / "float32", "fp16" / "float16" / "half", "bf16" / "bfloat16".

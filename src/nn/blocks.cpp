@@ -5,7 +5,6 @@
 #include <torch/version.h>
 
 #include <cmath>
-#include <vector>
 
 namespace wuerstchen::nn {
 
@@ -156,14 +155,12 @@ torch::Tensor r_embedding(const torch::Tensor& r, int64_t c_r, double max_positi
     // arguments up to 1e4, where one ulp of a frequency shows, so the exp must be accurate:
     // libtorch 1.13's vectorised float exp is off by an ulp for many k (error 4.5e-4 in the
     // embedding); exp in double rounded once to float reproduces diffusers' r_embed within 5e-7.
-    const float neg_step = static_cast<float>(-std::log(max_positions) / static_cast<double>(half_dim - 1));
-    std::vector<float> freqs(static_cast<size_t>(half_dim));
-    for (int64_t k = 0; k < half_dim; ++k) {
-        const float exponent = static_cast<float>(k) * neg_step;
-        freqs[static_cast<size_t>(k)] = static_cast<float>(std::exp(static_cast<double>(exponent)));
-    }
-    auto freq =
-        torch::tensor(freqs, torch::TensorOptions().dtype(torch::kFloat32)).to(scaled.device());
+    const float neg_step =
+        static_cast<float>(-std::log(max_positions) / static_cast<double>(half_dim - 1));
+    // On r's device, without a host-to-device copy (so a CUDA graph can capture it): the float32
+    // product k * neg_step (one rounding, as upstream), then exp in double rounded once.
+    const auto k = at::arange(half_dim, scaled.options());
+    const auto freq = (k * neg_step).to(torch::kFloat64).exp().to(torch::kFloat32);
     auto emb = scaled.unsqueeze(1) * freq.unsqueeze(0);  // [B, half_dim]
     emb = torch::cat({emb.sin(), emb.cos()}, 1);
     if (c_r % 2 == 1) emb = at::constant_pad_nd(emb, {0, 1}, 0);

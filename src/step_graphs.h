@@ -1,0 +1,63 @@
+#pragma once
+
+// LoadOptions::cuda_graphs: one denoising step (the model forward with its guidance mix)
+// captured as a CUDA graph per input signature and replayed afterwards, which removes the
+// per-kernel launch cost that dominates small latents (stage C runs 24x24 at 1024x1024).
+//
+// A graph replays raw device pointers: its inputs are copied into the graph's own tensors on
+// every replay, and the weights it reads must stay where they were at capture. The pipelines
+// therefore key the cache on weights_fingerprint() (parameter storage and LoRA state) and do not
+// use graphs while offloading. Capture (first use of a signature): two eager warm-up runs on a
+// side stream (lazy cuBLAS / cuDNN set-up happens outside the capture), the capture, then one
+// replay. Graphs of one cache share one memory pool (they never run concurrently).
+//
+// Built against a libtorch without CUDA, or with inputs off CUDA, run() simply calls the step.
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace wuerstchen {
+
+class StepGraphs {
+public:
+    using Step = std::function<torch::Tensor(const std::vector<torch::Tensor>& inputs)>;
+
+    StepGraphs();
+    ~StepGraphs();
+    StepGraphs(const StepGraphs&) = delete;
+    StepGraphs& operator=(const StepGraphs&) = delete;
+
+    // step(inputs), replayed from the graph of (inputs' shapes / dtypes / device, `key`),
+    // captured on first use. The result is a fresh tensor (not the graph's output buffer).
+    // `key` must name everything else the step depends on that is not an input (e.g. the
+    // guidance scale and weights_fingerprint()).
+    torch::Tensor run(const std::vector<torch::Tensor>& inputs, const std::string& key,
+                      const Step& step);
+
+    // Drops every graph (and their memory) when `fingerprint` differs from the last one seen.
+    void invalidate_unless(const std::string& fingerprint);
+    void clear();
+    size_t size() const;
+
+    // Whether this build can capture graphs (libtorch with CUDA).
+    static bool supported();
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// A graph key part for the guidance mix: exact (hexadecimal) scale, or none.
+std::string guidance_key(bool cfg, double guidance_scale);
+
+// Where the module's parameters and buffers live (storage pointers, dtypes, devices) and the
+// state of its LoRA adapters (tensors, weights, active / enabled / merged flags).
+std::string weights_fingerprint(const torch::nn::Module& module);
+
+}  // namespace wuerstchen
