@@ -318,6 +318,9 @@ int run_bench(int argc, char** argv) {
          {"dtype", "fp32|fp16|bf16",
           "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
          {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
+         {"sequential-offload", "",
+          "keep the weights on the CPU and move each block to the GPU only for its forward"},
+         {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
          {"seed", "S", "seed of the random weights and of every run's noise (default 0)"},
          {"warmup", "N", "untimed runs first (default 1)"},
          {"runs", "N", "timed runs (default 3)"},
@@ -390,7 +393,7 @@ int run_bench(int argc, char** argv) {
              " models with random weights (seed " + std::to_string(seed) + ")");
         // Offloaded stages live on the CPU between uses (as from_pretrained loads them).
         LoadOptions place = load;
-        if (load.offload) place.device = torch::kCPU;
+        if (load.offload || load.sequential_offload) place.device = torch::kCPU;
         at::Generator generator = make_generator(seed);
         auto prior_text = build_random<CLIPTextModel>(cfg.prior_text, generator, place);
         auto prior = build_random<WuerstchenPrior>(cfg.prior, generator, place);
@@ -442,16 +445,9 @@ int run_bench(int argc, char** argv) {
     auto run_once = [&](bool timed) {
         sync();
         const auto t0 = Clock::now();
-        torch::Tensor prompt_embeds, negative_embeds;
-        {
-            CLIPTextModel& te = prior.text_encoder();
-            OffloadGuard on_device(*te, device, load.offload);
-            c10::InferenceMode inference;
-            const auto dtype = module_dtype(*te);
-            prompt_embeds = encode_prompts(prior.tokenizer(), te, {prompt}, device, dtype);
-            if (prior_cfg)
-                negative_embeds = encode_prompts(prior.tokenizer(), te, {""}, device, dtype);
-        }
+        torch::Tensor prompt_embeds = prior.encode_prompt({prompt});
+        torch::Tensor negative_embeds;
+        if (prior_cfg) negative_embeds = prior.encode_prompt({""});
         sync();
         const auto t1 = Clock::now();
 
@@ -482,14 +478,7 @@ int run_bench(int argc, char** argv) {
         sync();
         const auto t3 = Clock::now();
 
-        torch::Tensor images;
-        {
-            OffloadGuard on_device(*vqgan, device, load.offload);
-            c10::InferenceMode inference;
-            const auto scaled =
-                (latents * vqgan->scale_factor()).to(module_device(*vqgan), module_dtype(*vqgan));
-            images = vqgan->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
-        }
+        const torch::Tensor images = decoder.decode_latents(latents);
         sync();
         const auto t4 = Clock::now();
 
@@ -530,7 +519,8 @@ int run_bench(int argc, char** argv) {
     out["resolution"] = std::to_string(height) + "x" + std::to_string(width);
     out["libtorch"] = TORCH_VERSION;
     out["weights"] = source;
-    out["offload"] = load.offload;
+    out["offload"] = load.sequential_offload ? "sequential" : load.offload ? "model" : "none";
+    out["cuda_graphs"] = load.cuda_graphs;
     out["prior_steps"] = prior_steps;
     out["prior_timesteps"] = prior_timesteps.empty() ? "linspace" : "custom";
     out["prior_guidance"] = prior_guidance;

@@ -99,6 +99,9 @@ std::vector<FlagSpec> common_flags() {
     return {{"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
             {"dtype", "fp32|fp16|bf16", "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
             {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
+            {"sequential-offload", "",
+             "keep the weights on the CPU and move each block to the GPU only for its forward"},
+            {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
             {"seed", "S", "random seed (default: nondeterministic)"},
             {"quiet", "", "no progress bars"}};
 }
@@ -169,8 +172,13 @@ LoadOptions load_options(const Args& args) {
                          ": " + e.what());
     }
     opts.offload = args.has("offload");
-    if (opts.offload && !opts.device.is_cuda())
-        throw UsageError("--offload needs --device cuda (it keeps stages on the CPU between uses)");
+    opts.sequential_offload = args.has("sequential-offload");
+    opts.cuda_graphs = args.has("cuda-graphs");
+    if (opts.offload && opts.sequential_offload)
+        throw UsageError("--offload and --sequential-offload exclude each other: pass one");
+    for (const char* flag : {"offload", "sequential-offload", "cuda-graphs"})
+        if (args.has(flag) && !opts.device.is_cuda())
+            throw UsageError(std::string("--") + flag + " needs --device cuda");
     return opts;
 }
 

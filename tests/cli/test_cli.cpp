@@ -317,6 +317,13 @@ TEST(CLI, BenchUsageErrors) {
                           {"--runs must be at least 1"});
     expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--offload"}),
                           {"--offload needs --device cuda"});
+    expect_one_line_error(
+        run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--sequential-offload"}),
+        {"--sequential-offload needs --device cuda"});
+    expect_one_line_error(
+        run_cli({"generate", "--model", data("tiny-wuerstchen-combined"), "--prompt", "x",
+                 "--device", "cpu", "--cuda-graphs"}),
+        {"--cuda-graphs needs --device cuda"});
     const CliResult help = run_cli({"bench", "--help"});
     EXPECT_EQ(help.status, 0);
     EXPECT_NE(help.out.find("usage: wuerstchen bench"), std::string::npos) << help.out;
