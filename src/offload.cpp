@@ -57,18 +57,20 @@ SequentialOffload::SequentialOffload(torch::nn::Module& model,
         index_.emplace(units[i], i);
         for (auto& t : tensors_of(*units[i])) {
             in_units.insert(t.unsafeGetTensorImpl());
-            units_[i].slots.push_back({t, t.detach()});
+            units_[i].slots.push_back({t, t.detach(), false});
             copy_ = copy_ || t.device() != device_;
         }
     }
     for (auto& t : tensors_of(model)) {
         if (in_units.count(t.unsafeGetTensorImpl()) != 0) continue;
         copy_ = copy_ || t.device() != device_;
-        resident_.push_back({t, t.detach()});
+        resident_.push_back({t, t.detach(), false});
     }
     copy_ = copy_ || copy_on_same_device;
     streams_ = copy_ && device_.is_cuda();
     if (streams_) {
+        for (auto& u : units_)
+            for (auto& s : u.slots) s.pinned = s.home.is_pinned();  // asked once, not per step
         c10::impl::VirtualGuardImpl impl(device_.type());
         side_ = impl.getStreamFromGlobalPool(device_);
         for (auto& u : units_) {
@@ -100,8 +102,7 @@ void SequentialOffload::load(size_t i) {
         std::optional<c10::StreamGuard> on_side;
         if (streams_) on_side.emplace(*side_);
         for (auto& s : u.slots) {
-            const bool async = streams_ && s.home.is_pinned();
-            s.param.set_data(s.home.to(device_, /*non_blocking=*/async, /*copy=*/true));
+            s.param.set_data(s.home.to(device_, /*non_blocking=*/s.pinned, /*copy=*/true));
         }
         if (streams_) u.ready->record(*side_);
         ++copies_;

@@ -62,6 +62,7 @@ private:
     struct Slot {
         torch::Tensor param;  // the registered tensor, whose data is swapped
         torch::Tensor home;   // the weights on their home device
+        bool pinned = false;  // home is page-locked: its copies can be asynchronous
     };
     struct Unit {
         std::vector<Slot> slots;

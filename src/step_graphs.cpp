@@ -7,17 +7,27 @@
 
 #include "wuerstchen/lora.h"
 
-#if defined(WUERSTCHEN_WITH_CUDA)
+#include <c10/core/InferenceMode.h>
+#include <torch/version.h>
+
+// Graph capture needs a CUDA build of libtorch 2.x (capture modes, the allocator's pool API).
+#if defined(WUERSTCHEN_WITH_CUDA) && TORCH_VERSION_MAJOR >= 2
+#define WUERSTCHEN_CUDA_GRAPHS 1
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace wuerstchen {
 
-#if defined(WUERSTCHEN_WITH_CUDA)
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
 namespace {
+
+using PoolId = decltype(at::cuda::graph_pool_handle());  // a pair of ids in 1.13 and 2.x
 
 std::string signature(const std::vector<torch::Tensor>& inputs, const std::string& key) {
     std::ostringstream os;
@@ -27,6 +37,27 @@ std::string signature(const std::vector<torch::Tensor>& inputs, const std::strin
     return os.str();
 }
 
+// A stream of our own for captures (pooled streams are shared round-robin with other users).
+class OwnedStream {
+public:
+    explicit OwnedStream(c10::DeviceIndex device) : device_(device) {
+        const c10::cuda::CUDAGuard on(device);
+        C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    }
+    ~OwnedStream() {
+        const c10::cuda::CUDAGuard on(device_);
+        (void)cudaStreamDestroy(stream_);
+    }
+    OwnedStream(const OwnedStream&) = delete;
+    OwnedStream& operator=(const OwnedStream&) = delete;
+    c10::cuda::CUDAStream get() const { return c10::cuda::getStreamFromExternal(stream_, device_); }
+    c10::DeviceIndex device() const { return device_; }
+
+private:
+    c10::DeviceIndex device_;
+    cudaStream_t stream_ = nullptr;
+};
+
 }  // namespace
 #endif
 
@@ -34,23 +65,26 @@ struct StepGraphs::Impl {
     struct Entry {
         std::vector<torch::Tensor> inputs;  // the graph's input buffers
         torch::Tensor output;               // the graph's output buffer
-#if defined(WUERSTCHEN_WITH_CUDA)
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
         std::unique_ptr<at::cuda::CUDAGraph> graph;
 #endif
     };
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
+    // Declared before the graphs: destroyed after them.
+    std::unique_ptr<OwnedStream> stream;
+    // One memory pool for the graphs of this cache (they never run concurrently).
+    std::optional<PoolId> pool;
+#endif
     std::map<std::string, Entry> entries;
     std::string fingerprint;
-#if defined(WUERSTCHEN_WITH_CUDA)
-    using PoolId = decltype(std::declval<at::cuda::CUDAGraph&>().pool());
-    std::optional<PoolId> pool;  // shared by the graphs of this cache
-#endif
+    bool failed = false;  // a capture failed: run eagerly from then on
 };
 
 StepGraphs::StepGraphs() : impl_(std::make_unique<Impl>()) {}
 StepGraphs::~StepGraphs() = default;
 
 bool StepGraphs::supported() {
-#if defined(WUERSTCHEN_WITH_CUDA)
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
     return true;
 #else
     return false;
@@ -59,8 +93,8 @@ bool StepGraphs::supported() {
 
 void StepGraphs::clear() {
     impl_->entries.clear();
-#if defined(WUERSTCHEN_WITH_CUDA)
-    impl_->pool.reset();
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
+    impl_->pool.reset();  // a released pool id is not reused: the next capture takes a new one
 #endif
 }
 
@@ -72,33 +106,71 @@ void StepGraphs::invalidate_unless(const std::string& fingerprint) {
     impl_->fingerprint = fingerprint;
 }
 
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
+namespace {
+
+// Leaves a capture that the step aborted with an exception: ends the stream capture and the
+// allocator's routing into the pool (what a successful capture_end does), so the process stays
+// usable. Never throws.
+void abandon_capture(at::cuda::CUDAGraph& graph, const OwnedStream& stream,
+                     PoolId pool) {
+    try {
+        graph.capture_end();  // ends the capture and the routing; may throw on a broken capture
+        return;
+    } catch (...) {
+    }
+    cudaGraph_t partial = nullptr;
+    if (cudaStreamEndCapture(stream.get().stream(), &partial) == cudaSuccess && partial != nullptr)
+        (void)cudaGraphDestroy(partial);
+    (void)cudaGetLastError();
+    try {
+        c10::cuda::CUDACachingAllocator::endAllocateToPool(stream.device(), pool);
+        c10::cuda::CUDACachingAllocator::releasePool(stream.device(), pool);
+    } catch (...) {
+    }
+}
+
+}  // namespace
+#endif
+
 torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const std::string& key,
                               const Step& step) {
-#if defined(WUERSTCHEN_WITH_CUDA)
-    if (inputs.empty() || !inputs[0].is_cuda()) return step(inputs);
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
+    if (impl_->failed || inputs.empty() || !inputs[0].is_cuda()) return step(inputs);
+    // The graph's buffers are inference tensors: keep every use inside InferenceMode.
+    const c10::InferenceMode inference;
     const torch::Device device = inputs[0].device();
     const c10::cuda::CUDAGuard device_guard(device);
     const std::string sig = signature(inputs, key);
     auto found = impl_->entries.find(sig);
     if (found == impl_->entries.end()) {
+        if (!impl_->stream || impl_->stream->device() != device.index())
+            impl_->stream = std::make_unique<OwnedStream>(device.index());
+        if (!impl_->pool) impl_->pool = at::cuda::graph_pool_handle();
         Impl::Entry entry;
         for (const auto& t : inputs) entry.inputs.push_back(t.clone());
-        // Capture must happen on a side stream; the device synchronisation before it (as
-        // torch.cuda.graph does) orders the side stream after everything issued so far.
+        // As torch.cuda.graph: synchronise (orders the capture stream after all work so far),
+        // one eager warm-up on the capture stream (lazy cuBLAS / cuDNN set-up stays outside the
+        // capture), then the capture. The warm-up's cached blocks are released before it.
         c10::cuda::device_synchronize();
         {
-            const c10::cuda::CUDAStreamGuard on_side(
-                c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index()));
-            for (int warm_up = 0; warm_up < 2; ++warm_up) step(entry.inputs);
+            const c10::cuda::CUDAStreamGuard on_capture_stream(impl_->stream->get());
+            step(entry.inputs);
             c10::cuda::device_synchronize();
+            c10::cuda::CUDACachingAllocator::emptyCache();
             entry.graph = std::make_unique<at::cuda::CUDAGraph>();
-            if (impl_->pool)
-                entry.graph->capture_begin(*impl_->pool);
-            else
-                entry.graph->capture_begin();
-            entry.output = step(entry.inputs);
+            // Thread-local mode: other threads' CUDA calls do not invalidate this capture.
+            entry.graph->capture_begin(*impl_->pool, cudaStreamCaptureModeThreadLocal);
+            try {
+                entry.output = step(entry.inputs);
+            } catch (...) {
+                abandon_capture(*entry.graph, *impl_->stream, *impl_->pool);
+                entry.graph.reset();
+                clear();
+                impl_->failed = true;
+                throw;
+            }
             entry.graph->capture_end();
-            if (!impl_->pool) impl_->pool = entry.graph->pool();
         }
         c10::cuda::device_synchronize();
         found = impl_->entries.emplace(sig, std::move(entry)).first;

@@ -7,11 +7,13 @@
 // A graph replays raw device pointers: its inputs are copied into the graph's own tensors on
 // every replay, and the weights it reads must stay where they were at capture. The pipelines
 // therefore key the cache on weights_fingerprint() (parameter storage and LoRA state) and do not
-// use graphs while offloading. Capture (first use of a signature): two eager warm-up runs on a
-// side stream (lazy cuBLAS / cuDNN set-up happens outside the capture), the capture, then one
-// replay. Graphs of one cache share one memory pool (they never run concurrently).
+// use graphs while offloading. Capture (first use of a signature), on a stream of the cache's
+// own in thread-local capture mode: one eager warm-up run (lazy cuBLAS / cuDNN set-up happens
+// outside the capture), the capture, then one replay. Graphs of one cache share one memory pool
+// (they never run concurrently). A capture that fails (the step throws) is ended cleanly, the
+// error is passed on and the cache runs eagerly from then on.
 //
-// Built against a libtorch without CUDA, or with inputs off CUDA, run() simply calls the step.
+// Needs a CUDA build of libtorch 2.x; otherwise, or with inputs off CUDA, run() calls the step.
 
 #include <torch/nn/module.h>
 #include <torch/types.h>

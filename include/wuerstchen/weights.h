@@ -24,8 +24,9 @@ struct LoadOptions {
     // Exclusive with `offload`. No effect when `device` is the CPU.
     bool sequential_offload = false;
     // Replay each denoising step from a CUDA graph captured on its first use for a shape, batch
-    // and guidance scale (cached per pipeline; capture costs one extra step). Only on CUDA, and
-    // only without offloading (the weights must stay put); ignored otherwise.
+    // and guidance scale (cached per pipeline; a capture costs about two extra steps). Only on
+    // CUDA with libtorch 2.x, and only without offloading (the weights must stay put); ignored
+    // otherwise.
     bool cuda_graphs = false;
 };
 
