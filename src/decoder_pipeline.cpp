@@ -47,6 +47,7 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
       latent_dim_scale_(c.latent_dim_scale),
       options_(options),
       graphs_(std::make_shared<StepGraphs>()) {
+    check_dtype_on_device(kWhere, module_dtype(*decoder_), options_.device);
     if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
         pin_module(*decoder_);
@@ -73,6 +74,7 @@ DecoderPipeline DecoderPipeline::from_pretrained(const std::string& dir,
 
     // Offloaded stages are loaded onto the CPU and moved per stage (or block) during a call.
     const OffloadMode mode = offload_mode(kWhere, options);
+    check_dtype_on_device(kWhere, options.dtype, options.device);
     LoadOptions load = options;
     if (mode != OffloadMode::none) load.device = torch::kCPU;
 

@@ -124,9 +124,8 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
         if (ri > 0) {
             level->push_back(torch::nn::Sequential(
                 layer_norm_2d_module(),
-                torch::nn::ConvTranspose2d(
-                    torch::nn::ConvTranspose2dOptions(c_hidden[ri], c_hidden[ri - 1], 2)
-                        .stride(2))));
+                nn::CpuSafeConvTranspose2d(c_hidden[ri], c_hidden[ri - 1], /*kernel_size=*/2,
+                                           /*stride=*/2)));
         }
         up_blocks->push_back(level);
     }

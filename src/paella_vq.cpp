@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/functional.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/padding.h>
@@ -30,7 +31,9 @@ struct MixingResidualBlockImpl : torch::nn::Module {
     MixingResidualBlockImpl(int64_t c, int64_t embed_dim) {
         depthwise = register_module(
             "depthwise", torch::nn::Sequential(
-                             torch::nn::ReplicationPad2d(torch::nn::ReplicationPad2dOptions(1)),
+                             torch::nn::Functional([](torch::Tensor x) {
+                                 return nn::replication_pad_2d(x, 1);
+                             }),
                              torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 3).groups(c))));
         channelwise = register_module(
             "channelwise", torch::nn::Sequential(torch::nn::Linear(c, embed_dim), torch::nn::GELU(),
@@ -110,10 +113,9 @@ PaellaVQModelImpl::PaellaVQModelImpl(const PaellaVQConfig& config) : config_(con
         const int64_t repeats = i == 0 ? config_.bottleneck_blocks : 1;
         for (int64_t j = 0; j < repeats; ++j) up->push_back(MixingResidualBlock(c, c * 4));
         if (i < levels - 1) {
-            up->push_back(torch::nn::ConvTranspose2d(
-                torch::nn::ConvTranspose2dOptions(c, c_levels[levels - 2 - i], 4)
-                    .stride(2)
-                    .padding(1)));
+            up->push_back(nn::CpuSafeConvTranspose2d(c, c_levels[levels - 2 - i],
+                                                     /*kernel_size=*/4, /*stride=*/2,
+                                                     /*padding=*/1));
         }
     }
     up_blocks = register_module("up_blocks", up);

@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <random>
@@ -143,6 +144,20 @@ void check_timesteps(const char* where, const char* name, const std::vector<doub
             invalid(where, name, os.str());
         }
     }
+}
+
+void check_dtype_on_device(const char* where, torch::ScalarType dtype, torch::Device device) {
+#if TORCH_VERSION_MAJOR < 2
+    if (dtype == torch::kFloat16 && device.is_cpu())
+        throw InvalidArgument(std::string(where) +
+                              ": dtype fp16 on the CPU needs libtorch 2.x (this is " +
+                              TORCH_VERSION +
+                              ", without half-precision CPU kernels); use bf16 or fp32 on the CPU");
+#else
+    (void)where;
+    (void)dtype;
+    (void)device;
+#endif
 }
 
 void check_shape(const char* where, const char* name, const torch::Tensor& tensor,

@@ -36,6 +36,7 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
       options_(options),
       graphs_(std::make_shared<StepGraphs>()) {
     if (!text_encoder_ || !prior_) invalid("`text_encoder` and `prior` must be loaded modules");
+    check_dtype_on_device(kWhere, module_dtype(*prior_), device_);
     if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
         pin_module(*prior_);
@@ -61,6 +62,7 @@ PriorPipeline PriorPipeline::from_components(const std::string& dir, const std::
         if (!index.components.empty() && !index.has_component(prefix + name))
             throw ConfigError(index_path + ": no component '" + prefix + name + "'");
     const OffloadMode mode = offload_mode(kWhere, options);
+    check_dtype_on_device(kWhere, options.dtype, options.device);
     LoadOptions load = options;
     if (mode != OffloadMode::none) load.device = torch::kCPU;  // moved to options.device per call
     auto tokenizer = CLIPTokenizer::from_pretrained(dir + "/" + prefix + "tokenizer");

@@ -31,6 +31,13 @@ torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps) {
 
 torch::Tensor gelu(const torch::Tensor& x) { return at::gelu(x); }
 
+torch::Tensor replication_pad_2d(const torch::Tensor& x, int64_t pad) {
+    if (x.is_cpu() && is_reduced_float(x))
+        return at::replication_pad2d(x.to(torch::kFloat32), {pad, pad, pad, pad})
+            .to(x.scalar_type());
+    return at::replication_pad2d(x, {pad, pad, pad, pad});
+}
+
 // ---------------------------------------------------------------------------- TimestepBlock
 
 TimestepBlockImpl::TimestepBlockImpl(int64_t c, int64_t c_timestep) {
@@ -142,6 +149,26 @@ torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x, const torch::Tensor
     // [B, H*W, C] -> [B, C, H, W]
     auto attn = attention->forward(norm_x, kv).transpose(1, 2).reshape({b, c, h, w});
     return x + attn;
+}
+
+// ---------------------------------------------------------------------------- ConvTranspose2d
+
+CpuSafeConvTranspose2dImpl::CpuSafeConvTranspose2dImpl(int64_t c_in, int64_t c_out,
+                                                       int64_t kernel_size, int64_t stride,
+                                                       int64_t padding)
+    : torch::nn::ConvTranspose2dImpl(
+          torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size).stride(stride).padding(padding)),
+      stride_(stride),
+      padding_(padding) {}
+
+torch::Tensor CpuSafeConvTranspose2dImpl::forward(const torch::Tensor& x) {
+    if (!x.is_cpu() || !is_reduced_float(x)) return torch::nn::ConvTranspose2dImpl::forward(x);
+    const auto f32 = [](const torch::Tensor& t) {
+        return t.defined() ? t.to(torch::kFloat32) : t;
+    };
+    return at::conv_transpose2d(f32(x), f32(weight), f32(bias), {stride_, stride_},
+                                {padding_, padding_})
+        .to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------- r embedding

@@ -22,6 +22,10 @@ torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps = 1e-6);
 // LayerNorm over the last dimension without affine parameters (nn.LayerNorm(affine=False)).
 torch::Tensor layer_norm_last(const torch::Tensor& x, double eps = 1e-6);
 
+// nn.ReplicationPad2d(pad) on NCHW; in float32 for half / bfloat16 on the CPU, where libtorch
+// 1.13 has no reduced-precision kernel (exact: padding only copies values).
+torch::Tensor replication_pad_2d(const torch::Tensor& x, int64_t pad);
+
 // nn.GELU() (erf form).
 torch::Tensor gelu(const torch::Tensor& x);
 
@@ -88,6 +92,17 @@ struct AttnBlockImpl : torch::nn::Module {
     torch::nn::Sequential kv_mapper{nullptr};  // {0: SiLU, 1: Linear}
 };
 TORCH_MODULE(AttnBlock);
+
+// torch::nn::ConvTranspose2d (same parameters and keys) that computes in float32 for half /
+// bfloat16 input on the CPU: libtorch 1.13 hands a bf16 transposed convolution on the CPU to
+// oneDNN's plain convolution, which rejects the transposed weight layout.
+struct CpuSafeConvTranspose2dImpl : torch::nn::ConvTranspose2dImpl {
+    CpuSafeConvTranspose2dImpl(int64_t c_in, int64_t c_out, int64_t kernel_size, int64_t stride,
+                               int64_t padding = 0);
+    torch::Tensor forward(const torch::Tensor& x);
+    int64_t stride_, padding_;
+};
+TORCH_MODULE(CpuSafeConvTranspose2d);
 
 // Sinusoidal embedding of r in [0, 1] (gen_r_embedding), zero-padded when c_r is odd.
 // Frequencies are computed in double and rounded once to float (see tests/data/README.md).
