@@ -245,6 +245,23 @@ void check_prompt_with_guidance(const CombinedOptions& o, bool decoder) {
                          "passes would be identical; give a prompt or set the guidance to 1");
 }
 
+// CLIP sees at most model_max_length tokens (bos + 75 + eos): like diffusers, say on stderr which
+// part of a longer prompt is ignored (the library itself truncates silently).
+void warn_truncated(const CLIPTokenizer& tokenizer, const std::vector<std::string>& prompts) {
+    const size_t max_length = static_cast<size_t>(tokenizer.model_max_length());
+    for (const auto& prompt : prompts) {
+        const std::vector<int64_t> ids = tokenizer.encode(prompt);
+        if (ids.size() <= max_length) continue;
+        // The ids between the kept part (which ends with an eos in place of a token) and the eos.
+        const std::vector<int64_t> removed(ids.begin() + static_cast<std::ptrdiff_t>(max_length) - 1,
+                                           ids.end() - 1);
+        std::fprintf(stderr,
+                     "warning: a prompt has %zu tokens and CLIP reads %zu; this part is ignored: "
+                     "\"%s\"\n",
+                     ids.size(), max_length, tokenizer.decode(removed).c_str());
+    }
+}
+
 StepCallback progress_callback(std::unique_ptr<Progress>& bar, const char* label, int total, bool quiet) {
     return [&bar, label, total, quiet](int step, double, torch::Tensor&) {
         if (!bar) bar = std::make_unique<Progress>(label, total, !quiet);
@@ -308,6 +325,8 @@ int run_generate(int argc, char** argv) {
     CombinedPipeline pipe = combined ? CombinedPipeline::from_pretrained(args.str("model"), load)
                                      : CombinedPipeline::from_pretrained(args.str("prior"), args.str("decoder"), load);
     apply_loras(args, pipe.prior_pipeline());
+    warn_truncated(pipe.prior_pipeline().tokenizer(), o.prompts);
+    warn_truncated(pipe.prior_pipeline().tokenizer(), o.negative_prompts);
     const bool quiet = args.has("quiet");
     std::unique_ptr<Progress> prior_bar, decoder_bar;
     o.prior_callback = progress_callback(prior_bar, "prior", prior_total(o), quiet);
@@ -341,6 +360,8 @@ int run_prior(int argc, char** argv) {
     require_dir("prior", args.str("prior"));
     PriorPipeline pipe = PriorPipeline::from_pretrained(args.str("prior"), load);
     apply_loras(args, pipe);
+    warn_truncated(pipe.tokenizer(), o.prompts);
+    warn_truncated(pipe.tokenizer(), o.negative_prompts);
     PriorOptions p = prior_options(o);
     std::unique_ptr<Progress> bar;
     p.callback = progress_callback(bar, "prior", prior_total(o), args.has("quiet"));
@@ -379,6 +400,8 @@ int run_decode(int argc, char** argv) {
     d.image_embeddings = file.tensor("image_embeddings").to(torch::kFloat32).clone();
     d.prompts = {args.str("prompt", "")};
     if (args.has("negative-prompt")) d.negative_prompts = {args.str("negative-prompt")};
+    warn_truncated(pipe.tokenizer(), d.prompts);
+    warn_truncated(pipe.tokenizer(), d.negative_prompts);
     d.num_inference_steps = o.num_inference_steps;
     d.guidance_scale = o.decoder_guidance_scale;
     d.seed = args.seed("seed");

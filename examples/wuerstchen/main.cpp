@@ -7,6 +7,8 @@
 //   wuerstchen info     DIR
 //   wuerstchen bench    --model DIR | --prior DIR --decoder DIR | --random-weights [options]
 
+#include <c10/util/Exception.h>
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -61,6 +63,10 @@ int main(int argc, char** argv) {
         return 2;
     } catch (const wuerstchen::Error& e) {
         std::fprintf(stderr, "wuerstchen %s: %s\n", command.c_str(), one_line(e.what()).c_str());
+        return 1;
+    } catch (const c10::Error& e) {  // libtorch: its message without the C++ backtrace
+        std::fprintf(stderr, "wuerstchen %s: internal error: %s\n", command.c_str(),
+                     one_line(e.what_without_backtrace()).c_str());
         return 1;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "wuerstchen %s: internal error: %s\n", command.c_str(),

@@ -91,6 +91,27 @@ TEST(CLI, GenerateMatchesCombinedReference) {
     EXPECT_EQ(h, 256);
 }
 
+// A prompt beyond CLIP's 77 tokens runs (truncated, as upstream) and stderr names the dropped
+// part; a short one gets no warning.
+TEST(CLI, WarnsAboutTruncatedPrompts) {
+    const std::string dir = test::make_temp_dir("cli_trunc_");
+    std::string long_prompt;
+    for (int i = 0; i < 100; ++i) long_prompt += "cat ";
+    long_prompt += "zebra";
+    auto run_prior = [&](const std::string& prompt) {
+        return run_cli({"prior", "--prior", data("tiny-wuerstchen-prior"), "--prompt", prompt,
+                        "--height", "128", "--width", "128", "--prior-steps", "2", "--seed", "1",
+                        "--device", "cpu", "--output-tensors", dir + "/e.safetensors", "--quiet"});
+    };
+    const CliResult long_run = run_prior(long_prompt);
+    ASSERT_EQ(long_run.status, 0) << long_run.err;
+    EXPECT_NE(long_run.err.find("warning: a prompt has"), std::string::npos) << long_run.err;
+    EXPECT_NE(long_run.err.find("zebra"), std::string::npos) << long_run.err;
+    const CliResult short_run = run_prior("cat zebra");
+    ASSERT_EQ(short_run.status, 0) << short_run.err;
+    EXPECT_EQ(short_run.err.find("warning"), std::string::npos) << short_run.err;
+}
+
 // The README's quickstart block (between the quickstart markers), run verbatim from a scratch
 // folder with the build and data paths pointing into this checkout.
 TEST(CLI, ReadmeQuickstartWritesPng) {
