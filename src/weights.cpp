@@ -89,6 +89,9 @@ std::vector<std::string> find_weight_files(const std::string& dir, const std::st
             if (!it.value().is_string())
                 throw WeightError(index + ": key 'weight_map." + it.key() + "' is not a file name");
             const std::string shard = it.value().get<std::string>();
+            if (shard.empty())
+                throw WeightError(index + ": key 'weight_map." + it.key() +
+                                  "' names no shard file (empty string)");
             if (shard.find('/') != std::string::npos || shard.find("..") != std::string::npos)
                 throw WeightError(index + ": shard name '" + shard + "' leaves the folder");
             shards.insert(shard);

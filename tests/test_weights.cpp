@@ -84,6 +84,17 @@ TEST_F(WeightsTest, ShardedIndex) {
     EXPECT_FLOAT_EQ(m->fc->bias[0].item<float>(), 0.5f);
 }
 
+TEST_F(WeightsTest, IndexWithBadShardNames) {
+    const std::string index_path = dir_ + "/model.safetensors.index.json";
+    test::write_file(index_path, R"({"weight_map": {"fc.weight": ""}})");
+    WUERSTCHEN_EXPECT_THROW_MSG(find_weight_files(dir_, "model"), WeightError,
+                                "model.safetensors.index.json", "'weight_map.fc.weight'",
+                                "names no shard file");
+    test::write_file(index_path, R"({"weight_map": {"fc.weight": "../x.safetensors"}})");
+    WUERSTCHEN_EXPECT_THROW_MSG(find_weight_files(dir_, "model"), WeightError,
+                                "model.safetensors.index.json", "leaves the folder");
+}
+
 TEST_F(WeightsTest, NoWeightsNamesFolder) {
     WUERSTCHEN_EXPECT_THROW_MSG(find_weight_files(dir_, "diffusion_pytorch_model"), IoError, dir_,
                                 "diffusion_pytorch_model.safetensors");
