@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go, for a lent CUDA machine with a PyTorch 2.x wheel (no network):
-# the gpu-labelled tests, then `wuerstchen bench` at the real model sizes with random weights
-# (1024x1024, prior 29 steps with guidance 4, decoder 12 steps: the anchors of the speed issue)
-# in each mode that has a target. Results go to $OUT (default ./gpu-out): gpu-tests.log, one
-# bench-<name>.json per run, bench.log with the progress lines.
+# The GPU checks, in phases, for a lent CUDA machine with a PyTorch 2.x wheel (no network).
+# Results go to $OUT (default ./gpu-out): build.log, gpu-tests.log, bench-<name>.json (+ bench.log
+# with the progress lines), profile.json + profile-trace.json.
 #
-#   sh .gpu-carry/gpu-build.sh && scripts/gpu-check.sh [quick]
+#   scripts/gpu-check.sh build tests bench     # about 8 minutes: one device call
+#   scripts/gpu-check.sh memory profile        # offload modes, bf16, a kernel profile
 #
-# The build (build-gpu/, env.sh) is what ../shared/device/gpu-build.sh makes. Every step has its
-# own time limit so that one hang cannot use up the machine's time; a failed step is reported
-# and the next one still runs. `quick` runs the tests and the batch-1 benches only.
+# Phases:
+#   build    the project against the wheel's libtorch (../shared/device/gpu-build.sh, staged into
+#            .gpu-carry by ../shared/device/stage.sh), plus the wuerstchen_profile tool
+#   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs)
+#   bench    `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
+#            with guidance 4, decoder 12 steps, fp16: batch 1 eager, batch 1 with CUDA graphs,
+#            batch 4 with CUDA graphs (the speed targets)
+#   memory   batch 1 with --offload, with --sequential-offload, and bf16 with graphs
+#   profile  one eager batch-1 run under the Kineto profiler: top CUDA kernels in profile.json
+# Every step has its own time limit so that one hang cannot use up the machine's time; a failed
+# step is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 BUILD="${BUILD:-build-gpu}"
-# shellcheck disable=SC1091
-[ -f "$BUILD/env.sh" ] && . "$BUILD/env.sh"
 CLI="$BUILD/examples/wuerstchen/wuerstchen"
+PROFILER="$BUILD/examples/wuerstchen/wuerstchen_profile"
 status=0
 
 step() {  # step NAME SECONDS COMMAND...
@@ -32,23 +38,55 @@ step() {  # step NAME SECONDS COMMAND...
     fi
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-
-step "gpu tests" 240 ctest --test-dir "$BUILD" -L gpu --output-on-failure \
-    > "$OUT/gpu-tests.log" 2>&1
-
-bench() {  # bench NAME FLAGS...
-    local name=$1
-    shift
-    step "bench $name" 150 "$CLI" bench --random-weights --device cuda --runs 3 --warmup 1 "$@" \
-        > "$OUT/bench-$name.json" 2>> "$OUT/bench.log"
+env_sh() {  # the library path of the carried packages
+    # shellcheck disable=SC1091
+    [ -f "$BUILD/env.sh" ] && . "$BUILD/env.sh"
+    return 0
 }
-bench b1-fp16-eager --dtype fp16
-bench b1-fp16-graphs --dtype fp16 --cuda-graphs
-if [ "${1:-}" != quick ]; then
-    bench b4-fp16-graphs --dtype fp16 --cuda-graphs --batch 4
-    bench b1-bf16-graphs --dtype bf16 --cuda-graphs
-    bench b1-fp16-offload --dtype fp16 --offload
-    bench b1-fp16-sequential --dtype fp16 --sequential-offload --runs 1
-fi
+
+bench() {  # bench NAME LIMIT FLAGS...
+    local name=$1 limit=$2
+    shift 2
+    step "bench $name" "$limit" "$CLI" bench --random-weights --device cuda --runs 3 --warmup 1 \
+        "$@" > "$OUT/bench-$name.json" 2>> "$OUT/bench.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+[ $# -gt 0 ] || set -- build tests bench
+for phase in "$@"; do
+    case "$phase" in
+        build)
+            step "build" 420 sh .gpu-carry/gpu-build.sh > "$OUT/build.log" 2>&1
+            step "build wuerstchen_profile" 120 cmake --build "$BUILD" --target wuerstchen_profile \
+                -j 16 >> "$OUT/build.log" 2>&1
+            ;;
+        tests)
+            env_sh
+            step "gpu tests" 240 ctest --test-dir "$BUILD" -L gpu --output-on-failure \
+                > "$OUT/gpu-tests.log" 2>&1
+            ;;
+        bench)
+            env_sh
+            bench b1-fp16-eager 120 --dtype fp16
+            bench b1-fp16-graphs 120 --dtype fp16 --cuda-graphs
+            bench b4-fp16-graphs 150 --dtype fp16 --cuda-graphs --batch 4
+            ;;
+        memory)
+            env_sh
+            bench b1-fp16-offload 150 --dtype fp16 --offload
+            bench b1-fp16-sequential 240 --dtype fp16 --sequential-offload --runs 1
+            bench b1-bf16-graphs 120 --dtype bf16 --cuda-graphs
+            ;;
+        profile)
+            env_sh
+            step "profile" 150 "$PROFILER" bench --random-weights --device cuda --dtype fp16 \
+                --runs 1 --warmup 1 --profile "$OUT/profile-trace.json" \
+                > "$OUT/profile.json" 2>> "$OUT/bench.log"
+            ;;
+        *)
+            echo "unknown phase '$phase' (build, tests, bench, memory, profile)" >&2
+            exit 2
+            ;;
+    esac
+done
 exit $status

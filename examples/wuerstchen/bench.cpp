@@ -28,13 +28,20 @@
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
+#if defined(WUERSTCHEN_KINETO)
+#include <torch/csrc/autograd/profiler_kineto.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -272,6 +279,54 @@ PeakMemory peak_memory(torch::Device device) {
     return out;
 }
 
+#if defined(WUERSTCHEN_KINETO)
+// The CUDA kernels of a Chrome trace written by the Kineto profiler ("cat": "kernel", "dur" in
+// microseconds): the `top` ones by total time, with calls and share of all kernel time.
+nlohmann::json top_kernels(const std::string& trace_path, size_t top) {
+    std::ifstream in(trace_path);
+    if (!in) throw IoError(trace_path + ": cannot read the profile trace");
+    nlohmann::json trace;
+    try {
+        in >> trace;
+    } catch (const nlohmann::json::exception& e) {
+        throw IoError(trace_path + ": the profile trace is not JSON: " + e.what());
+    }
+    struct Total {
+        double us = 0;
+        int64_t calls = 0;
+    };
+    std::map<std::string, Total> by_name;
+    double all_us = 0;
+    if (trace.contains("traceEvents") && trace["traceEvents"].is_array()) {
+        for (const auto& e : trace["traceEvents"]) {
+            if (!e.is_object() || e.value("cat", "") != "kernel" || !e.contains("dur") ||
+                !e["dur"].is_number())
+                continue;
+            const double us = e["dur"].get<double>();
+            Total& t = by_name[e.value("name", "?")];
+            t.us += us;
+            ++t.calls;
+            all_us += us;
+        }
+    }
+    std::vector<std::pair<std::string, Total>> sorted(by_name.begin(), by_name.end());
+    std::sort(sorted.begin(), sorted.end(),
+              [](const auto& a, const auto& b) { return a.second.us > b.second.us; });
+    nlohmann::json kernels = nlohmann::json::array();
+    for (size_t i = 0; i < sorted.size() && i < top; ++i) {
+        const auto& [name, t] = sorted[i];
+        kernels.push_back({{"name", name},
+                           {"calls", t.calls},
+                           {"total_ms", std::round(t.us) / 1e3},
+                           {"share", all_us > 0 ? std::round(t.us / all_us * 1e3) / 1e3 : 0.0}});
+    }
+    return {{"trace", trace_path},
+            {"kernel_time_ms", std::round(all_us) / 1e3},
+            {"distinct_kernels", by_name.size()},
+            {"top_kernels", kernels}};
+}
+#endif
+
 nlohmann::json summary(const std::vector<double>& seconds) {
     std::vector<double> sorted = seconds;
     std::sort(sorted.begin(), sorted.end());
@@ -324,6 +379,10 @@ int run_bench(int argc, char** argv) {
          {"seed", "S", "seed of the random weights and of every run's noise (default 0)"},
          {"warmup", "N", "untimed runs first (default 1)"},
          {"runs", "N", "timed runs (default 3)"},
+         {"profile", "FILE",
+          "profile one more run after the timed ones (CPU ops and CUDA kernels), write its "
+          "Chrome trace to FILE and list the top CUDA kernels in the JSON (needs the "
+          "wuerstchen_profile build: CUDA libtorch 2.x)"},
          {"quiet", "", "no progress lines on stderr"}});
     args.parse(argc, argv, 2);
     if (args.help()) {
@@ -374,6 +433,15 @@ int run_bench(int argc, char** argv) {
     const double decoder_guidance = args.number("decoder-guidance", 0.0);
     const int warmup = positive(args, "warmup", 1, 0);
     const int runs = positive(args, "runs", 3, 1);
+    const std::string profile_path = args.str("profile", "");
+    if (args.has("profile")) {
+#if !defined(WUERSTCHEN_KINETO)
+        throw UsageError(
+            "--profile needs the wuerstchen_profile build (a CUDA libtorch 2.x; cmake --build "
+            "BUILD --target wuerstchen_profile)");
+#endif
+        if (profile_path.empty()) throw UsageError("--profile needs a file name");
+    }
     const uint64_t seed = args.seed("seed").value_or(0);
     const bool quiet = args.has("quiet");
     const LoadOptions load = load_options(args);
@@ -507,6 +575,22 @@ int run_bench(int argc, char** argv) {
     }
     const PeakMemory peak = peak_memory(device);
 
+    nlohmann::json profile = nullptr;
+#if defined(WUERSTCHEN_KINETO)
+    if (!profile_path.empty()) {
+        namespace prof = torch::autograd::profiler;
+        using torch::profiler::impl::ActivityType;
+        const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
+        const prof::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+        prof::prepareProfiler(config, activities);
+        prof::enableProfiler(config, activities);
+        run_once(false);
+        prof::disableProfiler()->save(profile_path);
+        note("profile trace written to " + profile_path);
+        profile = top_kernels(profile_path, 15);
+    }
+#endif
+
     // ---- report
     nlohmann::json out;
     out["device"] = device_name(device);
@@ -536,6 +620,7 @@ int run_bench(int argc, char** argv) {
                      {"decoder_loop", summary(t_decoder)},
                      {"vq_decode", summary(t_vq)}};
     out["total"] = summary(t_total);
+    if (!profile.is_null()) out["profile"] = profile;
     if (peak.allocated >= 0) {
         out["peak_cuda_memory_bytes"] = peak.allocated;
         out["peak_cuda_memory_gib"] = std::round(peak.allocated / double(1 << 30) * 1e3) / 1e3;

@@ -341,6 +341,10 @@ TEST(CLI, BenchUsageErrors) {
     expect_one_line_error(
         run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--sequential-offload"}),
         {"--sequential-offload needs --device cuda"});
+    // The default build has no profiler (the wuerstchen_profile target of a CUDA build has).
+    expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu",
+                                   "--profile", "trace.json"}),
+                          {"--profile needs the wuerstchen_profile build"});
     expect_one_line_error(
         run_cli({"generate", "--model", data("tiny-wuerstchen-combined"), "--prompt", "x",
                  "--device", "cpu", "--cuda-graphs"}),
