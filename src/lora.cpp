@@ -760,6 +760,14 @@ void unfuse_lora(const std::vector<torch::nn::Module*>& modules) {
     for (auto* layer : all_layers(modules)) layer->unfuse();
 }
 
+void LoraLinearImpl::place_adapters() {
+    for (auto& a : adapters_) place(a);
+}
+
+void place_lora_adapters(const std::vector<torch::nn::Module*>& modules) {
+    for (auto* layer : all_layers(modules)) layer->place_adapters();
+}
+
 void set_lora_enabled(const std::vector<torch::nn::Module*>& modules, bool enabled) {
     for (auto* layer : all_layers(modules)) layer->set_lora_enabled(enabled);
 }

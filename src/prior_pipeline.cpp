@@ -254,6 +254,9 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     const bool graphs = options_.cuda_graphs && mode == OffloadMode::none && device_.is_cuda();
     std::string graph_key;
     if (graphs) {
+        // Adapters move to the weights' device on first use: before the fingerprint, so that
+        // the first graphed call does not change it.
+        place_lora_adapters({prior_.ptr().get()});
         graphs_->invalidate_unless(weights_fingerprint(*prior_));
         graph_key = guidance_key(cfg, guidance);
     }

@@ -79,6 +79,9 @@ public:
     void unfuse();
     bool fused() const { return original_weight_.defined(); }
 
+    // Moves the adapters to the weight's device and dtype now (forward does it on first use).
+    void place_adapters();
+
     // Switches the unfused LoRA branch off / on (a fused weight is unaffected).
     void set_lora_enabled(bool enabled) { enabled_ = enabled; }
     bool lora_enabled() const { return enabled_; }
@@ -150,6 +153,8 @@ void fuse_lora(const std::vector<torch::nn::Module*>& modules, double lora_scale
                const std::vector<std::string>& names = {});
 void unfuse_lora(const std::vector<torch::nn::Module*>& modules);
 void set_lora_enabled(const std::vector<torch::nn::Module*>& modules, bool enabled);
+// place_adapters() on every LoraLinear of the modules.
+void place_lora_adapters(const std::vector<torch::nn::Module*>& modules);
 void delete_lora_adapters(const std::vector<torch::nn::Module*>& modules,
                           const std::vector<std::string>& names);
 void unload_lora(const std::vector<torch::nn::Module*>& modules);
