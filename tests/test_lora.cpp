@@ -236,6 +236,24 @@ TEST(Lora, LayerSumsAdapterBranches) {
     EXPECT_TRUE(all_close("lora_forward", lora_forward(as_linear, x), expected, 1e-5));
 }
 
+// Adapters follow the weight lazily (at forward) or on request (place_adapters).
+TEST(Lora, PlaceAdaptersFollowsTheWeight) {
+    auto g = make_generator(2);
+    LoraLinear layer(16, 8);
+    layer->add_adapter("x", torch::randn({4, 16}, g), torch::randn({8, 4}, g), 4.0);
+    layer->to(torch::kBFloat16);
+    EXPECT_EQ(layer->adapters()[0].down.scalar_type(), torch::kFloat32);  // not yet
+    const void* before = layer->adapters()[0].up.data_ptr();
+    torch::nn::Sequential model(layer);  // the layers of a model, as the pipelines pass them
+    place_lora_adapters({model.ptr().get()});
+    EXPECT_EQ(layer->adapters()[0].down.scalar_type(), torch::kBFloat16);
+    EXPECT_EQ(layer->adapters()[0].up.scalar_type(), torch::kBFloat16);
+    const void* placed = layer->adapters()[0].up.data_ptr();
+    EXPECT_NE(placed, before);
+    layer->place_adapters();  // already in place: nothing is copied
+    EXPECT_EQ(layer->adapters()[0].up.data_ptr(), placed);
+}
+
 TEST(Lora, Bf16LayerRunsInWeightDtypeAndRestoresExactly) {
     auto g = make_generator(1);
     LoraLinear layer(16, 8);
