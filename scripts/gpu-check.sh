@@ -3,8 +3,9 @@
 # Results go to $OUT (default ./gpu-out): build.log, gpu-tests.log, bench-<name>.json (+ bench.log
 # with the progress lines), profile.json + profile-trace.json.
 #
-#   scripts/gpu-check.sh build tests bench     # about 8 minutes: one device call
-#   scripts/gpu-check.sh memory profile        # offload modes, bf16, a kernel profile
+#   scripts/gpu-check.sh build tests             # first device call (about 6 minutes)
+#   scripts/gpu-check.sh bench memory profile    # second call, same warm machine (about 6)
+# (no phase given: build tests bench)
 #
 # Phases:
 #   build    the project against the wheel's libtorch (../shared/device/gpu-build.sh, staged into
