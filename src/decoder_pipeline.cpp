@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "wuerstchen/error.h"
+#include "wuerstchen/lora.h"
 #include "wuerstchen/scheduler.h"
 #include "offload.h"
 #include "step_graphs.h"
@@ -47,15 +48,15 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
       latent_dim_scale_(c.latent_dim_scale),
       options_(options),
       graphs_(std::make_shared<StepGraphs>()) {
+    if (!text_encoder_ || !decoder_ || !vqgan_)
+        throw InvalidArgument(
+            "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
     check_dtype_on_device(kWhere, module_dtype(*decoder_), options_.device);
     if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
         pin_module(*decoder_);
         pin_module(*vqgan_);
     }
-    if (!text_encoder_ || !decoder_ || !vqgan_)
-        throw InvalidArgument(
-            "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
     if (!(std::isfinite(latent_dim_scale_) && latent_dim_scale_ > 0))
         throw InvalidArgument("DecoderPipeline: `latent_dim_scale` must be a positive number");
     scheduler_.validate();
@@ -242,6 +243,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         const bool graphs = options_.cuda_graphs && mode == OffloadMode::none && device.is_cuda();
         std::string graph_key;
         if (graphs) {
+            place_lora_adapters({decoder_.ptr().get()});  // as the prior pipeline does
             graphs_->invalidate_unless(weights_fingerprint(*decoder_));
             graph_key = guidance_key(cfg, guidance);
         }

@@ -152,6 +152,13 @@ TEST_F(DecoderPipelineTest, CombinedFolderAndComponents) {
                                 kPipelineTol));
 }
 
+TEST_F(DecoderPipelineTest, MissingComponentIsInvalidArgument) {
+    DecoderComponents parts{pipe_->tokenizer(), pipe_->text_encoder(), WuerstchenDiffNeXt(nullptr),
+                            pipe_->vqgan(),     pipe_->scheduler_config(), 10.67};
+    WUERSTCHEN_EXPECT_THROW_MSG(DecoderPipeline::from_components(std::move(parts)),
+                                InvalidArgument, "DecoderPipeline", "must all be set");
+}
+
 TEST_F(DecoderPipelineTest, LatentOutputSkipsVQGAN) {
     const auto ref = test::reference("pipeline_decoder_seed22");
     DecoderOptions opt = test::decoder_seed22_options(ref);
