@@ -79,7 +79,16 @@ SequentialOffload::SequentialOffload(torch::nn::Module& model,
         }
     }
     if (!copy_) return;
-    for (auto& s : resident_) s.param.set_data(s.home.to(device_, /*non_blocking=*/false, /*copy=*/true));
+    size_t moved = 0;
+    try {
+        for (; moved < resident_.size(); ++moved) {
+            auto& s = resident_[moved];
+            s.param.set_data(s.home.to(device_, /*non_blocking=*/false, /*copy=*/true));
+        }
+    } catch (...) {  // e.g. out of memory: nothing may stay behind on the device
+        for (size_t k = 0; k < moved; ++k) resident_[k].param.set_data(resident_[k].home);
+        throw;
+    }
 }
 
 SequentialOffload::~SequentialOffload() {
@@ -101,8 +110,15 @@ void SequentialOffload::load(size_t i) {
     if (copy_) {
         std::optional<c10::StreamGuard> on_side;
         if (streams_) on_side.emplace(*side_);
-        for (auto& s : u.slots) {
-            s.param.set_data(s.home.to(device_, /*non_blocking=*/s.pinned, /*copy=*/true));
+        size_t copied = 0;
+        try {
+            for (; copied < u.slots.size(); ++copied) {
+                auto& s = u.slots[copied];
+                s.param.set_data(s.home.to(device_, /*non_blocking=*/s.pinned, /*copy=*/true));
+            }
+        } catch (...) {  // e.g. out of memory: the unit goes back home whole
+            for (size_t k = 0; k < copied; ++k) u.slots[k].param.set_data(u.slots[k].home);
+            throw;
         }
         if (streams_) u.ready->record(*side_);
         ++copies_;
@@ -149,7 +165,8 @@ void SequentialOffload::before(const torch::nn::Module& unit) {
     const size_t n = units_.size();
     const size_t next = (i + 1) % n;
     if (next != i && !units_[next].loaded) {
-        if (n >= 3) wait_done((i + n - 2) % n);
+        // With fewer than three units, the one about to be loaded is the one to wait for.
+        wait_done(n >= 3 ? (i + n - 2) % n : next);
         load(next);
     }
 }

@@ -91,10 +91,15 @@ OffloadGuard::OffloadGuard(torch::nn::Module& module, torch::Device device, bool
     torch::NoGradGuard no_grad;
     std::vector<torch::Tensor> tensors = module.parameters();
     for (auto& b : module.buffers()) tensors.push_back(b);
-    for (auto& t : tensors) {
-        if (t.device() == device) continue;
-        moved_.emplace_back(t, t.detach());
-        t.set_data(t.to(device));
+    try {
+        for (auto& t : tensors) {
+            if (t.device() == device) continue;
+            moved_.emplace_back(t, t.detach());
+            t.set_data(t.to(device));
+        }
+    } catch (...) {  // e.g. out of memory: what moved goes back (no destructor runs)
+        for (auto& [registered, original] : moved_) registered.set_data(original);
+        throw;
     }
 }
 
