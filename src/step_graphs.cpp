@@ -1,6 +1,7 @@
 #include "step_graphs.h"
 
 #include <map>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <utility>
@@ -10,8 +11,10 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/version.h>
 
-// Graph capture needs a CUDA build of libtorch 2.x (capture modes, the allocator's pool API).
-#if defined(WUERSTCHEN_WITH_CUDA) && TORCH_VERSION_MAJOR >= 2
+// Graph capture needs a CUDA build of a recent libtorch (capture modes and the allocator's
+// endAllocateToPool / releasePool, as in 2.5 and later).
+#if defined(WUERSTCHEN_WITH_CUDA) && \
+    (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5))
 #define WUERSTCHEN_CUDA_GRAPHS 1
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -78,6 +81,16 @@ struct StepGraphs::Impl {
     std::map<std::string, Entry> entries;
     std::string fingerprint;
     bool failed = false;  // a capture failed: run eagerly from then on
+    // Copies of a pipeline share the cache: one capture / replay at a time (a replay writes the
+    // graph's input buffers).
+    mutable std::mutex mutex;
+
+    void clear() {
+        entries.clear();
+#if defined(WUERSTCHEN_CUDA_GRAPHS)
+        pool.reset();  // a released pool id is not reused: the next capture takes a new one
+#endif
+    }
 };
 
 StepGraphs::StepGraphs() : impl_(std::make_unique<Impl>()) {}
@@ -92,17 +105,19 @@ bool StepGraphs::supported() {
 }
 
 void StepGraphs::clear() {
-    impl_->entries.clear();
-#if defined(WUERSTCHEN_CUDA_GRAPHS)
-    impl_->pool.reset();  // a released pool id is not reused: the next capture takes a new one
-#endif
+    const std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->clear();
 }
 
-size_t StepGraphs::size() const { return impl_->entries.size(); }
+size_t StepGraphs::size() const {
+    const std::lock_guard<std::mutex> lock(impl_->mutex);
+    return impl_->entries.size();
+}
 
 void StepGraphs::invalidate_unless(const std::string& fingerprint) {
+    const std::lock_guard<std::mutex> lock(impl_->mutex);
     if (fingerprint == impl_->fingerprint) return;
-    clear();
+    impl_->clear();
     impl_->fingerprint = fingerprint;
 }
 
@@ -125,6 +140,9 @@ void abandon_capture(at::cuda::CUDAGraph& graph, const OwnedStream& stream,
     (void)cudaGetLastError();
     try {
         c10::cuda::CUDACachingAllocator::endAllocateToPool(stream.device(), pool);
+    } catch (...) {  // capture_end may have ended the routing before it failed
+    }
+    try {
         c10::cuda::CUDACachingAllocator::releasePool(stream.device(), pool);
     } catch (...) {
     }
@@ -136,7 +154,9 @@ void abandon_capture(at::cuda::CUDAGraph& graph, const OwnedStream& stream,
 torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const std::string& key,
                               const Step& step) {
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
-    if (impl_->failed || inputs.empty() || !inputs[0].is_cuda()) return step(inputs);
+    if (inputs.empty() || !inputs[0].is_cuda()) return step(inputs);
+    const std::lock_guard<std::mutex> lock(impl_->mutex);
+    if (impl_->failed) return step(inputs);
     // The graph's buffers are inference tensors: keep every use inside InferenceMode.
     const c10::InferenceMode inference;
     const torch::Device device = inputs[0].device();
@@ -166,7 +186,7 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
             } catch (...) {
                 abandon_capture(*entry.graph, *impl_->stream, *impl_->pool);
                 entry.graph.reset();
-                clear();
+                impl_->clear();
                 impl_->failed = true;
                 throw;
             }

@@ -13,7 +13,8 @@
 // (they never run concurrently). A capture that fails (the step throws) is ended cleanly, the
 // error is passed on and the cache runs eagerly from then on.
 //
-// Needs a CUDA build of libtorch 2.x; otherwise, or with inputs off CUDA, run() calls the step.
+// Needs a CUDA build of libtorch 2.5 or later; otherwise, or with inputs off CUDA, run() calls
+// the step. Copies of a pipeline share one cache; its captures and replays are serialised.
 
 #include <torch/nn/module.h>
 #include <torch/types.h>
