@@ -171,6 +171,9 @@ TEST_F(GpuPipelines, CombinedFp16ReferenceScheduleRuns) {
     const auto out = pipe(test::combined_seed42_options());
     const auto ref = reference("pipeline_combined_seed42");
     EXPECT_TRUE(torch::isfinite(host(out.image_embeddings)).all().item<bool>());
+    EXPECT_TRUE(torch::isfinite(out.images).all().item<bool>());
+    EXPECT_GE(out.images.min().item<float>(), 0.0f);
+    EXPECT_LE(out.images.max().item<float>(), 1.0f);
     EXPECT_EQ(out.images.sizes(), ref_tensor(ref, "images").sizes());
     // Printed for the record (the quirk above decides it), not asserted.
     std::cout << "[ measure  ] cuda fp16 combined_seed42 vs fp32 reference: max abs error "
@@ -218,9 +221,11 @@ TEST_F(GpuPipelines, OffloadMatchesResident) {
                   static_cast<torch::nn::Module*>(decoder.decoder().get()),
                   static_cast<torch::nn::Module*>(decoder.text_encoder().get()),
                   static_cast<torch::nn::Module*>(decoder.vqgan().get())}) {
-                for (const auto& p : m->parameters()) {
-                    ASSERT_TRUE(p.is_cpu()) << what;
-                    if (sequential) ASSERT_TRUE(p.is_pinned()) << what;
+                std::vector<torch::Tensor> tensors = m->parameters();
+                for (const auto& b : m->buffers()) tensors.push_back(b);
+                for (const auto& t : tensors) {
+                    ASSERT_TRUE(t.is_cpu()) << what;
+                    if (sequential) ASSERT_TRUE(t.is_pinned()) << what;
                 }
             }
             EXPECT_TRUE(module_device(*resident.prior_pipeline().prior()).is_cuda()) << what;

@@ -4,12 +4,14 @@
 // Sequential offload moves blocks between the CPU and a GPU; here the offloader is told to make
 // its copies on the CPU as well (copy_on_same_device), which runs the same swap / prefetch /
 // release logic without streams. The forward must then be bit-identical (same kernels on copies
-// of the same weights), every unit must have run on a copy, at most three units may hold copies
-// at once, and every parameter must get its original tensor back, also after an exception.
+// of the same weights), every unit must have run on a copy, exactly the running unit and the
+// prefetched next one may hold copies at once, and every parameter must get its original tensor
+// back, also after an exception.
 
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -88,7 +90,9 @@ void check_sequential(Holder& model, const std::string& what, Forward forward) {
         EXPECT_TRUE(torch::equal(second, expected)) << what << ": second pass differs";
         EXPECT_EQ(spy.seen(), 2 * static_cast<int>(units.size())) << what;
         EXPECT_EQ(spy.on_home(), 0) << what << ": a unit ran on its home weights";
-        EXPECT_LE(offload.max_units_on_device(), 3) << what;
+        // The unit running and the next one, prefetched (on CUDA a third may still be
+        // finishing on the device while the host moves on).
+        EXPECT_EQ(offload.max_units_on_device(), 2) << what;
         EXPECT_GE(offload.unit_copies(), 2 * static_cast<int64_t>(units.size())) << what;
         std::cout << "[ offload ] " << what << ": " << units.size() << " units, "
                   << offload.unit_copies() << " unit copies over two forwards, at most "
@@ -156,9 +160,32 @@ TEST(SequentialOffload, RestoresWeightsWhenTheForwardThrows) {
         prior->block_hook = &spy;
         EXPECT_THROW(prior->forward(x, r, c), std::runtime_error);
         prior->block_hook = nullptr;
-        EXPECT_NE(storage_of(*prior), before);  // units 4 and 5 still hold copies here
+        // Unit 4 (prefetched by before(3)) still holds its copy here.
+        const auto unit4 = prior->offload_units()[4]->parameters();
+        ASSERT_FALSE(unit4.empty());
+        EXPECT_EQ(std::count(before.begin(), before.end(), unit4[0].data_ptr()), 0);
     }
     EXPECT_EQ(storage_of(*prior), before);
+}
+
+// StageScope sets the model's hook for the stage and clears it after, also on an exception.
+TEST(SequentialOffload, StageScopeSetsAndClearsTheHook) {
+    auto prior = load_prior(data_path("tiny-wuerstchen-prior/prior"));
+    {
+        const auto scope = stage_scope(prior, torch::kCPU, OffloadMode::sequential);
+        EXPECT_NE(prior->block_hook, nullptr);
+    }
+    EXPECT_EQ(prior->block_hook, nullptr);
+    try {
+        const auto scope = stage_scope(prior, torch::kCPU, OffloadMode::sequential);
+        throw std::runtime_error("stop");
+    } catch (const std::runtime_error&) {
+    }
+    EXPECT_EQ(prior->block_hook, nullptr);
+    {
+        const auto scope = stage_scope(prior, torch::kCPU, OffloadMode::model);
+        EXPECT_EQ(prior->block_hook, nullptr);  // model offload moves the whole model instead
+    }
 }
 
 TEST(OffloadOptions, BothModesAreRefused) {

@@ -18,14 +18,16 @@ struct LoadOptions {
     // (diffusers' enable_model_cpu_offload).
     bool offload = false;
     // Sequential offload (diffusers' enable_sequential_cpu_offload): weights stay on the CPU
-    // (pinned when `device` is CUDA) and each block of a model visits `device` only for its own
-    // forward, the next block's copy overlapping the current block's compute on a side stream.
-    // The smallest GPU footprint, at the cost of one weight transfer per block and step.
-    // Exclusive with `offload`. No effect when `device` is the CPU.
+    // (pinned when `device` is CUDA) and each block of the text encoders, prior and decoder
+    // visits `device` only for its own forward, the next block's copy overlapping the current
+    // block's compute on a side stream. A model's parts outside its blocks (embeddings, mappers,
+    // output head), the small VQGAN as a whole and loaded LoRA adapters stay on `device` while
+    // their stage runs. The smallest GPU footprint, at the cost of one weight transfer per block
+    // and step. Exclusive with `offload`. No effect when `device` is the CPU.
     bool sequential_offload = false;
     // Replay each denoising step from a CUDA graph captured on its first use for a shape, batch
     // and guidance scale (cached per pipeline; a capture costs about two extra steps). Only on
-    // CUDA with libtorch 2.x, and only without offloading (the weights must stay put); ignored
+    // CUDA with libtorch 2.5 or later, and only without offloading (the weights must stay put); ignored
     // otherwise.
     bool cuda_graphs = false;
 };
