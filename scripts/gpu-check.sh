@@ -10,7 +10,8 @@
 # Phases:
 #   build    the project against the wheel's libtorch (../shared/device/gpu-build.sh, staged into
 #            .gpu-carry by ../shared/device/stage.sh), plus the wuerstchen_profile tool
-#   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs)
+#   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
+#            CUDA cases of the CPU suite (Lora.Cuda*)
 #   bench    `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
 #            with guidance 4, decoder 12 steps, fp16: batch 1 eager, batch 1 with CUDA graphs,
 #            batch 4 with CUDA graphs (the speed targets)
@@ -65,6 +66,8 @@ for phase in "$@"; do
             env_sh
             step "gpu tests" 240 ctest --test-dir "$BUILD" -L gpu --output-on-failure \
                 > "$OUT/gpu-tests.log" 2>&1
+            step "cuda cases of the cpu suite" 120 ctest --test-dir "$BUILD" -R '\.Cuda' \
+                --output-on-failure >> "$OUT/gpu-tests.log" 2>&1
             ;;
         bench)
             env_sh
