@@ -27,22 +27,9 @@ void pin_module(torch::nn::Module& module) {
     if (!torch::cuda::is_available()) return;
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;
-    for (auto& t : module.parameters())
-        if (t.is_cpu() && !t.is_pinned()) t.set_data(t.pin_memory());
-    for (auto& t : module.buffers())
+    for (auto& t : module_tensors(module))
         if (t.is_cpu() && !t.is_pinned()) t.set_data(t.pin_memory());
 }
-
-namespace {
-
-// Parameters and buffers of a module (recursively).
-std::vector<torch::Tensor> tensors_of(const torch::nn::Module& module) {
-    std::vector<torch::Tensor> out = module.parameters();
-    for (auto& b : module.buffers()) out.push_back(b);
-    return out;
-}
-
-}  // namespace
 
 SequentialOffload::SequentialOffload(torch::nn::Module& model,
                                      std::vector<torch::nn::Module*> units, torch::Device device,
@@ -55,16 +42,17 @@ SequentialOffload::SequentialOffload(torch::nn::Module& model,
     units_.resize(units.size());
     for (size_t i = 0; i < units.size(); ++i) {
         index_.emplace(units[i], i);
-        for (auto& t : tensors_of(*units[i])) {
+        for (auto& t : module_tensors(*units[i])) {
             in_units.insert(t.unsafeGetTensorImpl());
             units_[i].slots.push_back({t, t.detach(), false});
             copy_ = copy_ || t.device() != device_;
         }
     }
-    for (auto& t : tensors_of(model)) {
+    std::vector<torch::Tensor> resident;
+    for (auto& t : module_tensors(model)) {
         if (in_units.count(t.unsafeGetTensorImpl()) != 0) continue;
         copy_ = copy_ || t.device() != device_;
-        resident_.push_back({t, t.detach(), false});
+        resident.push_back(t);
     }
     copy_ = copy_ || copy_on_same_device;
     streams_ = copy_ && device_.is_cuda();
@@ -78,17 +66,7 @@ SequentialOffload::SequentialOffload(torch::nn::Module& model,
             u.done.emplace(device_.type());
         }
     }
-    if (!copy_) return;
-    size_t moved = 0;
-    try {
-        for (; moved < resident_.size(); ++moved) {
-            auto& s = resident_[moved];
-            s.param.set_data(s.home.to(device_, /*non_blocking=*/false, /*copy=*/true));
-        }
-    } catch (...) {  // e.g. out of memory: nothing may stay behind on the device
-        for (size_t k = 0; k < moved; ++k) resident_[k].param.set_data(resident_[k].home);
-        throw;
-    }
+    if (copy_) resident_.emplace(resident, device_, /*copy_all=*/copy_on_same_device);
 }
 
 SequentialOffload::~SequentialOffload() {
@@ -96,8 +74,6 @@ SequentialOffload::~SequentialOffload() {
         c10::InferenceMode not_inference(/*enabled=*/false);
         for (size_t i = 0; i < units_.size(); ++i)
             if (units_[i].loaded) release(i);
-        if (copy_)
-            for (auto& s : resident_) s.param.set_data(s.home);
     } catch (...) {  // a destructor must not throw; the weights stay where they are
     }
 }

@@ -81,7 +81,7 @@ private:
     std::optional<c10::Stream> side_;
     std::vector<Unit> units_;
     std::unordered_map<const torch::nn::Module*, size_t> index_;
-    std::vector<Slot> resident_;
+    std::optional<OffloadGuard> resident_;  // the model outside its units, for the lifetime
     int loaded_ = 0;
     int max_loaded_ = 0;
     int64_t copies_ = 0;

@@ -84,18 +84,25 @@ void move_module(torch::nn::Module& module, torch::Device device) {
         if (b.device() != device) b.set_data(b.to(device));
 }
 
-OffloadGuard::OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled) {
-    if (!enabled) return;
+std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
+    std::vector<torch::Tensor> out = module.parameters();
+    for (auto& b : module.buffers()) out.push_back(b);
+    return out;
+}
+
+OffloadGuard::OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled)
+    : OffloadGuard(enabled ? module_tensors(module) : std::vector<torch::Tensor>{}, device) {}
+
+OffloadGuard::OffloadGuard(const std::vector<torch::Tensor>& tensors, torch::Device device,
+                           bool copy_all) {
     // set_data on a normal tensor from an inference tensor is refused: leave InferenceMode here.
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> tensors = module.parameters();
-    for (auto& b : module.buffers()) tensors.push_back(b);
     try {
-        for (auto& t : tensors) {
-            if (t.device() == device) continue;
+        for (const auto& t : tensors) {
+            if (t.device() == device && !copy_all) continue;
             moved_.emplace_back(t, t.detach());
-            t.set_data(t.to(device));
+            moved_.back().first.set_data(t.to(device, /*non_blocking=*/false, /*copy=*/true));
         }
     } catch (...) {  // e.g. out of memory: what moved goes back (no destructor runs)
         for (auto& [registered, original] : moved_) registered.set_data(original);

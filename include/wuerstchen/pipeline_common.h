@@ -53,6 +53,9 @@ torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text
 torch::Device module_device(const torch::nn::Module& module);
 torch::ScalarType module_dtype(const torch::nn::Module& module);
 
+// A module's parameters followed by its buffers (recursively), as registered.
+std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module);
+
 // Moves a module's parameters and buffers to `device` in place (registrations kept); safe to call
 // inside InferenceMode.
 void move_module(torch::nn::Module& module, torch::Device device);
@@ -63,6 +66,10 @@ void move_module(torch::nn::Module& module, torch::Device device);
 class OffloadGuard {
 public:
     OffloadGuard(torch::nn::Module& module, torch::Device device, bool enabled);
+    // The same for some registered tensors of a module; copy_all also copies those already on
+    // `device` (a copy the caller wants regardless).
+    OffloadGuard(const std::vector<torch::Tensor>& tensors, torch::Device device,
+                 bool copy_all = false);
     ~OffloadGuard();
     OffloadGuard(const OffloadGuard&) = delete;
     OffloadGuard& operator=(const OffloadGuard&) = delete;
