@@ -8,7 +8,6 @@
 #include <utility>
 
 #include "wuerstchen/error.h"
-#include "wuerstchen/lora.h"
 #include "wuerstchen/scheduler.h"
 #include "offload.h"
 #include "step_graphs.h"
@@ -240,13 +239,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
                               .chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };
-        const bool graphs = options_.cuda_graphs && mode == OffloadMode::none && device.is_cuda();
-        std::string graph_key;
-        if (graphs) {
-            place_lora_adapters({decoder_.ptr().get()});  // as the prior pipeline does
-            graphs_->invalidate_unless(weights_fingerprint(*decoder_));
-            graph_key = guidance_key(cfg, guidance);
-        }
+        const auto graph_key =
+            graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
         const std::vector<float>& ts = scheduler.timestep_values();
         for (size_t i = 0; i + 1 < ts.size(); ++i) {
             // ratio = t.expand(B).to(dtype), built on the device (no host round trip)
@@ -255,7 +249,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
                     .to(dtype);
             const std::vector<torch::Tensor> inputs = {latents, ratio, effnet, text};
             const torch::Tensor predicted =
-                graphs ? graphs_->run(inputs, graph_key, denoise) : denoise(inputs);
+                graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
             // The host-side timestep: the tensor overload would read it back from the device.
             latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents, generator);
 

@@ -251,15 +251,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
             prior_->forward(torch::cat({x, x}), torch::cat({ratio, ratio}), states).chunk(2);
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
-    const bool graphs = options_.cuda_graphs && mode == OffloadMode::none && device_.is_cuda();
-    std::string graph_key;
-    if (graphs) {
-        // Adapters move to the weights' device on first use: before the fingerprint, so that
-        // the first graphed call does not change it.
-        place_lora_adapters({prior_.ptr().get()});
-        graphs_->invalidate_unless(weights_fingerprint(*prior_));
-        graph_key = guidance_key(cfg, guidance);
-    }
+    const auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
     const std::vector<float>& ts = scheduler.timestep_values();
     for (int i = 0; i + 1 < static_cast<int>(ts.size()); ++i) {
         const float t = ts[static_cast<size_t>(i)];
@@ -268,7 +260,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
                                  torch::TensorOptions().dtype(torch::kFloat32).device(device_))
                          .to(dtype);
         const std::vector<torch::Tensor> inputs = {latents, ratio, text_states};
-        torch::Tensor pred = graphs ? graphs_->run(inputs, graph_key, denoise) : denoise(inputs);
+        torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
         latents = scheduler.step(pred, static_cast<double>(t), latents, generator);
 
         if (o.callback) {

@@ -121,6 +121,17 @@ void StepGraphs::invalidate_unless(const std::string& fingerprint) {
     impl_->fingerprint = fingerprint;
 }
 
+std::optional<std::string> StepGraphs::prepare_call(const LoadOptions& options, OffloadMode mode,
+                                                    torch::Device device, torch::nn::Module& model,
+                                                    bool cfg, double guidance_scale) {
+    if (!options.cuda_graphs || mode != OffloadMode::none || !device.is_cuda()) return std::nullopt;
+    // Adapters move to the weights' device on first use: before the fingerprint, so that the
+    // first graphed call does not change it.
+    place_lora_adapters({&model});
+    invalidate_unless(weights_fingerprint(model));
+    return guidance_key(cfg, guidance_scale);
+}
+
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
 namespace {
 

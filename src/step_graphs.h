@@ -22,8 +22,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "offload.h"
+#include "wuerstchen/weights.h"
 
 namespace wuerstchen {
 
@@ -45,6 +49,14 @@ public:
 
     // Drops every graph (and their memory) when `fingerprint` differs from the last one seen.
     void invalidate_unless(const std::string& fingerprint);
+
+    // For one pipeline call whose steps run `model`: nothing unless LoadOptions::cuda_graphs is
+    // set, the call runs on CUDA and nothing is offloaded; else the key of its graphs (see
+    // guidance_key), after placing the model's LoRA adapters and dropping the graphs of
+    // weights that changed since the last call.
+    std::optional<std::string> prepare_call(const LoadOptions& options, OffloadMode mode,
+                                            torch::Device device, torch::nn::Module& model,
+                                            bool cfg, double guidance_scale);
     void clear();
     size_t size() const;
 
