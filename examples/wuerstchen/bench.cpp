@@ -347,9 +347,8 @@ int positive(const Args& args, const std::string& flag, int fallback, int minimu
 }  // namespace
 
 int run_bench(int argc, char** argv) {
-    Args args(
-        "bench",
-        {{"model", "DIR", "a combined pipeline folder (prior_* + decoder parts)"},
+    std::vector<FlagSpec> flags = {
+        {"model", "DIR", "a combined pipeline folder (prior_* + decoder parts)"},
          {"prior", "DIR", "a warp-ai/wuerstchen-prior style folder"},
          {"decoder", "DIR", "a warp-ai/wuerstchen style folder"},
          {"random-weights", "",
@@ -368,14 +367,10 @@ int run_bench(int argc, char** argv) {
           "comma-separated descending values in [0,1]"},
          {"prior-guidance", "G", "stage-C classifier-free guidance (default 4)"},
          {"decoder-steps", "N", "stage-B steps (default 12)"},
-         {"decoder-guidance", "G", "stage-B classifier-free guidance (default 0: off)"},
-         {"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
-         {"dtype", "fp32|fp16|bf16",
-          "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
-         {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
-         {"sequential-offload", "",
-          "keep the weights on the CPU and move each block to the GPU only for its forward"},
-         {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
+         {"decoder-guidance", "G", "stage-B classifier-free guidance (default 0: off)"}};
+    const std::vector<FlagSpec> load_specs = load_flags();  // --device ... --cuda-graphs
+    flags.insert(flags.end(), load_specs.begin(), load_specs.end());
+    flags.insert(flags.end(), {
          {"seed", "S", "seed of the random weights and of every run's noise (default 0)"},
          {"warmup", "N", "untimed runs first (default 1)"},
          {"runs", "N", "timed runs (default 3)"},
@@ -384,6 +379,7 @@ int run_bench(int argc, char** argv) {
           "Chrome trace to FILE and list the top CUDA kernels in the JSON (needs the "
           "wuerstchen_profile build: CUDA libtorch 2.x)"},
          {"quiet", "", "no progress lines on stderr"}});
+    Args args("bench", flags);
     args.parse(argc, argv, 2);
     if (args.help()) {
         std::cout << args.usage(

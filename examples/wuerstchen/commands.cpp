@@ -95,15 +95,16 @@ nlohmann::json component_info(const std::string& dir, const std::string& cls) {
     return c;
 }
 
+std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups) {
+    std::vector<FlagSpec> out;
+    for (auto& g : groups) out.insert(out.end(), g.begin(), g.end());
+    return out;
+}
+
 std::vector<FlagSpec> common_flags() {
-    return {{"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
-            {"dtype", "fp32|fp16|bf16", "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
-            {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
-            {"sequential-offload", "",
-             "keep the weights on the CPU and move each block to the GPU only for its forward"},
-            {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
-            {"seed", "S", "random seed (default: nondeterministic)"},
-            {"quiet", "", "no progress bars"}};
+    return concat({load_flags(),
+                   {{"seed", "S", "random seed (default: nondeterministic)"},
+                    {"quiet", "", "no progress bars"}}});
 }
 
 std::vector<FlagSpec> prior_flags() {
@@ -150,13 +151,17 @@ std::vector<FlagSpec> decoder_flags() {
             {"decoder-guidance", "G", "stage-B classifier-free guidance (default 0: off)"}};
 }
 
-std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups) {
-    std::vector<FlagSpec> out;
-    for (auto& g : groups) out.insert(out.end(), g.begin(), g.end());
-    return out;
-}
 
 }  // namespace
+
+std::vector<FlagSpec> load_flags() {
+    return {{"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
+            {"dtype", "fp32|fp16|bf16", "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
+            {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
+            {"sequential-offload", "",
+             "keep the weights on the CPU and move each block to the GPU only for its forward"},
+            {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"}};
+}
 
 LoadOptions load_options(const Args& args) {
     LoadOptions opts;
