@@ -567,7 +567,7 @@ void LoraLinearImpl::fuse(double lora_scale, const std::vector<std::string>& nam
         if (chosen) todo.push_back(&a);
     }
     if (todo.empty()) return;
-    // set_data refuses inference tensors: compute outside InferenceMode (as move_module does).
+    // set_data refuses inference tensors: compute outside InferenceMode (as OffloadGuard does).
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;
     auto w = weight.detach().to(torch::kFloat32);

@@ -74,16 +74,6 @@ torch::ScalarType module_dtype(const torch::nn::Module& module) {
     return torch::kFloat32;
 }
 
-void move_module(torch::nn::Module& module, torch::Device device) {
-    // set_data on a normal tensor from an inference tensor is refused: leave InferenceMode here.
-    c10::InferenceMode not_inference(/*enabled=*/false);
-    torch::NoGradGuard no_grad;
-    for (auto& p : module.parameters())
-        if (p.device() != device) p.set_data(p.to(device));
-    for (auto& b : module.buffers())
-        if (b.device() != device) b.set_data(b.to(device));
-}
-
 std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
     std::vector<torch::Tensor> out = module.parameters();
     for (auto& b : module.buffers()) out.push_back(b);

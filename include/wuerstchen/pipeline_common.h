@@ -56,10 +56,6 @@ torch::ScalarType module_dtype(const torch::nn::Module& module);
 // A module's parameters followed by its buffers (recursively), as registered.
 std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module);
 
-// Moves a module's parameters and buffers to `device` in place (registrations kept); safe to call
-// inside InferenceMode.
-void move_module(torch::nn::Module& module, torch::Device device);
-
 // LoadOptions::offload: while alive, `module` sits on `device`; on destruction (also when the
 // call throws) its parameters and buffers get their original tensors back (no copy back, and
 // pinned memory stays pinned). Does nothing when `enabled` is false.
