@@ -1,15 +1,19 @@
 #include "commands.h"
 
+#include <sched.h>
 #include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <thread>
 
+#include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
 #include "args.h"
@@ -160,10 +164,37 @@ std::vector<FlagSpec> load_flags() {
             {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
             {"sequential-offload", "",
              "keep the weights on the CPU and move each block to the GPU only for its forward"},
-            {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"}};
+            {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
+            {"threads", "N",
+             "CPU threads for libtorch's kernels (default: OMP_NUM_THREADS when set, else every "
+             "core this process may run on)"}};
 }
 
+namespace {
+
+// The cores this process may run on (its affinity mask: taskset, cgroup cpusets).
+int usable_cores() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// libtorch sizes its pool from the physical cores it detects, which can be 1 inside a VM; a
+// CPU run then uses one core of several.
+void set_threads(const Args& args) {
+    if (args.has("threads")) {
+        const int n = args.integer("threads", 1);
+        if (n < 1) throw UsageError("--threads must be at least 1, got " + std::to_string(n));
+        at::set_num_threads(n);
+    } else if (std::getenv("OMP_NUM_THREADS") == nullptr) {
+        at::set_num_threads(usable_cores());
+    }
+}
+
+}  // namespace
+
 LoadOptions load_options(const Args& args) {
+    set_threads(args);
     LoadOptions opts;
     const bool cuda = torch::cuda::is_available();
     const std::string device = args.str("device", cuda ? "cuda" : "cpu");

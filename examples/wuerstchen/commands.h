@@ -20,9 +20,10 @@ int run_bench(int argc, char** argv);
 
 // Shared by the subcommands (commands.cpp).
 // The flags load_options reads: --device, --dtype, --offload, --sequential-offload,
-// --cuda-graphs.
+// --cuda-graphs, --threads.
 std::vector<FlagSpec> load_flags();
 // LoadOptions from load_flags(); UsageError for a bad value or CUDA asked for but absent.
+// Also sets libtorch's CPU thread count (--threads).
 LoadOptions load_options(const Args& args);
 // 'default' (kDefaultStageCTimesteps) or a comma-separated list of numbers.
 std::vector<double> parse_timesteps(const std::string& flag, const std::string& text);

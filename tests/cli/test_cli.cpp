@@ -3,6 +3,7 @@
 // errors with a non-zero exit for bad input.
 
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <sys/wait.h>
 
 #define STB_IMAGE_IMPLEMENTATION
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <regex>
 #include <sstream>
@@ -322,6 +324,15 @@ TEST(CLI, BenchTinyCpuPrintsJson) {
         EXPECT_EQ(j.at("image_embeddings_shape").get<std::vector<int64_t>>(),
                   (std::vector<int64_t>{1, 16, 3, 3}));
     }
+    // --threads sets libtorch's pool; without it (and without OMP_NUM_THREADS) every core the
+    // process may run on is used, whatever libtorch detected.
+    const CliResult one = run_cli(with({"bench", "--random-weights", "--tiny", "--threads", "1"}));
+    expect_bench_json(one, {1, 3, 128, 128});
+    if (!HasFailure()) EXPECT_EQ(nlohmann::json::parse(one.out).at("cpu_threads"), 1);
+    cpu_set_t cores;
+    if (std::getenv("OMP_NUM_THREADS") == nullptr && sched_getaffinity(0, sizeof(cores), &cores) == 0 &&
+        !HasFailure())
+        EXPECT_EQ(nlohmann::json::parse(random.out).at("cpu_threads"), CPU_COUNT(&cores));
     // ... with a tokenizer folder, and a model folder (the loading path).
     expect_bench_json(run_cli(with({"bench", "--random-weights", "--tiny", "--tokenizer",
                                     data("tiny-wuerstchen/tokenizer")})),
@@ -336,6 +347,8 @@ TEST(CLI, BenchUsageErrors) {
                           {"--tiny goes with --random-weights"});
     expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--runs", "0"}),
                           {"--runs must be at least 1"});
+    expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--threads", "0"}),
+                          {"--threads must be at least 1"});
     expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--offload"}),
                           {"--offload needs --device cuda"});
     expect_one_line_error(
