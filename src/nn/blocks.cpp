@@ -18,7 +18,9 @@ bool is_reduced_float(const torch::Tensor& x) {
 
 torch::Tensor layer_norm_last(const torch::Tensor& x, double eps) {
     const int64_t c = x.size(-1);
-    if (is_reduced_float(x)) {
+    // CUDA's layer norm accumulates half / bfloat16 input in float32 (as upstream's nn.LayerNorm
+    // does there); on the CPU the input is widened first, which costs two passes over x.
+    if (x.is_cpu() && is_reduced_float(x)) {
         return at::layer_norm(x.to(torch::kFloat32), {c}, {}, {}, eps).to(x.scalar_type());
     }
     return at::layer_norm(x, {c}, {}, {}, eps);
@@ -47,7 +49,8 @@ TimestepBlockImpl::TimestepBlockImpl(int64_t c, int64_t c_timestep) {
 torch::Tensor TimestepBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
     // t: [B, c_r] -> [B, 2C, 1, 1] -> a, b: [B, C, 1, 1]
     auto ab = lora_forward(mapper, t).unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
-    return x * (1 + ab[0]) + ab[1];
+    // b + x * (1 + a) in one pass over x (upstream: a multiply, then an add).
+    return at::addcmul(ab[1], x, 1 + ab[0]);
 }
 
 // ---------------------------------------------------------------------------- GlobalResponseNorm
@@ -61,7 +64,9 @@ torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
     // L2 norm over the spatial dims (H, W) per channel: [B, 1, 1, C].
     auto agg_norm = at::norm(x, 2, {1, 2}, /*keepdim=*/true);
     auto stand_div_norm = agg_norm / (agg_norm.mean({-1}, /*keepdim=*/true) + 1e-6);
-    return gamma * (x * stand_div_norm) + beta + x;
+    // Upstream: gamma * (x * stand_div_norm) + beta + x, four passes over x. The same sum as
+    // beta + x * (gamma * stand_div_norm + 1): the factor is [B, 1, 1, C], so one pass.
+    return at::addcmul(beta, x, gamma * stand_div_norm + 1);
 }
 
 // ---------------------------------------------------------------------------- ChannelwiseMLP

@@ -17,7 +17,8 @@
 namespace wuerstchen::nn {
 
 // LayerNorm over channels of an NCHW tensor, no affine parameters (WuerstchenLayerNorm).
-// Computed in fp32 when the input is half precision.
+// Float32 statistics for half / bfloat16 input (CUDA's kernel accumulates in float32; on the CPU the
+// input is widened).
 torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps = 1e-6);
 // LayerNorm over the last dimension without affine parameters (nn.LayerNorm(affine=False)).
 torch::Tensor layer_norm_last(const torch::Tensor& x, double eps = 1e-6);
