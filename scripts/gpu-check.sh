@@ -14,7 +14,7 @@
 #            CUDA cases of the CPU suite (Lora.Cuda*)
 #   bench    `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
 #            with guidance 4, decoder 12 steps, fp16: batch 1 eager, batch 1 with CUDA graphs,
-#            batch 4 with CUDA graphs (the speed targets)
+#            batch 4 with CUDA graphs (the speed targets), batch 1 with graphs and channels-last
 #   memory   batch 1 with --offload, with --sequential-offload, and bf16 with graphs
 #   profile  one eager batch-1 run under the Kineto profiler: top CUDA kernels in profile.json
 # Every step has its own time limit so that one hang cannot use up the machine's time; a failed
@@ -74,6 +74,7 @@ for phase in "$@"; do
             bench b1-fp16-eager 120 --dtype fp16
             bench b1-fp16-graphs 120 --dtype fp16 --cuda-graphs
             bench b4-fp16-graphs 150 --dtype fp16 --cuda-graphs --batch 4
+            bench b1-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last
             ;;
         memory)
             env_sh

@@ -116,8 +116,9 @@ torch::Tensor DecoderPipeline::decode_latents_impl(const torch::Tensor& latents)
     // decode(latents * scale_factor).clamp(0, 1), on the host in float32
     const StageScope on(*vqgan_, options_.device, offload_mode(kWhere, options_));
     c10::InferenceMode guard;
-    const auto scaled =
-        (latents * vqgan_->scale_factor()).to(module_device(*vqgan_), module_dtype(*vqgan_));
+    const auto scaled = in_memory_format(
+        (latents * vqgan_->scale_factor()).to(module_device(*vqgan_), module_dtype(*vqgan_)),
+        options_);
     return vqgan_->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
 }
 
@@ -231,11 +232,12 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         // forward), mixed as lerp(uncond, text, guidance_scale).
         const double guidance = opt.guidance_scale;
         const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
-            const auto& x = in[0];
+            const auto x = in_memory_format(in[0], options_);
             const auto& ratio = in[1];
-            if (!cfg) return decoder_->forward(x, ratio, in[2], in[3]);
+            const auto effnet_in = in_memory_format(in[2], options_);
+            if (!cfg) return decoder_->forward(x, ratio, effnet_in, in[3]);
             auto halves = decoder_->forward(at::cat({x, x}, 0), at::cat({ratio, ratio}, 0),
-                                            in[2], in[3])
+                                            effnet_in, in[3])
                               .chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };

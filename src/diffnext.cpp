@@ -253,7 +253,8 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     h = up_decode(level_outputs, r_embed, effnet, c);
     auto ab = clf->forward(h).chunk(2, 1);  // a, b: [B, c_out, H, W]
     auto b = ab[1].sigmoid() * (1 - kOutputEps * 2) + kOutputEps;
-    return (x - ab[0]) / b;
+    // contiguous(): NCHW order also when the weights are channels-last (a no-op otherwise).
+    return ((x - ab[0]) / b).contiguous();
 }
 
 std::vector<torch::nn::Module*> WuerstchenDiffNeXtImpl::offload_units() const {

@@ -140,7 +140,8 @@ torch::Tensor PaellaVQModelImpl::encode(const torch::Tensor& image) {
         throw InvalidArgument(
             "PaellaVQModel::encode: image height and width must be divisible by " +
             std::to_string(m) + ", got " + c10::str(image.sizes()));
-    return down_blocks->forward(in_block->forward(image));
+    // contiguous(): NCHW order also when the weights are channels-last (a no-op otherwise).
+    return down_blocks->forward(in_block->forward(image)).contiguous();
 }
 
 torch::Tensor PaellaVQModelImpl::decode(const torch::Tensor& latents, bool force_not_quantize) {
@@ -150,7 +151,7 @@ torch::Tensor PaellaVQModelImpl::decode(const torch::Tensor& latents, bool force
                               c10::str(latents.sizes()));
     const torch::Tensor quant =
         force_not_quantize ? latents : vquantizer->forward(latents).quantized;
-    return out_block->forward(up_blocks->forward(quant));
+    return out_block->forward(up_blocks->forward(quant)).contiguous();
 }
 
 torch::Tensor PaellaVQModelImpl::forward(const torch::Tensor& image) {

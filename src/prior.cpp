@@ -53,7 +53,8 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     }
     // [B, c, H, W] -> a, b: [B, c_in, H, W]
     auto ab = out_conv->forward(nn::layer_norm_2d(x)).chunk(2, 1);
-    return (x_in - ab[0]) / ((1 - ab[1]).abs() + 1e-5);
+    // contiguous(): NCHW order also when the weights are channels-last (a no-op otherwise).
+    return ((x_in - ab[0]) / ((1 - ab[1]).abs() + 1e-5)).contiguous();
 }
 
 std::vector<torch::nn::Module*> WuerstchenPriorImpl::offload_units() const {

@@ -243,7 +243,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     // mixed as lerp(uncond, text, guidance_scale).
     const double guidance = o.guidance_scale;
     const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
-        const auto& x = in[0];
+        const auto x = in_memory_format(in[0], options_);
         const auto& ratio = in[1];
         const auto& states = in[2];
         if (!cfg) return prior_->forward(x, ratio, states);

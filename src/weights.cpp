@@ -116,6 +116,12 @@ std::string normalize_key(const std::string& key) {
     return k;
 }
 
+torch::Tensor in_memory_format(const torch::Tensor& t, const LoadOptions& options) {
+    if (options.channels_last && t.dim() == 4 && t.is_floating_point())
+        return t.contiguous(at::MemoryFormat::ChannelsLast);
+    return t;
+}
+
 void load_weights(torch::nn::Module& module, const std::vector<std::string>& files,
                   const LoadOptions& options) {
     if (files.empty()) throw WeightError("load_weights: no weight files given");
@@ -174,7 +180,8 @@ void load_weights(torch::nn::Module& module, const std::vector<std::string>& fil
         torch::Tensor value = src.first.tensor(src.second);
         const auto dtype = value.is_floating_point() ? options.dtype : value.scalar_type();
         // Cast on the CPU from the mapping, then one transfer; set_data keeps the registration.
-        dst.set_data(value.to(dtype).to(options.device, /*non_blocking=*/false, /*copy=*/true));
+        dst.set_data(in_memory_format(
+            value.to(dtype).to(options.device, /*non_blocking=*/false, /*copy=*/true), options));
     }
 }
 
@@ -184,7 +191,9 @@ void prepare_module(torch::nn::Module& module, const LoadOptions& options) {
     // Module::to(device, dtype) would also cast integer buffers (BatchNorm's step counter).
     for (auto& p : module.parameters()) {
         p.set_requires_grad(false);
-        p.set_data(p.is_floating_point() ? p.to(options.device, options.dtype) : p.to(options.device));
+        p.set_data(in_memory_format(
+            p.is_floating_point() ? p.to(options.device, options.dtype) : p.to(options.device),
+            options));
     }
     for (auto& b : module.buffers())
         b.set_data(b.is_floating_point() ? b.to(options.device, options.dtype) : b.to(options.device));

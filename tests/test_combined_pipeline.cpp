@@ -19,6 +19,48 @@ TEST(CombinedPipeline, CombinedSaveMatchesSeed42Reference) {
     EXPECT_EQ(out.image_embeddings.sizes(), torch::IntArrayRef({1, 16, 6, 9}));
 }
 
+// LoadOptions::channels_last: every 4-D weight of the three models in NHWC order (which differs
+// from NCHW for the kernels wider than 1x1 with more than one input channel: the decoder's and
+// VQGAN's resampling convolutions); the same images (the reference within 1e-3, the default
+// layout within rounding); outputs in NCHW order.
+TEST(CombinedPipeline, ChannelsLastMatchesSeed42Reference) {
+    LoadOptions options;
+    options.channels_last = true;
+    CombinedPipeline pipe =
+        CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"), options);
+    int checked = 0;
+    for (torch::nn::Module* model :
+         {static_cast<torch::nn::Module*>(pipe.prior_pipeline().prior().get()),
+          static_cast<torch::nn::Module*>(pipe.decoder_pipeline().decoder().get()),
+          static_cast<torch::nn::Module*>(pipe.decoder_pipeline().vqgan().get())}) {
+        for (const auto& p : model->named_parameters()) {
+            const torch::Tensor& w = p.value();
+            if (w.dim() != 4) continue;
+            EXPECT_TRUE(w.is_contiguous(at::MemoryFormat::ChannelsLast)) << p.key();
+            if (w.size(1) > 1 && w.size(2) * w.size(3) > 1) {
+                EXPECT_FALSE(w.is_contiguous()) << p.key();
+                ++checked;
+            }
+        }
+    }
+    EXPECT_GT(checked, 3);
+
+    const CombinedOutput out = pipe(test::combined_seed42_options());
+    const SafeTensors ref = test::reference("pipeline_combined_seed42");
+    EXPECT_TRUE(test::all_close("combined_seed42 images, channels-last", out.images,
+                                test::ref_tensor(ref, "images"), 1e-3));
+    EXPECT_TRUE(out.images.is_contiguous());
+    EXPECT_TRUE(out.image_embeddings.is_contiguous());
+
+    CombinedPipeline nchw =
+        CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
+    const CombinedOutput expected = nchw(test::combined_seed42_options());
+    EXPECT_TRUE(test::all_close("channels-last vs NCHW image_embeddings", out.image_embeddings,
+                                expected.image_embeddings,
+                                test::scaled_tol(expected.image_embeddings, 1e-4)));
+    EXPECT_TRUE(test::all_close("channels-last vs NCHW images", out.images, expected.images, 1e-4));
+}
+
 TEST(CombinedPipeline, TwoFoldersEqualCombinedSave) {
     CombinedPipeline two = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-prior"),
                                                              test::data_path("tiny-wuerstchen"));

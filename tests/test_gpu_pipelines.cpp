@@ -262,6 +262,28 @@ TEST_F(GpuPipelines, CudaGraphsMatchEager) {
     }
 }
 
+// LoadOptions::channels_last on CUDA: fp32 matches the reference; fp16 with graphs matches the
+// NCHW fp16 eager run up to the convolution algorithms' rounding (both see the same fp16 ratios).
+TEST_F(GpuPipelines, ChannelsLastMatches) {
+    LoadOptions fp32 = on_cuda(torch::kFloat32);
+    fp32.channels_last = true;
+    auto pipe = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"), fp32);
+    const auto out = pipe(test::combined_seed42_options());
+    const auto ref = reference("pipeline_combined_seed42");
+    EXPECT_TRUE(all_close("cuda fp32 channels-last combined_seed42 images", out.images,
+                          ref_tensor(ref, "images"), kFp32Tol));
+    EXPECT_TRUE(out.images.is_contiguous());
+
+    LoadOptions fp16 = on_cuda(torch::kFloat16, false, false, /*cuda_graphs=*/true);
+    fp16.channels_last = true;
+    auto nhwc = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"), fp16);
+    auto nchw = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
+                                                  on_cuda(torch::kFloat16));
+    expect_same_output("cuda fp16 channels-last + graphs vs NCHW eager",
+                       nhwc(test::combined_seed42_options()),
+                       nchw(test::combined_seed42_options()), kFp16Tol);
+}
+
 // A LoRA change after capture drops the graphs: the next call matches an eager pipeline with
 // the same adapter instead of replaying the old weights.
 TEST_F(GpuPipelines, CudaGraphsFollowLoraChanges) {

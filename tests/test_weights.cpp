@@ -116,5 +116,22 @@ TEST(ParseOptions, DtypeAndDevice) {
     WUERSTCHEN_EXPECT_THROW_MSG(parse_device("tpu"), InvalidArgument, "device", "'tpu'");
 }
 
+// LoadOptions::channels_last: 4-D floating tensors become NHWC; everything else is left alone.
+TEST(ParseOptions, InMemoryFormat) {
+    LoadOptions options;
+    const torch::Tensor w = torch::randn({8, 4, 3, 3});
+    EXPECT_TRUE(in_memory_format(w, options).is_same(w));
+    options.channels_last = true;
+    const torch::Tensor nhwc = in_memory_format(w, options);
+    EXPECT_TRUE(nhwc.is_contiguous(at::MemoryFormat::ChannelsLast));
+    EXPECT_FALSE(nhwc.is_contiguous());
+    EXPECT_TRUE(torch::equal(nhwc, w));
+    EXPECT_TRUE(in_memory_format(nhwc, options).is_same(nhwc));  // already NHWC: no copy
+    const torch::Tensor matrix = torch::randn({8, 4});
+    const torch::Tensor ints = torch::zeros({2, 3, 4, 5}, torch::kInt64);
+    EXPECT_TRUE(in_memory_format(matrix, options).is_same(matrix));
+    EXPECT_TRUE(in_memory_format(ints, options).is_same(ints));
+}
+
 }  // namespace
 }  // namespace wuerstchen

@@ -601,6 +601,7 @@ int run_bench(int argc, char** argv) {
     out["weights"] = source;
     out["offload"] = load.sequential_offload ? "sequential" : load.offload ? "model" : "none";
     out["cuda_graphs"] = load.cuda_graphs;
+    out["channels_last"] = load.channels_last;
     out["prior_steps"] = prior_steps;
     out["prior_timesteps"] = prior_timesteps.empty() ? "linspace" : "custom";
     out["prior_guidance"] = prior_guidance;

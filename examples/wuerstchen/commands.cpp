@@ -165,6 +165,7 @@ std::vector<FlagSpec> load_flags() {
             {"sequential-offload", "",
              "keep the weights on the CPU and move each block to the GPU only for its forward"},
             {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
+            {"channels-last", "", "keep convolution weights and activations in NHWC order"},
             {"threads", "N",
              "CPU threads for libtorch's kernels (default: OMP_NUM_THREADS when set, else every "
              "core this process may run on)"}};
@@ -210,6 +211,7 @@ LoadOptions load_options(const Args& args) {
     opts.offload = args.has("offload");
     opts.sequential_offload = args.has("sequential-offload");
     opts.cuda_graphs = args.has("cuda-graphs");
+    opts.channels_last = args.has("channels-last");
     if (opts.offload && opts.sequential_offload)
         throw UsageError("--offload and --sequential-offload exclude each other: pass one");
     for (const char* flag : {"offload", "sequential-offload", "cuda-graphs"})

@@ -20,7 +20,7 @@ int run_bench(int argc, char** argv);
 
 // Shared by the subcommands (commands.cpp).
 // The flags load_options reads: --device, --dtype, --offload, --sequential-offload,
-// --cuda-graphs, --threads.
+// --cuda-graphs, --channels-last, --threads.
 std::vector<FlagSpec> load_flags();
 // LoadOptions from load_flags(); UsageError for a bad value or CUDA asked for but absent.
 // Also sets libtorch's CPU thread count (--threads).

@@ -30,7 +30,16 @@ struct LoadOptions {
     // CUDA with libtorch 2.5 or later, and only without offloading (the weights must stay put); ignored
     // otherwise.
     bool cuda_graphs = false;
+    // Channels-last (NHWC) memory order: the 4-D weights (convolutions) of the prior, decoder and
+    // VQGAN are stored so, and the pipelines hand those models NHWC inputs, so convolutions,
+    // layer norms and channelwise MLPs run without layout copies in between. Same results up to
+    // the convolution algorithm's rounding; outputs come back in the usual NCHW order.
+    bool channels_last = false;
 };
+
+// A 4-D floating tensor (weight or NCHW activation) in the memory order `options` ask for:
+// channels-last for options.channels_last (a copy unless it is already), else `t` itself.
+torch::Tensor in_memory_format(const torch::Tensor& t, const LoadOptions& options);
 
 // Parses "fp32" / "float32", "fp16" / "float16" / "half", "bf16" / "bfloat16".
 // Throws InvalidArgument naming the value otherwise.
@@ -55,7 +64,8 @@ void load_weights(torch::nn::Module& module, const std::vector<std::string>& fil
 // (e.g. "text_model.embeddings.position_ids").
 std::string normalize_key(const std::string& key);
 
-// Puts a freshly built module in inference mode on options.device / options.dtype.
+// Puts a freshly built module in inference mode on options.device / options.dtype (and in
+// channels-last order for options.channels_last).
 void prepare_module(torch::nn::Module& module, const LoadOptions& options);
 
 }  // namespace wuerstchen
