@@ -9,9 +9,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
+#include <string>
 #include <thread>
+#include <utility>
 
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
@@ -167,17 +171,40 @@ std::vector<FlagSpec> load_flags() {
             {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
             {"channels-last", "", "keep convolution weights and activations in NHWC order"},
             {"threads", "N",
-             "CPU threads for libtorch's kernels (default: OMP_NUM_THREADS when set, else every "
-             "core this process may run on)"}};
+             "CPU threads for libtorch's kernels (default: libtorch's choice when OMP_NUM_THREADS or "
+             "MKL_NUM_THREADS is set, else the physical cores this process may run on)"}};
 }
 
 namespace {
 
-// The cores this process may run on (its affinity mask: taskset, cgroup cpusets).
+// The physical cores this process may run on: distinct (package, core) ids among the CPUs of
+// its affinity mask (taskset, cpusets), capped by a cgroup v2 CPU quota (docker --cpus).
 int usable_cores() {
+    const int logical = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+#ifdef __linux__
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return logical;
+    std::set<std::pair<long, long>> cores;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+        if (!CPU_ISSET(cpu, &set)) continue;
+        const std::string dir = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+        long package = -1, core = -1;
+        std::ifstream(dir + "physical_package_id") >> package;
+        std::ifstream(dir + "core_id") >> core;
+        cores.emplace(package, core >= 0 ? core : -2 - cpu);  // no topology: count the CPU
+    }
+    long n = static_cast<long>(cores.size());
+    std::ifstream cpu_max("/sys/fs/cgroup/cpu.max");  // "max 100000" or "<quota> <period>"
+    std::string quota;
+    long period = 0;
+    if (cpu_max >> quota >> period && quota != "max" && period > 0) {
+        const long q = std::atol(quota.c_str());
+        if (q > 0) n = std::min(n, (q + period - 1) / period);
+    }
+    return static_cast<int>(std::max(1L, n));
+#else
+    return logical;
+#endif
 }
 
 // libtorch sizes its pool from the physical cores it detects, which can be 1 inside a VM; a
@@ -187,7 +214,8 @@ void set_threads(const Args& args) {
         const int n = args.integer("threads", 1);
         if (n < 1) throw UsageError("--threads must be at least 1, got " + std::to_string(n));
         at::set_num_threads(n);
-    } else if (std::getenv("OMP_NUM_THREADS") == nullptr) {
+    } else if (std::getenv("OMP_NUM_THREADS") == nullptr &&
+               std::getenv("MKL_NUM_THREADS") == nullptr) {
         at::set_num_threads(usable_cores());
     }
 }
