@@ -234,10 +234,9 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
             const auto x = in_memory_format(in[0], options_);
             const auto& ratio = in[1];
-            const auto effnet_in = in_memory_format(in[2], options_);
-            if (!cfg) return decoder_->forward(x, ratio, effnet_in, in[3]);
+            if (!cfg) return decoder_->forward(x, ratio, in[2], in[3]);
             auto halves = decoder_->forward(at::cat({x, x}, 0), at::cat({ratio, ratio}, 0),
-                                            effnet_in, in[3])
+                                            in[2], in[3])
                               .chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };

@@ -149,10 +149,11 @@ void check_timesteps(const char* where, const char* name, const std::vector<doub
 }
 
 void check_dtype_on_device(const char* where, torch::ScalarType dtype, torch::Device device) {
-#if TORCH_VERSION_MAJOR < 2
+// Half-precision CPU kernels for addmm / addcmul arrived in libtorch 2.2.
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 2)
     if (dtype == torch::kFloat16 && device.is_cpu())
         throw InvalidArgument(std::string(where) +
-                              ": dtype fp16 on the CPU needs libtorch 2.x (this is " +
+                              ": dtype fp16 on the CPU needs libtorch 2.2 or later (this is " +
                               TORCH_VERSION +
                               ", without half-precision CPU kernels); use bf16 or fp32 on the CPU");
 #else

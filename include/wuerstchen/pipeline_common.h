@@ -100,8 +100,9 @@ void check_positive(const char* where, const char* name, int64_t value);
 void check_finite(const char* where, const char* name, double value);
 // Custom timesteps: at least two points, finite, within [0, 1], strictly descending.
 void check_timesteps(const char* where, const char* name, const std::vector<double>& timesteps);
-// The pipelines' dtype on their device: float16 on the CPU needs libtorch 2.x (1.13 has no
-// half-precision CPU kernels for layer norm and convolution); bfloat16 and float32 run anywhere.
+// The pipelines' dtype on their device: float16 on the CPU needs libtorch 2.2 or later (earlier
+// versions lack half-precision CPU kernels: layer norm and convolution in 1.13, addmm / addcmul
+// before 2.2); bfloat16 and float32 run anywhere.
 void check_dtype_on_device(const char* where, torch::ScalarType dtype, torch::Device device);
 // Tensor of exactly `expected` shape.
 void check_shape(const char* where, const char* name, const torch::Tensor& tensor,

@@ -64,9 +64,13 @@ torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
     // L2 norm over the spatial dims (H, W) per channel: [B, 1, 1, C].
     auto agg_norm = at::norm(x, 2, {1, 2}, /*keepdim=*/true);
     auto stand_div_norm = agg_norm / (agg_norm.mean({-1}, /*keepdim=*/true) + 1e-6);
-    // Upstream: gamma * (x * stand_div_norm) + beta + x, four passes over x. The same sum as
-    // beta + x * (gamma * stand_div_norm + 1): the factor is [B, 1, 1, C], so one pass.
-    return at::addcmul(beta, x, gamma * stand_div_norm + 1);
+    // Upstream: gamma * (x * stand_div_norm) + beta + x, four passes over x. In float32 the same
+    // sum as beta + x * (gamma * stand_div_norm + 1), one pass (the factor is [B, 1, 1, C]). In
+    // half / bfloat16 that factor would round gamma * stand_div_norm to the spacing of 1 (2^-7 in
+    // bf16), so there the small term keeps its own precision: (x + beta) + x * (gamma * s).
+    const auto scale = gamma * stand_div_norm;
+    if (is_reduced_float(x)) return at::addcmul(x + beta, x, scale);
+    return at::addcmul(beta, x, scale + 1);
 }
 
 // ---------------------------------------------------------------------------- ChannelwiseMLP
