@@ -347,8 +347,8 @@ int positive(const Args& args, const std::string& flag, int fallback, int minimu
 }  // namespace
 
 int run_bench(int argc, char** argv) {
-    std::vector<FlagSpec> flags = {
-        {"model", "DIR", "a combined pipeline folder (prior_* + decoder parts)"},
+    Args args("bench", concat({
+        {{"model", "DIR", "a combined pipeline folder (prior_* + decoder parts)"},
          {"prior", "DIR", "a warp-ai/wuerstchen-prior style folder"},
          {"decoder", "DIR", "a warp-ai/wuerstchen style folder"},
          {"random-weights", "",
@@ -365,21 +365,17 @@ int run_bench(int argc, char** argv) {
          {"prior-timesteps", "default|LIST",
           "stage-C schedule: 'default' (DEFAULT_STAGE_C_TIMESTEPS, 29 steps) or "
           "comma-separated descending values in [0,1]"},
-         {"prior-guidance", "G", "stage-C classifier-free guidance (default 4)"},
-         {"decoder-steps", "N", "stage-B steps (default 12)"},
-         {"decoder-guidance", "G", "stage-B classifier-free guidance (default 0: off)"}};
-    const std::vector<FlagSpec> load_specs = load_flags();  // --device ... --cuda-graphs
-    flags.insert(flags.end(), load_specs.begin(), load_specs.end());
-    flags.insert(flags.end(), {
-         {"seed", "S", "seed of the random weights and of every run's noise (default 0)"},
+         {"prior-guidance", "G", "stage-C classifier-free guidance (default 4)"}},
+        decoder_flags(),
+        load_flags(),
+        {{"seed", "S", "seed of the random weights and of every run's noise (default 0)"},
          {"warmup", "N", "untimed runs first (default 1)"},
          {"runs", "N", "timed runs (default 3)"},
          {"profile", "FILE",
           "profile one more run after the timed ones (CPU ops and CUDA kernels), write its "
           "Chrome trace to FILE and list the top CUDA kernels in the JSON (needs the "
           "wuerstchen_profile build: CUDA libtorch 2.x)"},
-         {"quiet", "", "no progress lines on stderr"}});
-    Args args("bench", flags);
+         {"quiet", "", "no progress lines on stderr"}}}));
     args.parse(argc, argv, 2);
     if (args.help()) {
         std::cout << args.usage(

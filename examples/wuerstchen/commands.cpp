@@ -103,12 +103,6 @@ nlohmann::json component_info(const std::string& dir, const std::string& cls) {
     return c;
 }
 
-std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups) {
-    std::vector<FlagSpec> out;
-    for (auto& g : groups) out.insert(out.end(), g.begin(), g.end());
-    return out;
-}
-
 std::vector<FlagSpec> common_flags() {
     return concat({load_flags(),
                    {{"seed", "S", "random seed (default: nondeterministic)"},
@@ -154,13 +148,18 @@ void apply_loras(const Args& args, PriorPipeline& prior) {
     if (!names.empty()) prior.set_adapters(names, weights);
 }
 
+}  // namespace
+
+std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups) {
+    std::vector<FlagSpec> out;
+    for (auto& g : groups) out.insert(out.end(), g.begin(), g.end());
+    return out;
+}
+
 std::vector<FlagSpec> decoder_flags() {
     return {{"decoder-steps", "N", "stage-B steps (default 12)"},
             {"decoder-guidance", "G", "stage-B classifier-free guidance (default 0: off)"}};
 }
-
-
-}  // namespace
 
 std::vector<FlagSpec> load_flags() {
     return {{"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},

@@ -19,6 +19,10 @@ int run_info(int argc, char** argv);
 int run_bench(int argc, char** argv);
 
 // Shared by the subcommands (commands.cpp).
+// The groups' flags one after the other.
+std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups);
+// --decoder-steps, --decoder-guidance.
+std::vector<FlagSpec> decoder_flags();
 // The flags load_options reads: --device, --dtype, --offload, --sequential-offload,
 // --cuda-graphs, --channels-last, --threads.
 std::vector<FlagSpec> load_flags();
