@@ -14,13 +14,17 @@ bool is_reduced_float(const torch::Tensor& x) {
     return x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16;
 }
 
+// Half / bfloat16 on the CPU: the ops below that libtorch 1.13 lacks (or gets wrong) there in
+// reduced precision run in float32 and round back.
+bool widened_on_cpu(const torch::Tensor& x) { return x.is_cpu() && is_reduced_float(x); }
+
 }  // namespace
 
 torch::Tensor layer_norm_last(const torch::Tensor& x, double eps) {
     const int64_t c = x.size(-1);
     // CUDA's layer norm accumulates half / bfloat16 input in float32 (as upstream's nn.LayerNorm
     // does there); on the CPU the input is widened first, which costs two passes over x.
-    if (x.is_cpu() && is_reduced_float(x)) {
+    if (widened_on_cpu(x)) {
         return at::layer_norm(x.to(torch::kFloat32), {c}, {}, {}, eps).to(x.scalar_type());
     }
     return at::layer_norm(x, {c}, {}, {}, eps);
@@ -34,7 +38,7 @@ torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps) {
 torch::Tensor gelu(const torch::Tensor& x) { return at::gelu(x); }
 
 torch::Tensor replication_pad_2d(const torch::Tensor& x, int64_t pad) {
-    if (x.is_cpu() && is_reduced_float(x))
+    if (widened_on_cpu(x))
         return at::replication_pad2d(x.to(torch::kFloat32), {pad, pad, pad, pad})
             .to(x.scalar_type());
     return at::replication_pad2d(x, {pad, pad, pad, pad});
@@ -171,7 +175,7 @@ CpuSafeConvTranspose2dImpl::CpuSafeConvTranspose2dImpl(int64_t c_in, int64_t c_o
       padding_(padding) {}
 
 torch::Tensor CpuSafeConvTranspose2dImpl::forward(const torch::Tensor& x) {
-    if (!x.is_cpu() || !is_reduced_float(x)) return torch::nn::ConvTranspose2dImpl::forward(x);
+    if (!widened_on_cpu(x)) return torch::nn::ConvTranspose2dImpl::forward(x);
     const auto f32 = [](const torch::Tensor& t) {
         return t.defined() ? t.to(torch::kFloat32) : t;
     };
