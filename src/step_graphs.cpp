@@ -135,16 +135,34 @@ std::optional<std::string> StepGraphs::prepare_call(const LoadOptions& options, 
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
 namespace {
 
-// Leaves a capture that the step aborted with an exception: ends the stream capture and the
-// allocator's routing into the pool (what a successful capture_end does), so the process stays
-// usable. Never throws.
-void abandon_capture(at::cuda::CUDAGraph& graph, const OwnedStream& stream,
-                     PoolId pool) {
-    try {
-        graph.capture_end();  // ends the capture and the routing; may throw on a broken capture
-        return;
-    } catch (...) {
+// How far a capture got before an exception.
+enum class CaptureStage { beginning, capturing, ending };
+
+// Leaves a capture that failed at `stage` with an exception: ends the stream capture and the
+// allocator's routing into the pool, so the process stays usable, and hands the pool's
+// reference back exactly once. Never throws.
+//
+// Who releases the pool differs across libtorch versions. Where capture_end succeeds on a step
+// that threw (a partial graph), the graph owns the reference and its destructor releases it:
+// `graph` is destroyed as usual. Otherwise (capture_begin or capture_end threw) it depends on
+// how far the version's CUDAGraph got and on what its reset() releases: older 2.x releases only
+// an ended capture, recent versions (those with allocated_pool_ in CUDAGraph.cpp) any acquired
+// pool. Nothing public tells, and releasing twice trips the allocator's use-count assertion
+// (fatal in a destructor), so on that path the graph object is deliberately leaked (a few
+// hundred bytes, at most once per StepGraphs: a failed capture turns graphs off) and the
+// reference is released here. capture_end is never called twice: its bookkeeping
+// (markCaptureEnd) is not idempotent in recent versions.
+void abandon_capture(std::unique_ptr<at::cuda::CUDAGraph>& graph, CaptureStage stage,
+                     const OwnedStream& stream, PoolId pool) {
+    if (stage == CaptureStage::capturing) {
+        try {
+            graph->capture_end();  // ends the capture and the routing; throws on a broken one
+            graph.reset();
+            return;
+        } catch (...) {
+        }
     }
+    (void)graph.release();  // deliberately leaked: see above
     cudaGraph_t partial = nullptr;
     if (cudaStreamEndCapture(stream.get().stream(), &partial) == cudaSuccess && partial != nullptr)
         (void)cudaGraphDestroy(partial);
@@ -190,18 +208,20 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
             c10::cuda::device_synchronize();
             c10::cuda::CUDACachingAllocator::emptyCache();
             entry.graph = std::make_unique<at::cuda::CUDAGraph>();
-            // Thread-local mode: other threads' CUDA calls do not invalidate this capture.
-            entry.graph->capture_begin(*impl_->pool, cudaStreamCaptureModeThreadLocal);
+            CaptureStage stage = CaptureStage::beginning;
             try {
+                // Thread-local mode: other threads' CUDA calls do not invalidate this capture.
+                entry.graph->capture_begin(*impl_->pool, cudaStreamCaptureModeThreadLocal);
+                stage = CaptureStage::capturing;
                 entry.output = step(entry.inputs);
+                stage = CaptureStage::ending;
+                entry.graph->capture_end();
             } catch (...) {
-                abandon_capture(*entry.graph, *impl_->stream, *impl_->pool);
-                entry.graph.reset();
+                abandon_capture(entry.graph, stage, *impl_->stream, *impl_->pool);
                 impl_->clear();
                 impl_->failed = true;
                 throw;
             }
-            entry.graph->capture_end();
         }
         c10::cuda::device_synchronize();
         found = impl_->entries.emplace(sig, std::move(entry)).first;
