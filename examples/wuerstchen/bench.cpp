@@ -24,7 +24,6 @@
 
 #if defined(WUERSTCHEN_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
@@ -33,6 +32,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -49,6 +49,7 @@
 
 #include "args.h"
 #include "commands.h"
+#include "memory.h"
 #include "wuerstchen/clip_text_model.h"
 #include "wuerstchen/clip_tokenizer.h"
 #include "wuerstchen/combined_pipeline.h"
@@ -242,43 +243,6 @@ std::string device_name(torch::Device device) {
 #endif
 }
 
-// Peak bytes of the CUDA caching allocator since the last reset: {allocated, reserved}.
-struct PeakMemory {
-    int64_t allocated = -1;
-    int64_t reserved = -1;
-};
-
-int cuda_index(torch::Device device) {
-#if defined(WUERSTCHEN_WITH_CUDA)
-    return device.has_index() ? device.index() : c10::cuda::current_device();
-#else
-    return device.has_index() ? device.index() : 0;
-#endif
-}
-
-void reset_peak_memory(torch::Device device) {
-#if defined(WUERSTCHEN_WITH_CUDA)
-    if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(cuda_index(device));
-#else
-    (void)device;
-#endif
-}
-
-PeakMemory peak_memory(torch::Device device) {
-    PeakMemory out;
-#if defined(WUERSTCHEN_WITH_CUDA)
-    if (device.is_cuda()) {
-        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(device));
-        // Index 0 is StatType::AGGREGATE (all pools).
-        out.allocated = stats.allocated_bytes[0].peak;
-        out.reserved = stats.reserved_bytes[0].peak;
-    }
-#else
-    (void)device;
-#endif
-    return out;
-}
-
 #if defined(WUERSTCHEN_KINETO)
 // The CUDA kernels of a Chrome trace written by the Kineto profiler ("cat": "kernel", "dur" in
 // microseconds): the `top` ones by total time, with calls and share of all kernel time.
@@ -383,9 +347,10 @@ int run_bench(int argc, char** argv) {
                          "[options]")
                   << "\nPrints one JSON object: device, dtype, sizes, the median and minimum "
                      "seconds of each stage\n(text_encoding, prior_loop, decoder_loop, vq_decode) "
-                     "and of the total, peak CUDA memory\n(null on the CPU) and parameter "
-                     "counts. The decoder_loop stage includes the decoder pipeline's\nown text "
-                     "encoding of the prompt.\n";
+                     "and of the total, peak memory\n(overall and per stage: the CUDA caching "
+                     "allocator, or libtorch's CPU allocator counted)\nand parameter counts. The "
+                     "decoder_loop stage includes the decoder pipeline's own text\nencoding of "
+                     "the prompt.\n";
         return 0;
     }
     if (!args.positional().empty())
@@ -443,6 +408,8 @@ int run_bench(int argc, char** argv) {
     };
 
     // ---- models
+    // On the CPU, count what libtorch's allocator hands out from here on (weights included).
+    if (device.is_cpu()) track_cpu_memory();
     const auto load_start = std::chrono::steady_clock::now();
     std::optional<CombinedPipeline> pipe;
     std::string source;
@@ -502,14 +469,29 @@ int run_bench(int argc, char** argv) {
     const bool prior_cfg = prior_guidance > 1.0;
     std::vector<double> t_text, t_prior, t_decoder, t_vq, t_total;
     std::vector<int64_t> embedding_shape, image_shape;
+    // Peak memory of each stage over the timed runs (allocated, reserved): the peak is reset at
+    // each stage's start, after the synchronisation that ends the stage before.
+    constexpr size_t kStages = 4;
+    std::array<PeakMemory, kStages> stage_peak;
+    auto stage_done = [&](size_t stage, bool timed) {
+        sync();
+        if (timed) {
+            const PeakMemory p = peak_memory(device);
+            stage_peak[stage].allocated = std::max(stage_peak[stage].allocated, p.allocated);
+            stage_peak[stage].reserved = std::max(stage_peak[stage].reserved, p.reserved);
+        }
+        const auto now = Clock::now();
+        reset_peak_memory(device);
+        return now;
+    };
     auto run_once = [&](bool timed) {
         sync();
+        reset_peak_memory(device);
         const auto t0 = Clock::now();
         torch::Tensor prompt_embeds = prior.encode_prompt({prompt});
         torch::Tensor negative_embeds;
         if (prior_cfg) negative_embeds = prior.encode_prompt({""});
-        sync();
-        const auto t1 = Clock::now();
+        const auto t1 = stage_done(0, timed);
 
         PriorOptions po;
         po.prompt_embeds = prompt_embeds;
@@ -524,8 +506,7 @@ int run_bench(int argc, char** argv) {
         po.num_images_per_prompt = batch;
         po.seed = seed;
         const torch::Tensor embeddings = prior(po).image_embeddings;
-        sync();
-        const auto t2 = Clock::now();
+        const auto t2 = stage_done(1, timed);
 
         DecoderOptions dopt;
         dopt.image_embeddings = embeddings;
@@ -535,12 +516,10 @@ int run_bench(int argc, char** argv) {
         dopt.seed = seed;
         dopt.decode = false;
         const torch::Tensor latents = decoder(dopt).latents;
-        sync();
-        const auto t3 = Clock::now();
+        const auto t3 = stage_done(2, timed);
 
         const torch::Tensor images = decoder.decode_latents(latents);
-        sync();
-        const auto t4 = Clock::now();
+        const auto t4 = stage_done(3, timed);
 
         embedding_shape = embeddings.sizes().vec();
         image_shape = images.sizes().vec();
@@ -559,13 +538,17 @@ int run_bench(int argc, char** argv) {
         note("warm-up " + std::to_string(i + 1) + "/" + std::to_string(warmup) + ": " +
              std::to_string(s) + " s");
     }
-    reset_peak_memory(device);
     for (int i = 0; i < runs; ++i) {
         const double s = run_once(true);
         note("run " + std::to_string(i + 1) + "/" + std::to_string(runs) + ": " +
              std::to_string(s) + " s");
     }
-    const PeakMemory peak = peak_memory(device);
+    // The stages cover each run: the run's peak is the largest stage peak.
+    PeakMemory peak;
+    for (const PeakMemory& p : stage_peak) {
+        peak.allocated = std::max(peak.allocated, p.allocated);
+        peak.reserved = std::max(peak.reserved, p.reserved);
+    }
 
     nlohmann::json profile = nullptr;
 #if defined(WUERSTCHEN_KINETO)
@@ -614,9 +597,27 @@ int run_bench(int argc, char** argv) {
                      {"vq_decode", summary(t_vq)}};
     out["total"] = summary(t_total);
     if (!profile.is_null()) out["profile"] = profile;
+    auto gib = [](int64_t bytes) {
+        return bytes < 0 ? nlohmann::json(nullptr)
+                         : nlohmann::json(std::round(bytes / double(1 << 30) * 1e3) / 1e3);
+    };
     if (peak.allocated >= 0) {
+        // Tensors alive at once at the peak of each stage (weights included): the CUDA caching
+        // allocator's statistics, or on the CPU libtorch's CPU allocator, counted.
+        out["peak_memory"] = {{"allocator", device.is_cuda() ? "cuda" : "cpu"},
+                              {"bytes", peak.allocated},
+                              {"gib", gib(peak.allocated)},
+                              {"stages_gib",
+                               {{"text_encoding", gib(stage_peak[0].allocated)},
+                                {"prior_loop", gib(stage_peak[1].allocated)},
+                                {"decoder_loop", gib(stage_peak[2].allocated)},
+                                {"vq_decode", gib(stage_peak[3].allocated)}}}};
+    } else {
+        out["peak_memory"] = nullptr;
+    }
+    if (device.is_cuda() && peak.allocated >= 0) {
         out["peak_cuda_memory_bytes"] = peak.allocated;
-        out["peak_cuda_memory_gib"] = std::round(peak.allocated / double(1 << 30) * 1e3) / 1e3;
+        out["peak_cuda_memory_gib"] = gib(peak.allocated);
         out["peak_cuda_reserved_bytes"] = peak.reserved;
     } else {
         out["peak_cuda_memory_bytes"] = nullptr;

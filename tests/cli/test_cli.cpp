@@ -285,6 +285,17 @@ void expect_bench_json(const CliResult& r, const std::vector<int64_t>& image_sha
     EXPECT_FALSE(j.at("libtorch").get<std::string>().empty());
     EXPECT_TRUE(j.at("peak_cuda_memory_bytes").is_null());
     EXPECT_TRUE(j.at("peak_cuda_memory_gib").is_null());
+    // On the CPU the peak comes from counting libtorch's CPU allocator: at least the fp32
+    // weights (allocated after the counter went in) and each stage's peak at most the run's.
+    const auto& peak = j.at("peak_memory");
+    EXPECT_EQ(peak.at("allocator"), "cpu");
+    const auto bytes = peak.at("bytes").get<int64_t>();
+    EXPECT_GE(bytes, 4 * j.at("parameters").at("total").get<int64_t>());
+    for (const char* stage : {"text_encoding", "prior_loop", "decoder_loop", "vq_decode"}) {
+        const double gib = peak.at("stages_gib").at(stage).get<double>();
+        EXPECT_GT(gib, 0) << stage;
+        EXPECT_LE(gib, peak.at("gib").get<double>()) << stage;
+    }
     EXPECT_EQ(j.at("images_shape").get<std::vector<int64_t>>(), image_shape);
     double sum = 0;
     for (const char* stage : {"text_encoding", "prior_loop", "decoder_loop", "vq_decode"}) {

@@ -1,0 +1,131 @@
+#include "memory.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+
+#if defined(WUERSTCHEN_WITH_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
+
+namespace wuerstchen::cli {
+
+namespace {
+
+std::atomic<bool> g_tracking{false};
+std::atomic<int64_t> g_current{0};
+std::atomic<int64_t> g_peak{0};
+
+// What the wrapper handed out and still lives: its size and the wrapped allocator's deleter.
+struct Live {
+    int64_t bytes;
+    c10::DeleterFnPtr free;
+};
+std::mutex g_live_mutex;
+std::unordered_map<void*, Live>& live() {
+    static auto* table = new std::unordered_map<void*, Live>();  // outlives static destructors
+    return *table;
+}
+
+// Wraps the CPU allocator. Its DataPtrs keep data == context (libtorch's raw_allocate users
+// require it): sizes and the wrapped deleters are looked up by address.
+class CountingCpuAllocator final : public c10::Allocator {
+public:
+    explicit CountingCpuAllocator(c10::Allocator* inner) : inner_(inner) {}
+
+    // Allocator::allocate is const up to libtorch 2.2 and non-const from 2.3 on: defining both
+    // overrides the one the headers declare (the other is a plain member), in either version.
+    c10::DataPtr allocate(size_t n) const { return counted(n); }
+    c10::DataPtr allocate(size_t n) { return counted(n); }
+    // Pure virtual from libtorch 2.3 on (Allocator::clone); a plain member before.
+    void copy_data(void* dest, const void* src, size_t count) const {
+        if (count != 0) std::memcpy(dest, src, count);
+    }
+    c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+private:
+    static void release(void* data) {
+        Live entry{0, nullptr};
+        {
+            const std::lock_guard<std::mutex> lock(g_live_mutex);
+            const auto it = live().find(data);
+            if (it != live().end()) {
+                entry = it->second;
+                live().erase(it);
+            }
+        }
+        g_current.fetch_sub(entry.bytes, std::memory_order_relaxed);
+        if (entry.free != nullptr) entry.free(data);
+    }
+
+    c10::DataPtr counted(size_t n) const {
+        c10::DataPtr inner = inner_->allocate(n);
+        void* data = inner.get();
+        const c10::Device device = inner.device();
+        const c10::DeleterFnPtr free = inner.get_deleter();
+        if (data == nullptr) return inner;  // zero bytes: nothing to count
+        if (inner.get_context() != data || free == nullptr)
+            return inner;  // not a plain allocation: left to its own deleter, uncounted
+        (void)inner.release_context();
+        const auto bytes = static_cast<int64_t>(n);
+        {
+            const std::lock_guard<std::mutex> lock(g_live_mutex);
+            live()[data] = Live{bytes, free};
+        }
+        const int64_t now = g_current.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+        int64_t peak = g_peak.load(std::memory_order_relaxed);
+        while (now > peak && !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+        }
+        return c10::DataPtr(data, data, &release, device);
+    }
+
+    c10::Allocator* inner_;
+};
+
+#if defined(WUERSTCHEN_WITH_CUDA)
+c10::DeviceIndex cuda_index(torch::Device device) {
+    return device.has_index() ? device.index() : c10::cuda::current_device();
+}
+#endif
+
+}  // namespace
+
+void track_cpu_memory() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        // Never deleted: libtorch keeps using it for the rest of the process.
+        auto* counting = new CountingCpuAllocator(c10::GetCPUAllocator());
+        c10::SetCPUAllocator(counting, /*priority=*/std::numeric_limits<uint8_t>::max());
+        g_tracking = true;
+    });
+}
+
+void reset_peak_memory(torch::Device device) {
+#if defined(WUERSTCHEN_WITH_CUDA)
+    if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(cuda_index(device));
+#endif
+    if (device.is_cpu()) g_peak = g_current.load();
+}
+
+PeakMemory peak_memory(torch::Device device) {
+    PeakMemory out;
+#if defined(WUERSTCHEN_WITH_CUDA)
+    if (device.is_cuda()) {
+        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(device));
+        // Index 0 is StatType::AGGREGATE (all pools).
+        out.allocated = stats.allocated_bytes[0].peak;
+        out.reserved = stats.reserved_bytes[0].peak;
+    }
+#endif
+    if (device.is_cpu() && g_tracking) out.allocated = g_peak.load();
+    return out;
+}
+
+}  // namespace wuerstchen::cli
