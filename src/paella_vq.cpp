@@ -9,6 +9,7 @@
 #include <torch/nn/modules/padding.h>
 #include <torch/nn/modules/pixelshuffle.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "nn/blocks.h"
@@ -27,6 +28,15 @@ TORCH_MODULE(NestedSequential);
 
 // Paella's MixingResidualBlock: a modulated depthwise branch and a modulated channelwise branch,
 // each scaled by learned gammas. Keys: depthwise.1.*, channelwise.{0,2}.*, gammas [6]
+//
+// Upstream (one pass each over the whole image):
+//   x = input + depthwise(pad(LN(input) * (1 + g0) + g1)) * g2
+//   out = x + channelwise(LN(x) * (1 + g3) + g4) * g5
+// Both branches are per position except the 3x3 depthwise conv, so the block runs them band by
+// band of image rows (the conv reads one halo row above and below), writing each band of the
+// output in place: what is alive at once is the input, the output and one band's temporaries,
+// instead of five or six whole-image tensors (the channelwise hidden activation alone is four
+// times the input). The arithmetic of every element is upstream's.
 struct MixingResidualBlockImpl : torch::nn::Module {
     MixingResidualBlockImpl(int64_t c, int64_t embed_dim) {
         depthwise = register_module(
@@ -39,24 +49,59 @@ struct MixingResidualBlockImpl : torch::nn::Module {
             "channelwise", torch::nn::Sequential(torch::nn::Linear(c, embed_dim), torch::nn::GELU(),
                                                  torch::nn::Linear(embed_dim, c)));
         gammas = register_parameter("gammas", torch::zeros({6}));
+        conv = depthwise->ptr<torch::nn::Conv2dImpl>(1);
+        fc1 = channelwise->ptr<torch::nn::LinearImpl>(0);
+        fc2 = channelwise->ptr<torch::nn::LinearImpl>(2);
     }
 
     // x: [B, C, H, W] -> [B, C, H, W]
     torch::Tensor forward(const torch::Tensor& input) {
-        // Upstream's x * (1 + g0) + g1 and x + y * g2, each as one addcmul: one pass over the
-        // activations instead of two (the gammas are 0-d, read on the device).
+        const int64_t batch = input.size(0);
+        const int64_t height = input.size(2);
+        const int64_t width = input.size(3);
+        const int64_t hidden = fc1->weight.size(0);
+        const int64_t row_bytes =
+            width * hidden * static_cast<int64_t>(input.element_size());
+        const int64_t rows =
+            band_bytes <= 0 ? height : std::clamp<int64_t>(band_bytes / row_bytes, 1, height);
+        // The gammas are 0-d, read on the device; 1 + g is computed once per call.
         const auto& g = gammas;
-        auto x_temp = at::addcmul(g[1], nn::layer_norm_2d(input, 1e-6), 1 + g[0]);
-        auto x = at::addcmul(input, depthwise->forward(x_temp), g[2]);
-        x_temp = at::addcmul(g[4], nn::layer_norm_2d(x, 1e-6), 1 + g[3]);
-        // [B, C, H, W] -> [B, H, W, C] for the Linears, and back.
-        return at::addcmul(
-            x, channelwise->forward(x_temp.permute({0, 2, 3, 1})).permute({0, 3, 1, 2}), g[5]);
+        const torch::Tensor scale0 = 1 + g[0];
+        const torch::Tensor scale3 = 1 + g[3];
+        torch::Tensor out = at::empty_like(input);
+        for (int64_t b = 0; b < batch; ++b) {
+            const torch::Tensor in_b = input.narrow(0, b, 1);
+            const torch::Tensor out_b = out.narrow(0, b, 1);
+            for (int64_t top = 0; top < height; top += rows) {
+                const int64_t n = std::min(rows, height - top);
+                // Rows [lo, hi) with a halo row on each side inside the image; outside it, the
+                // replication pad supplies the edge row, as on the whole image.
+                const int64_t lo = std::max<int64_t>(top - 1, 0);
+                const int64_t hi = std::min(top + n + 1, height);
+                torch::Tensor t = nn::layer_norm_2d(in_b.narrow(2, lo, hi - lo), 1e-6);
+                at::addcmul_out(t, g[1], t, scale0);
+                t = conv->forward(nn::replication_pad_2d(t, 1)).narrow(2, top - lo, n);
+                torch::Tensor x = out_b.narrow(2, top, n);
+                at::addcmul_out(x, in_b.narrow(2, top, n), t, g[2]);
+                // [1, C, n, W] -> [1, n, W, C] for the Linears; the result goes back into x.
+                t = nn::layer_norm_last(x.permute({0, 2, 3, 1}), 1e-6);
+                at::addcmul_out(t, g[4], t, scale3);
+                t = at::linear(t, fc1->weight, fc1->bias);
+                at::gelu_(t);
+                t = at::linear(t, fc2->weight, fc2->bias).permute({0, 3, 1, 2});
+                x.addcmul_(t, g[5]);
+            }
+        }
+        return out;
     }
 
     torch::nn::Sequential depthwise{nullptr};
     torch::nn::Sequential channelwise{nullptr};
     torch::Tensor gammas;
+    std::shared_ptr<torch::nn::Conv2dImpl> conv;  // depthwise.1
+    std::shared_ptr<torch::nn::LinearImpl> fc1;   // channelwise.0
+    std::shared_ptr<torch::nn::LinearImpl> fc2;   // channelwise.2
+    int64_t band_bytes = PaellaVQModelImpl::kDefaultBandBytes;
 };
 TORCH_MODULE(MixingResidualBlock);
 
@@ -152,6 +197,16 @@ torch::Tensor PaellaVQModelImpl::decode(const torch::Tensor& latents, bool force
     const torch::Tensor quant =
         force_not_quantize ? latents : vquantizer->forward(latents).quantized;
     return out_block->forward(up_blocks->forward(quant)).contiguous();
+}
+
+void PaellaVQModelImpl::set_band_bytes(int64_t bytes) {
+    if (bytes < 0)
+        throw InvalidArgument("PaellaVQModel::set_band_bytes: bytes must be >= 0, got " +
+                              std::to_string(bytes));
+    band_bytes_ = bytes;
+    for (const auto& m : modules(/*include_self=*/false))
+        if (auto* block = dynamic_cast<MixingResidualBlockImpl*>(m.get()))
+            block->band_bytes = bytes;
 }
 
 torch::Tensor PaellaVQModelImpl::forward(const torch::Tensor& image) {
