@@ -72,6 +72,23 @@ TEST(Blocks, AttentionIsSoftmaxOverHeads) {
     EXPECT_TRUE(all_close("attention", attn->forward(x, ctx), expected, 1e-6));
 }
 
+// Enough queries and keys that the float32 scores (4200 x 4100, 69 MB) exceed the 64 MiB that
+// libtorch 1.13's path computes at once: the chunked rows equal one softmax over the whole
+// matrix (libtorch 2.x takes scaled_dot_product_attention here).
+TEST(Blocks, AttentionOverManyQueriesMatchesOneSoftmax) {
+    nn::Attention attn(4, 1, 4);
+    auto gen = make_generator(1);
+    auto x = randn_like_diffusers({1, 4200, 4}, gen);
+    auto ctx = randn_like_diffusers({1, 4100, 4}, gen);
+    c10::InferenceMode guard;
+    auto q = attn->to_q->forward(x).unsqueeze(1);
+    auto k = attn->to_k->forward(ctx).unsqueeze(1);
+    auto v = attn->to_v->forward(ctx).unsqueeze(1);
+    auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) * 0.5, -1);
+    auto expected = attn->to_out->forward(torch::matmul(p, v).squeeze(1));
+    EXPECT_TRUE(all_close("attention, 4200 queries", attn->forward(x, ctx), expected, 1e-5));
+}
+
 TEST(Prior, ParametersAreTheCheckpointKeys) {
     WuerstchenPrior prior(PriorConfig::from_file(data_path(kPriorDir + "/config.json")));
     std::set<std::string> model_keys;
