@@ -100,6 +100,16 @@ std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int
 
 size_t DecoderPipeline::captured_graphs() const { return graphs_->size(); }
 
+torch::Tensor DecoderPipeline::encode_prompt(const std::vector<std::string>& prompts) {
+    return with_memory_errors(kWhere, [&] {
+        if (prompts.empty()) invalid("prompts", "is empty");
+        const auto on = stage_scope(text_encoder_, options_.device, offload_mode(kWhere, options_));
+        c10::InferenceMode guard;
+        return encode_prompts(tokenizer_, text_encoder_, prompts, options_.device,
+                              module_dtype(*decoder_));
+    });
+}
+
 torch::Tensor DecoderPipeline::decode_latents(const torch::Tensor& latents) {
     return with_memory_errors(kWhere, [&] {
         const auto& cfg = decoder_->config();
@@ -158,11 +168,29 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     if (!embeddings.is_floating_point()) invalid("image_embeddings", "must be a floating tensor");
     const int64_t batch = embeddings.size(0);
 
-    const int64_t n_prompts = static_cast<int64_t>(opt.prompts.size());
+    const bool has_embeds = opt.prompt_embeds.defined();
+    const int64_t text_dim = text_encoder_->config().hidden_size;
+    auto check_embeds = [&](const char* name, const torch::Tensor& t) {
+        if (t.dim() != 3 || t.size(0) < 1 || t.size(1) < 1 || t.size(2) != text_dim ||
+            !t.is_floating_point())
+            invalid(name, "must be a floating tensor [P, L, " + std::to_string(text_dim) +
+                              "] (the decoder text encoder's hidden size), got " +
+                              shape_string(t.sizes()));
+    };
+    if (has_embeds) {
+        const bool default_prompts =
+            opt.prompts.empty() || (opt.prompts.size() == 1 && opt.prompts[0].empty());
+        if (!default_prompts)
+            invalid("prompts", "and `prompt_embeds` are both set: pass one of them");
+        check_embeds("prompt_embeds", opt.prompt_embeds);
+    }
+    const int64_t n_prompts =
+        has_embeds ? opt.prompt_embeds.size(0) : static_cast<int64_t>(opt.prompts.size());
     if (n_prompts != 1 && n_prompts != batch)
-        invalid("prompts", "holds " + std::to_string(n_prompts) +
-                              " prompts; it must hold 1 or one per image embedding (" +
-                              std::to_string(batch) + ")");
+        invalid(has_embeds ? "prompt_embeds" : "prompts",
+                "holds " + std::to_string(n_prompts) +
+                    " prompts; it must hold 1 or one per image embedding (" +
+                    std::to_string(batch) + ")");
     check_positive(kWhere, "num_images_per_prompt", opt.num_images_per_prompt);
     if (opt.timesteps.empty())
         check_positive(kWhere, "num_inference_steps", opt.num_inference_steps);
@@ -170,11 +198,30 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         check_timesteps(kWhere, "timesteps", opt.timesteps);
     check_finite(kWhere, "guidance_scale", opt.guidance_scale);
     const bool cfg = opt.guidance_scale > 1.0;
-    const int64_t n_negative = static_cast<int64_t>(opt.negative_prompts.size());
+    const bool has_negative_embeds = opt.negative_prompt_embeds.defined();
+    if (has_negative_embeds && !opt.negative_prompts.empty())
+        invalid("negative_prompts", "and `negative_prompt_embeds` are both set: pass one of them");
+    if (has_negative_embeds) check_embeds("negative_prompt_embeds", opt.negative_prompt_embeds);
+    const int64_t n_negative = has_negative_embeds
+                                   ? opt.negative_prompt_embeds.size(0)
+                                   : static_cast<int64_t>(opt.negative_prompts.size());
     if (cfg && n_negative > 1 && n_negative != n_prompts)
-        invalid("negative_prompts", "holds " + std::to_string(n_negative) +
-                                       " prompts; it must hold none, 1 or one per prompt (" +
-                                       std::to_string(n_prompts) + ")");
+        invalid(has_negative_embeds ? "negative_prompt_embeds" : "negative_prompts",
+                "holds " + std::to_string(n_negative) +
+                    " prompts; it must hold none, 1 or one per prompt (" +
+                    std::to_string(n_prompts) + ")");
+    // Both halves of a guided batch go through one forward: the same token count.
+    const int64_t encoded_len = tokenizer_.model_max_length();
+    const int64_t prompt_len = has_embeds ? opt.prompt_embeds.size(1) : encoded_len;
+    const int64_t negative_len =
+        has_negative_embeds ? opt.negative_prompt_embeds.size(1) : encoded_len;
+    if (cfg && prompt_len != negative_len)
+        invalid(has_negative_embeds ? "negative_prompt_embeds" : "prompt_embeds",
+                "has " + std::to_string(has_negative_embeds ? negative_len : prompt_len) +
+                    " tokens but the " + (has_negative_embeds ? "prompt" : "negative prompt") +
+                    " states have " +
+                    std::to_string(has_negative_embeds ? prompt_len : negative_len) +
+                    ": with guidance both halves need the same length");
 
     const int64_t per_embedding = opt.num_images_per_prompt;
     const int64_t rows = batch * per_embedding;
@@ -199,18 +246,26 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
     // ---- 2. text: [P, 77, D] -> one row per output, then the negative half for guidance
     torch::Tensor text;
     {
-        const auto on = stage_scope(text_encoder_, device, mode);
+        // Offload moves the text encoder only when some text is left to encode.
+        const bool encodes_text = !has_embeds || (cfg && !has_negative_embeds);
+        const auto on = stage_scope(text_encoder_, device, encodes_text ? mode : OffloadMode::none);
         c10::InferenceMode guard;
         const auto prompt_embeds =
-            encode_prompts(tokenizer_, text_encoder_, opt.prompts, device, dtype);
+            has_embeds ? opt.prompt_embeds.to(device, dtype)
+                       : encode_prompts(tokenizer_, text_encoder_, opt.prompts, device, dtype);
         text = expand_rows(prompt_embeds, rows, per_embedding);
         if (cfg) {
-            std::vector<std::string> negative = opt.negative_prompts;
-            if (negative.empty()) negative.assign(opt.prompts.size(), "");
-            if (negative.size() == 1 && opt.prompts.size() > 1)
-                negative.assign(opt.prompts.size(), negative[0]);
-            const auto negative_embeds =
-                encode_prompts(tokenizer_, text_encoder_, negative, device, dtype);
+            torch::Tensor negative_embeds;
+            if (has_negative_embeds) {
+                negative_embeds = opt.negative_prompt_embeds.to(device, dtype);
+            } else {
+                std::vector<std::string> negative = opt.negative_prompts;
+                if (negative.empty()) negative.assign(static_cast<size_t>(n_prompts), "");
+                negative_embeds = encode_prompts(tokenizer_, text_encoder_, negative, device, dtype);
+            }
+            // One negative serves every prompt.
+            if (negative_embeds.size(0) == 1 && n_prompts > 1)
+                negative_embeds = negative_embeds.expand({n_prompts, -1, -1});
             text = at::cat({text, expand_rows(negative_embeds, rows, per_embedding)}, 0);
         }
     }

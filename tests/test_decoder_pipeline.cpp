@@ -92,6 +92,42 @@ TEST_F(DecoderPipelineTest, CfgNegativeBatch2MatchesDiffusers) {
 // num_images_per_prompt = 2 with one embedding: latents [2, ...] are drawn in one call (rows are
 // embedding-major), then one draw per step, so it equals (a) the embedding given twice with the
 // same seed and (b) explicit latents drawn first from the same generator.
+// DecoderOptions::prompt_embeds / negative_prompt_embeds from encode_prompt stand in for the
+// strings: the same calls, the same numbers as diffusers'.
+TEST_F(DecoderPipelineTest, PromptEmbedsReplaceThePrompts) {
+    auto& pipe = *pipe_;
+    {
+        const auto ref = test::reference("pipeline_decoder_seed22");
+        DecoderOptions opt = test::decoder_seed22_options(ref);
+        const auto embeds = pipe.encode_prompt(opt.prompts);
+        EXPECT_EQ(embeds.sizes(),
+                  (std::vector<int64_t>{1, 77, pipe.text_encoder()->config().hidden_size}));
+        opt.prompt_embeds = embeds;
+        opt.prompts = {};
+        std::vector<torch::Tensor> steps;
+        expect_case("decoder_seed22 from prompt_embeds", run(opt, &steps), steps, ref);
+    }
+    const auto ref = test::reference("pipeline_decoder_cfg_neg_b2");
+    DecoderOptions opt = test::decoder_cfg_neg_b2_options(ref);
+    opt.prompt_embeds = pipe.encode_prompt(opt.prompts);
+    opt.negative_prompt_embeds = pipe.encode_prompt(opt.negative_prompts);
+    opt.prompts = {};
+    opt.negative_prompts = {};
+    std::vector<torch::Tensor> steps;
+    const auto out = run(opt, &steps);
+    expect_case("decoder_cfg_neg_b2 from prompt embeds", out, steps, ref);
+    // Text states given for the prompt only: the negative prompt is still encoded.
+    DecoderOptions mixed = test::decoder_cfg_neg_b2_options(ref);
+    mixed.prompt_embeds = opt.prompt_embeds;
+    mixed.prompts = {};
+    EXPECT_TRUE(test::all_close("decoder_cfg_neg_b2, prompt_embeds + negative_prompts",
+                                run(mixed, nullptr).images, out.images, 0));
+    // One negative for two per-embedding prompts.
+    opt.prompt_embeds = opt.prompt_embeds.expand({2, -1, -1});
+    EXPECT_TRUE(test::all_close("decoder_cfg_neg_b2, two prompt states, one negative",
+                                run(opt, nullptr).images, out.images, 1e-5));
+}
+
 TEST_F(DecoderPipelineTest, ImagesPerPromptRepeatsEmbeddings) {
     const auto ref = test::reference("pipeline_decoder_seed22");
     DecoderOptions opt = test::decoder_seed22_options(ref);
@@ -200,6 +236,37 @@ TEST_F(DecoderPipelineTest, RejectsBadArguments) {
     o.guidance_scale = 2.0;
     o.negative_prompts = {"x", "y", "z"};
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`negative_prompts`", "3 prompts");
+
+    // Text states instead of prompts.
+    const int64_t hidden = pipe.text_encoder()->config().hidden_size;
+    o = good;
+    o.prompts = {"a"};
+    o.prompt_embeds = torch::randn({1, 77, hidden});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompts`", "`prompt_embeds`",
+                                "both set");
+    o.prompts = {};
+    o.prompt_embeds = torch::randn({1, 77, hidden + 1});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompt_embeds`",
+                                "[P, L, " + std::to_string(hidden) + "]");
+    o.prompt_embeds = torch::zeros({1, 77, hidden}, torch::kLong);
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompt_embeds`", "floating");
+    o.prompt_embeds = torch::randn({3, 77, hidden});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompt_embeds`", "3 prompts", "(1)");
+    o.prompt_embeds = torch::randn({1, 77, hidden});
+    o.guidance_scale = 2.0;
+    o.negative_prompts = {"x"};
+    o.negative_prompt_embeds = torch::randn({1, 77, hidden});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`negative_prompts`",
+                                "`negative_prompt_embeds`", "both set");
+    o.negative_prompts = {};
+    o.negative_prompt_embeds = torch::randn({1, 70, hidden});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`negative_prompt_embeds`",
+                                "70 tokens", "77");
+    o.negative_prompt_embeds = torch::Tensor();
+    o.prompt_embeds = torch::randn({1, 60, hidden});
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`prompt_embeds`", "60 tokens",
+                                "negative prompt");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe.encode_prompt({}), InvalidArgument, "`prompts`", "empty");
 
     o = good;
     o.num_inference_steps = 0;

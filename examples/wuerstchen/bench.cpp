@@ -8,11 +8,11 @@
 //
 // Each run calls the library's public stages in order, with a device synchronisation before
 // every clock read:
-//   text_encoding  the prior's text encoder on the prompt and, with guidance, the negative prompt
-//                  (what PriorPipeline's encode_prompt does)
+//   text_encoding  both text encoders on the prompt (PriorPipeline / DecoderPipeline
+//                  encode_prompt) and, for each stage with guidance, on the empty negative prompt
 //   prior_loop     PriorPipeline with those prompt_embeds: latents draw + stage-C loop
-//   decoder_loop   DecoderPipeline with decode = false: its own CLIP ViT-H encoding of the prompt
-//                  (the pipeline has no prompt_embeds input) + latents draw + stage-B loop
+//   decoder_loop   DecoderPipeline with its prompt_embeds and decode = false: latents draw +
+//                  stage-B loop
 //   vq_decode      PaellaVQModel::decode of the latents, clamped and copied to the host as the
 //                  pipeline does
 //   total          one clock around the four (so it also holds the synchronisations)
@@ -348,9 +348,9 @@ int run_bench(int argc, char** argv) {
                   << "\nPrints one JSON object: device, dtype, sizes, the median and minimum "
                      "seconds of each stage\n(text_encoding, prior_loop, decoder_loop, vq_decode) "
                      "and of the total, peak memory\n(overall and per stage: the CUDA caching "
-                     "allocator, or libtorch's CPU allocator counted)\nand parameter counts. The "
-                     "decoder_loop stage includes the decoder pipeline's own text\nencoding of "
-                     "the prompt.\n";
+                     "allocator, or libtorch's CPU allocator counted)\nand parameter counts. "
+                     "text_encoding runs both text encoders; the loops start from their\n"
+                     "states.\n";
         return 0;
     }
     if (!args.positional().empty())
@@ -467,6 +467,7 @@ int run_bench(int argc, char** argv) {
         return std::chrono::duration<double>(b - a).count();
     };
     const bool prior_cfg = prior_guidance > 1.0;
+    const bool decoder_cfg = decoder_guidance > 1.0;
     std::vector<double> t_text, t_prior, t_decoder, t_vq, t_total;
     std::vector<int64_t> embedding_shape, image_shape;
     // Peak memory of each stage over the timed runs (allocated, reserved): the peak is reset at
@@ -491,6 +492,9 @@ int run_bench(int argc, char** argv) {
         torch::Tensor prompt_embeds = prior.encode_prompt({prompt});
         torch::Tensor negative_embeds;
         if (prior_cfg) negative_embeds = prior.encode_prompt({""});
+        torch::Tensor decoder_embeds = decoder.encode_prompt({prompt});
+        torch::Tensor decoder_negative;
+        if (decoder_cfg) decoder_negative = decoder.encode_prompt({""});
         const auto t1 = stage_done(0, timed);
 
         PriorOptions po;
@@ -510,7 +514,9 @@ int run_bench(int argc, char** argv) {
 
         DecoderOptions dopt;
         dopt.image_embeddings = embeddings;
-        dopt.prompts = {prompt};
+        dopt.prompts = {};
+        dopt.prompt_embeds = decoder_embeds;
+        if (decoder_cfg) dopt.negative_prompt_embeds = decoder_negative;
         dopt.num_inference_steps = decoder_steps;
         dopt.guidance_scale = decoder_guidance;
         dopt.seed = seed;
@@ -636,9 +642,9 @@ int run_bench(int argc, char** argv) {
                          {"vqgan", d_vq},
                          {"total", p_text + p_prior + d_text + d_decoder + d_vq}};
     out["stage_notes"] =
-        "text_encoding: prior text encoder on the prompt (+ the empty negative prompt with "
-        "guidance); decoder_loop includes the decoder pipeline's own text encoding; total is one "
-        "clock around all four stages";
+        "text_encoding: both text encoders on the prompt (+ the empty negative prompt for each "
+        "stage with guidance); the loops start from those states; total is one clock around all "
+        "four stages";
     std::cout << out.dump(2) << std::endl;
     return 0;
 }

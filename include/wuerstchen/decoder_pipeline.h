@@ -45,6 +45,12 @@ struct DecoderOptions {
     std::vector<std::string> prompts = {""};
     // Used only when guidance_scale > 1: none ("" for each prompt), one, or one per prompt.
     std::vector<std::string> negative_prompts;
+    // Not upstream (its decoder pipeline always encodes): text states of the decoder's text
+    // encoder [P, L, D] (what encode_prompt returns) instead of `prompts`, which then stays at
+    // its default or empty; P is 1 or one per embedding, as for `prompts`.
+    torch::Tensor prompt_embeds;
+    // With guidance, instead of `negative_prompts`: [1 or P, L, D]. Neither given: "" is encoded.
+    torch::Tensor negative_prompt_embeds;
     int num_inference_steps = 12;
     // Custom descending points in [0, 1] (the last ends the chain); overrides num_inference_steps.
     std::vector<double> timesteps;
@@ -101,6 +107,11 @@ public:
     // out; the pipeline stays usable in every case. One call at a time per pipeline object
     // (separate objects may run concurrently on different threads).
     DecoderOutput operator()(const DecoderOptions& options);
+
+    // The decoder text encoder's last_hidden_state for `prompts` (padded to 77 tokens,
+    // truncated): [P, 77, D] on the execution device in the decoder's dtype, what
+    // DecoderOptions::prompt_embeds / negative_prompt_embeds take. Offloads like a call.
+    torch::Tensor encode_prompt(const std::vector<std::string>& prompts);
 
     // Stage A alone: the VQGAN's decode(latents * scale_factor).clamp(0, 1) for stage-B latents
     // [B, c_in, H, W] -> images [B, 3, H', W'] float32 on the CPU. Offloads like a call.
