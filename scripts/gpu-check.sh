@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, in phases, for a lent CUDA machine with a PyTorch 2.x wheel (no network).
 # Results go to $OUT (default ./gpu-out): build.log, gpu-tests.log, bench-<name>.json (+ bench.log
-# with the progress lines), profile.json + profile-trace.json.
+# with the progress lines), profile.json + profile-trace.json, summary.txt.
 #
-#   scripts/gpu-check.sh build tests             # first device call (about 6 minutes)
-#   scripts/gpu-check.sh bench memory profile    # second call, same warm machine (about 6)
-# (no phase given: build tests bench)
+#   scripts/gpu-check.sh build tests                     # first device call (about 6 minutes)
+#   scripts/gpu-check.sh bench memory profile summary    # second call, same warm machine (about 6)
+# (no phase given: build tests bench summary)
 #
 # Phases:
 #   build    the project against the wheel's libtorch (../shared/device/gpu-build.sh, staged into
@@ -17,6 +17,8 @@
 #            batch 4 with CUDA graphs (the speed targets), batch 1 with graphs and channels-last
 #   memory   batch 1 with --offload, with --sequential-offload, and bf16 with graphs
 #   profile  one eager batch-1 run under the Kineto profiler: top CUDA kernels in profile.json
+#   summary  scripts/bench-summary.py --targets over the bench JSON files: one table (stage
+#            times, peak memory per stage) and the bounds, in summary.txt
 # Every step has its own time limit so that one hang cannot use up the machine's time; a failed
 # step is reported and the next one still runs.
 set -uo pipefail
@@ -54,7 +56,7 @@ bench() {  # bench NAME LIMIT FLAGS...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-[ $# -gt 0 ] || set -- build tests bench
+[ $# -gt 0 ] || set -- build tests bench summary
 for phase in "$@"; do
     case "$phase" in
         build)
@@ -88,8 +90,14 @@ for phase in "$@"; do
                 --runs 1 --warmup 1 --profile "$OUT/profile-trace.json" \
                 > "$OUT/profile.json" 2>> "$OUT/bench.log"
             ;;
+        summary)
+            # Its exit status says whether every bound held; the phase itself only reports.
+            python3 scripts/bench-summary.py --targets "$OUT"/bench-*.json > "$OUT/summary.txt" 2>&1
+            echo "== summary: $OUT/summary.txt"
+            cat "$OUT/summary.txt"
+            ;;
         *)
-            echo "unknown phase '$phase' (build, tests, bench, memory, profile)" >&2
+            echo "unknown phase '$phase' (build, tests, bench, memory, profile, summary)" >&2
             exit 2
             ;;
     esac

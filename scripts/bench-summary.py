@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""One table from the JSON files of `wuerstchen bench` (e.g. gpu-out/bench-*.json).
+
+    scripts/bench-summary.py gpu-out/bench-*.json
+
+Prints, per file: device, dtype, batch, resolution, mode, the median seconds of each stage and of
+the total, and the peak memory overall and per stage. With --targets it adds the issue's
+acceptance bounds for the runs they apply to (1024x1024, prior 29 steps with guidance 4, decoder
+12 steps) and says which hold; they are bounds for one H100, so a run elsewhere is only marked.
+Standard library only: it runs on the GPU machine as well as here.
+"""
+
+import argparse
+import json
+import sys
+
+STAGES = ("text_encoding", "prior_loop", "decoder_loop", "vq_decode")
+
+# (what, applies to the run?, value of the run, bound)
+TARGETS = (
+    ("total s, batch 1", lambda r: r["batch"] == 1 and r["offload"] == "none",
+     lambda r: r["total"]["median_s"], 0.45),
+    ("total s, batch 4", lambda r: r["batch"] == 4 and r["offload"] == "none",
+     lambda r: r["total"]["median_s"], 1.5),
+    ("peak GiB, batch 1", lambda r: r["batch"] == 1 and r["offload"] == "none",
+     lambda r: peak_gib(r), 6.2),
+    ("peak GiB, --offload", lambda r: r["batch"] == 1 and r["offload"] == "model",
+     lambda r: peak_gib(r), 2.6),
+    ("peak GiB, --sequential-offload", lambda r: r["batch"] == 1 and r["offload"] == "sequential",
+     lambda r: peak_gib(r), 1.0),
+)
+
+
+def peak_gib(run):
+    peak = run.get("peak_memory")
+    return None if not peak else peak.get("gib")
+
+
+def mode(run):
+    parts = [run.get("dtype", "?")]
+    if run.get("offload", "none") != "none":
+        parts.append(run["offload"] + " offload")
+    if run.get("cuda_graphs"):
+        parts.append("graphs")
+    if run.get("channels_last"):
+        parts.append("channels-last")
+    return ", ".join(parts)
+
+
+def is_reference_workload(run):
+    return (run.get("resolution") == "1024x1024" and run.get("prior_steps") == 29
+            and run.get("prior_guidance") == 4 and run.get("decoder_steps") == 12
+            and run.get("dtype") == "fp16")
+
+
+def fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="bench JSON files")
+    parser.add_argument("--targets", action="store_true", help="check the acceptance bounds")
+    args = parser.parse_args()
+
+    runs = []
+    for path in args.files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                runs.append((path, json.load(f)))
+        except (OSError, ValueError) as e:
+            print(f"{path}: skipped ({e})", file=sys.stderr)
+
+    header = ("file", "device", "mode", "batch", "size", *STAGES, "total", "peak GiB",
+              "stage peaks GiB (text, prior, decoder, vq)")
+    rows = [header]
+    for path, r in runs:
+        stages = [fmt(r["stages"][s]["median_s"]) for s in STAGES]
+        peak = r.get("peak_memory") or {}
+        by_stage = peak.get("stages_gib") or {}
+        rows.append((path.rsplit("/", 1)[-1], r.get("device", "?"), mode(r), str(r.get("batch")),
+                     r.get("resolution", "?"), *stages, fmt(r["total"]["median_s"]),
+                     fmt(peak.get("gib")),
+                     " ".join(fmt(by_stage.get(s)) for s in STAGES)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+    if not args.targets:
+        return 0
+    print()
+    failed = False
+    for path, r in runs:
+        if not is_reference_workload(r):
+            continue
+        for what, applies, value, bound in TARGETS:
+            if not applies(r):
+                continue
+            v = value(r)
+            ok = v is not None and v <= bound
+            failed |= not ok
+            where = "" if "H100" in r.get("device", "") else " (not an H100: indicative only)"
+            print(f"{'ok  ' if ok else 'MISS'} {path.rsplit('/', 1)[-1]}: {what} {fmt(v)} "
+                  f"(bound {bound}){where}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
