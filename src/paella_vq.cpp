@@ -36,7 +36,8 @@ TORCH_MODULE(NestedSequential);
 // band of image rows (the conv reads one halo row above and below), writing each band of the
 // output in place: what is alive at once is the input, the output and one band's temporaries,
 // instead of five or six whole-image tensors (the channelwise hidden activation alone is four
-// times the input). The arithmetic of every element is upstream's.
+// times the input). The arithmetic of every element is upstream's. With autograd recording,
+// upstream's whole-batch form runs instead.
 struct MixingResidualBlockImpl : torch::nn::Module {
     MixingResidualBlockImpl(int64_t c, int64_t embed_dim) {
         depthwise = register_module(
@@ -58,20 +59,32 @@ struct MixingResidualBlockImpl : torch::nn::Module {
     torch::Tensor forward(const torch::Tensor& input) {
         const int64_t batch = input.size(0);
         const int64_t height = input.size(2);
-        const int64_t width = input.size(3);
         const int64_t hidden = fc1->weight.size(0);
         const int64_t row_bytes =
-            width * hidden * static_cast<int64_t>(input.element_size());
-        const int64_t rows =
+            input.size(3) * hidden * static_cast<int64_t>(input.element_size());
+        // The bands write into a preallocated output, which autograd cannot follow; empty
+        // images have no bands.
+        if (records_autograd(input) || row_bytes == 0 || height == 0 || batch == 0)
+            return forward_whole(input);
+        // Rows per band within the budget, bands of equal size (no one-row remainder); when a
+        // whole image fits, as many images per band as fit.
+        const int64_t max_rows =
             band_bytes <= 0 ? height : std::clamp<int64_t>(band_bytes / row_bytes, 1, height);
+        const int64_t bands = (height + max_rows - 1) / max_rows;
+        const int64_t rows = (height + bands - 1) / bands;
+        const int64_t images =
+            band_bytes <= 0 ? batch
+            : rows < height ? 1
+                            : std::clamp<int64_t>(band_bytes / (height * row_bytes), 1, batch);
         // The gammas are 0-d, read on the device; 1 + g is computed once per call.
         const auto& g = gammas;
         const torch::Tensor scale0 = 1 + g[0];
         const torch::Tensor scale3 = 1 + g[3];
         torch::Tensor out = at::empty_like(input);
-        for (int64_t b = 0; b < batch; ++b) {
-            const torch::Tensor in_b = input.narrow(0, b, 1);
-            const torch::Tensor out_b = out.narrow(0, b, 1);
+        for (int64_t b = 0; b < batch; b += images) {
+            const int64_t k = std::min(images, batch - b);
+            const torch::Tensor in_b = input.narrow(0, b, k);
+            const torch::Tensor out_b = out.narrow(0, b, k);
             for (int64_t top = 0; top < height; top += rows) {
                 const int64_t n = std::min(rows, height - top);
                 // Rows [lo, hi) with a halo row on each side inside the image; outside it, the
@@ -83,7 +96,7 @@ struct MixingResidualBlockImpl : torch::nn::Module {
                 t = conv->forward(nn::replication_pad_2d(t, 1)).narrow(2, top - lo, n);
                 torch::Tensor x = out_b.narrow(2, top, n);
                 at::addcmul_out(x, in_b.narrow(2, top, n), t, g[2]);
-                // [1, C, n, W] -> [1, n, W, C] for the Linears; the result goes back into x.
+                // [k, C, n, W] -> [k, n, W, C] for the Linears; the result goes back into x.
                 t = nn::layer_norm_last(x.permute({0, 2, 3, 1}), 1e-6);
                 at::addcmul_out(t, g[4], t, scale3);
                 t = at::linear(t, fc1->weight, fc1->bias);
@@ -93,6 +106,27 @@ struct MixingResidualBlockImpl : torch::nn::Module {
             }
         }
         return out;
+    }
+
+    // Upstream's formulation, out of place over the whole image (each addcmul one pass).
+    torch::Tensor forward_whole(const torch::Tensor& input) {
+        const auto& g = gammas;
+        auto x_temp = at::addcmul(g[1], nn::layer_norm_2d(input, 1e-6), 1 + g[0]);
+        auto x = at::addcmul(input, depthwise->forward(x_temp), g[2]);
+        x_temp = at::addcmul(g[4], nn::layer_norm_2d(x, 1e-6), 1 + g[3]);
+        // [B, C, H, W] -> [B, H, W, C] for the Linears, and back.
+        return at::addcmul(
+            x, channelwise->forward(x_temp.permute({0, 2, 3, 1})).permute({0, 3, 1, 2}), g[5]);
+    }
+
+    // Gradients are being recorded through this block (training, or a gradient with respect to
+    // the input): in-place writes into a preallocated output would refuse them.
+    bool records_autograd(const torch::Tensor& input) const {
+        if (!at::GradMode::is_enabled()) return false;
+        if (input.requires_grad()) return true;
+        for (const auto& p : parameters())
+            if (p.requires_grad()) return true;
+        return false;
     }
 
     torch::nn::Sequential depthwise{nullptr};

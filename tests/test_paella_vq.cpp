@@ -81,34 +81,47 @@ TEST_F(PaellaVQTest, QuantizerPicksNearestCode) {
                                 codebook.index_select(0, picked).t().reshape({1, 4, 1, 3}), 1e-6));
 }
 
-// Mixing blocks in bands of rows (set_band_bytes): one row per band, a few rows, and the whole
-// image give the same encode / decode, within float32 rounding of the matrix products (the
-// reference check above runs with the default, one band per image at this size).
+// Mixing blocks in bands of rows (set_band_bytes): one row per band, a few rows, whole images,
+// the whole batch at once and the default give upstream's out-of-place whole-batch form (which
+// the blocks take while autograd records, checked here too), within float32 rounding of the
+// matrix products.
 TEST_F(PaellaVQTest, BandsOfRowsMatchWholeImage) {
-    c10::InferenceMode guard;
     auto& vq = *model_;
     const auto ref = test::reference("vqgan");
     const auto image = test::ref_tensor(ref, "image");
     const auto latents = test::ref_tensor(ref, "latents");
-    ASSERT_EQ(vq->band_bytes(), PaellaVQModelImpl::kDefaultBandBytes);
-    vq->set_band_bytes(0);
-    const auto whole_decoded = vq->decode(latents);
-    const auto whole_encoded = vq->encode(image);
     const auto batch2 = torch::cat({latents, latents.flip({3})});
-    const auto whole_batch2 = vq->decode(batch2);
-    // One band row of the widest block's hidden activation (4 x embed_dim float32 per pixel
-    // across the widest level): 1 byte -> one row per band; 3 rows of the decoder's last block.
+    ASSERT_EQ(vq->band_bytes(), PaellaVQModelImpl::kDefaultBandBytes);
+    torch::Tensor whole_decoded, whole_encoded, whole_batch2;
+    {
+        // Grad mode on and an input that requires grad: upstream's form, and gradients flow.
+        const auto input = latents.clone().requires_grad_();
+        whole_decoded = vq->decode(input);
+        whole_decoded.sum().backward();
+        ASSERT_TRUE(input.grad().defined());
+        EXPECT_TRUE(torch::isfinite(input.grad()).all().item<bool>());
+        EXPECT_GT(input.grad().abs().sum().item<double>(), 0);
+        whole_decoded = whole_decoded.detach();
+        whole_encoded = vq->encode(image.clone().requires_grad_()).detach();
+        whole_batch2 = vq->decode(batch2.clone().requires_grad_()).detach();
+    }
+    c10::InferenceMode guard;
+    // 1 byte -> one row per band; three rows of the decoder's last block (4 x embed_dim / 2
+    // float32 per pixel, width = image width / up_down_scale_factor); 0 -> the whole batch.
     const int64_t last_width = whole_decoded.size(3) / vq->config().up_down_scale_factor;
     const int64_t three_rows = 3 * last_width * 4 * (vq->config().embed_dim / 2) * 4;
-    for (const int64_t bytes : {int64_t{1}, three_rows}) {
+    for (const int64_t bytes :
+         {int64_t{1}, three_rows, int64_t{0}, PaellaVQModelImpl::kDefaultBandBytes}) {
         vq->set_band_bytes(bytes);
-        const std::string what = "bands of " + std::to_string(bytes) + " bytes vs whole image";
+        const std::string what = "bands of " + std::to_string(bytes) + " bytes vs upstream's form";
         EXPECT_TRUE(test::all_close(what + ", decode", vq->decode(latents), whole_decoded, 1e-6));
         EXPECT_TRUE(test::all_close(what + ", encode", vq->encode(image), whole_encoded, 1e-6));
         EXPECT_TRUE(test::all_close(what + ", decode batch 2", vq->decode(batch2), whole_batch2,
                                     1e-6));
     }
-    vq->set_band_bytes(PaellaVQModelImpl::kDefaultBandBytes);
+    EXPECT_EQ(vq->band_bytes(), PaellaVQModelImpl::kDefaultBandBytes);
+    // An empty batch has no bands.
+    EXPECT_EQ(vq->decode(latents.narrow(0, 0, 0)).size(0), 0);
     WUERSTCHEN_EXPECT_THROW_MSG(vq->set_band_bytes(-1), InvalidArgument, "bytes");
     EXPECT_EQ(vq->band_bytes(), PaellaVQModelImpl::kDefaultBandBytes);
 }

@@ -48,11 +48,13 @@ struct PaellaVQModelImpl : torch::nn::Module {
     const PaellaVQConfig& config() const { return config_; }
     double scale_factor() const { return config_.scale_factor; }
 
-    // Working memory of encode / decode. Each mixing block works through the image in bands of
-    // rows, each band's channelwise hidden activation (4x the block's width) at most about
-    // `bytes` (at least one row per band); 0 = one band per image, as upstream. The result does
-    // not depend on it beyond the last bits (matrix products over fewer rows). At 1024x1024
-    // in fp16 a whole-image band makes the last block's hidden activation 402 MB on its own.
+    // Working memory of encode / decode. Each mixing block works through the batch in bands of
+    // image rows (several whole images per band when they fit), each band's channelwise hidden
+    // activation (4x the block's width) at most about `bytes`, at least one row; 0 = the whole
+    // batch at once, as upstream. The result does not depend on it beyond the last bits (matrix
+    // products over fewer rows). At 1024x1024 in fp16 a whole-image band makes the last block's
+    // hidden activation 402 MB on its own. While autograd records through the model (grad mode
+    // on and the input or a weight requiring grad) the blocks run upstream's whole-batch form.
     static constexpr int64_t kDefaultBandBytes = int64_t{64} << 20;
     void set_band_bytes(int64_t bytes);
     int64_t band_bytes() const { return band_bytes_; }
