@@ -87,6 +87,9 @@ TEST(Blocks, AttentionOverManyQueriesMatchesOneSoftmax) {
     auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) * 0.5, -1);
     auto expected = attn->to_out->forward(torch::matmul(p, v).squeeze(1));
     EXPECT_TRUE(all_close("attention, 4200 queries", attn->forward(x, ctx), expected, 1e-5));
+    // An empty batch has no rows to chunk.
+    EXPECT_EQ(attn->forward(x.narrow(0, 0, 0), ctx.narrow(0, 0, 0)).sizes(),
+              (std::vector<int64_t>{0, 4200, 4}));
 }
 
 TEST(Prior, ParametersAreTheCheckpointKeys) {

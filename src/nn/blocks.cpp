@@ -143,10 +143,14 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     const double scale = 1.0 / std::sqrt(static_cast<double>(dim_head));
     const auto kt = k.transpose(-1, -2);
     const int64_t row_bytes = b * heads * m * static_cast<int64_t>(q.element_size());
-    const int64_t rows = std::clamp<int64_t>(kScoreBytes / row_bytes, 1, n);
     auto attend = [&](const torch::Tensor& queries) {
         return at::matmul(at::softmax(at::matmul(queries, kt) * scale, -1), v);
     };
+    // Equal chunks (no small remainder), as few as the budget allows; empty shapes in one go.
+    const int64_t max_rows =
+        row_bytes > 0 && n > 0 ? std::clamp<int64_t>(kScoreBytes / row_bytes, 1, n) : n;
+    const int64_t chunks = max_rows > 0 ? (n + max_rows - 1) / max_rows : 1;
+    const int64_t rows = chunks > 0 ? (n + chunks - 1) / chunks : n;
     torch::Tensor out;
     if (rows >= n) {
         out = attend(q);
