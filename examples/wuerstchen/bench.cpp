@@ -617,7 +617,12 @@ int run_bench(int argc, char** argv) {
                                {{"text_encoding", gib(stage_peak[0].allocated)},
                                 {"prior_loop", gib(stage_peak[1].allocated)},
                                 {"decoder_loop", gib(stage_peak[2].allocated)},
-                                {"vq_decode", gib(stage_peak[3].allocated)}}}};
+                                {"vq_decode", gib(stage_peak[3].allocated)}}},
+                              {"stages_bytes",
+                               {{"text_encoding", stage_peak[0].allocated},
+                                {"prior_loop", stage_peak[1].allocated},
+                                {"decoder_loop", stage_peak[2].allocated},
+                                {"vq_decode", stage_peak[3].allocated}}}};
     } else {
         out["peak_memory"] = nullptr;
     }

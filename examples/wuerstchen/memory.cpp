@@ -28,11 +28,17 @@ struct Live {
     int64_t bytes;
     c10::DeleterFnPtr free;
 };
-std::mutex g_live_mutex;
+// Both never destroyed: deleters may run during static destruction.
+std::mutex& live_mutex() {
+    static auto* mutex = new std::mutex();
+    return *mutex;
+}
 std::unordered_map<void*, Live>& live() {
-    static auto* table = new std::unordered_map<void*, Live>();  // outlives static destructors
+    static auto* table = new std::unordered_map<void*, Live>();
     return *table;
 }
+// The allocator wrapped, for the raw frees of what it handed out uncounted.
+std::atomic<c10::Allocator*> g_inner{nullptr};
 
 // Wraps the CPU allocator. Its DataPtrs keep data == context (libtorch's raw_allocate users
 // require it): sizes and the wrapped deleters are looked up by address.
@@ -48,21 +54,26 @@ public:
     void copy_data(void* dest, const void* src, size_t count) const {
         if (count != 0) std::memcpy(dest, src, count);
     }
-    c10::DeleterFnPtr raw_deleter() const override { return &release; }
+    // Overrides in every version (no `override`, like the members above: clang warns on a mix).
+    c10::DeleterFnPtr raw_deleter() const { return &release; }
 
 private:
     static void release(void* data) {
         Live entry{0, nullptr};
         {
-            const std::lock_guard<std::mutex> lock(g_live_mutex);
+            const std::lock_guard<std::mutex> lock(live_mutex());
             const auto it = live().find(data);
             if (it != live().end()) {
                 entry = it->second;
                 live().erase(it);
             }
         }
+        if (entry.free == nullptr) {  // handed out uncounted: the wrapped allocator's raw free
+            c10::Allocator* inner = g_inner.load();
+            entry.free = inner != nullptr ? inner->raw_deleter() : nullptr;
+        }
         g_current.fetch_sub(entry.bytes, std::memory_order_relaxed);
-        if (entry.free != nullptr) entry.free(data);
+        if (entry.free != nullptr && data != nullptr) entry.free(data);
     }
 
     c10::DataPtr counted(size_t n) const {
@@ -76,7 +87,7 @@ private:
         (void)inner.release_context();
         const auto bytes = static_cast<int64_t>(n);
         {
-            const std::lock_guard<std::mutex> lock(g_live_mutex);
+            const std::lock_guard<std::mutex> lock(live_mutex());
             live()[data] = Live{bytes, free};
         }
         const int64_t now = g_current.fetch_add(bytes, std::memory_order_relaxed) + bytes;
@@ -101,7 +112,9 @@ void track_cpu_memory() {
     static std::once_flag once;
     std::call_once(once, [] {
         // Never deleted: libtorch keeps using it for the rest of the process.
-        auto* counting = new CountingCpuAllocator(c10::GetCPUAllocator());
+        c10::Allocator* inner = c10::GetCPUAllocator();
+        g_inner = inner;
+        auto* counting = new CountingCpuAllocator(inner);
         c10::SetCPUAllocator(counting, /*priority=*/std::numeric_limits<uint8_t>::max());
         g_tracking = true;
     });
