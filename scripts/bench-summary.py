@@ -6,7 +6,8 @@
 Prints, per file: device, dtype, batch, resolution, mode, the median seconds of each stage and of
 the total, and the peak memory overall and per stage. With --targets it adds the issue's
 acceptance bounds for the runs they apply to (1024x1024, prior 29 steps with guidance 4, decoder
-12 steps) and says which hold; they are bounds for one H100, so a run elsewhere is only marked.
+12 steps) and says which hold (exit 1 if one does not, 2 if no run was checked); they are bounds
+for one H100, so a run elsewhere is only marked.
 Standard library only: it runs on the GPU machine as well as here.
 """
 
@@ -90,6 +91,7 @@ def main():
         return 0
     print()
     failed = False
+    checked = 0
     for path, r in runs:
         if not is_reference_workload(r):
             continue
@@ -97,11 +99,16 @@ def main():
             if not applies(r):
                 continue
             v = value(r)
+            checked += 1
             ok = v is not None and v <= bound
             failed |= not ok
             where = "" if "H100" in r.get("device", "") else " (not an H100: indicative only)"
             print(f"{'ok  ' if ok else 'MISS'} {path.rsplit('/', 1)[-1]}: {what} {fmt(v)} "
                   f"(bound {bound}){where}")
+    if checked == 0:
+        print("no bound checked: no run is the reference workload (1024x1024, fp16, prior 29 "
+              "steps at guidance 4, decoder 12 steps)")
+        return 2
     return 1 if failed else 0
 
 

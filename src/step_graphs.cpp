@@ -151,7 +151,11 @@ enum class CaptureStage { beginning, capturing, ending };
 // (fatal in a destructor), so on that path the graph object is deliberately leaked (a few
 // hundred bytes, at most once per StepGraphs: a failed capture turns graphs off) and the
 // reference is released here. capture_end is never called twice: its bookkeeping
-// (markCaptureEnd) is not idempotent in recent versions.
+// (markCaptureEnd) is not idempotent in recent versions. Assumed: a capture_begin that throws
+// has taken the pool already (its only throwing call after the pool, cudaStreamBeginCapture,
+// comes after beginAllocateToPool in every version read). Recent versions also route pinned
+// host allocations of the capture to a pool that this path leaves (the graph is leaked, so
+// nothing dangles; the capture made no host allocations).
 void abandon_capture(std::unique_ptr<at::cuda::CUDAGraph>& graph, CaptureStage stage,
                      const OwnedStream& stream, PoolId pool) {
     if (stage == CaptureStage::capturing) {

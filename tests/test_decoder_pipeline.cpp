@@ -89,9 +89,6 @@ TEST_F(DecoderPipelineTest, CfgNegativeBatch2MatchesDiffusers) {
                                 out.images, 1e-5));
 }
 
-// num_images_per_prompt = 2 with one embedding: latents [2, ...] are drawn in one call (rows are
-// embedding-major), then one draw per step, so it equals (a) the embedding given twice with the
-// same seed and (b) explicit latents drawn first from the same generator.
 // DecoderOptions::prompt_embeds / negative_prompt_embeds from encode_prompt stand in for the
 // strings: the same calls, the same numbers as diffusers'.
 TEST_F(DecoderPipelineTest, PromptEmbedsReplaceThePrompts) {
@@ -128,6 +125,9 @@ TEST_F(DecoderPipelineTest, PromptEmbedsReplaceThePrompts) {
                                 run(opt, nullptr).images, out.images, 1e-5));
 }
 
+// num_images_per_prompt = 2 with one embedding: latents [2, ...] are drawn in one call (rows are
+// embedding-major), then one draw per step, so it equals (a) the embedding given twice with the
+// same seed and (b) explicit latents drawn first from the same generator.
 TEST_F(DecoderPipelineTest, ImagesPerPromptRepeatsEmbeddings) {
     const auto ref = test::reference("pipeline_decoder_seed22");
     DecoderOptions opt = test::decoder_seed22_options(ref);
