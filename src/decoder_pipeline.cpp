@@ -11,6 +11,7 @@
 #include "wuerstchen/scheduler.h"
 #include "offload.h"
 #include "step_graphs.h"
+#include "step_noise.h"
 
 namespace wuerstchen {
 
@@ -298,6 +299,10 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         const auto graph_key =
             graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
         const std::vector<float>& ts = scheduler.timestep_values();
+        // The scheduler's per-step draws, made ahead on a worker while the device computes,
+        // unless a step callback (which could draw from the generator itself) runs in between.
+        StepNoise noise(generator, shape, dtype, device, static_cast<int64_t>(ts.size()) - 1,
+                        /*ahead=*/!opt.callback);
         for (size_t i = 0; i + 1 < ts.size(); ++i) {
             // ratio = t.expand(B).to(dtype), built on the device (no host round trip)
             const auto ratio =
@@ -307,7 +312,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
             const torch::Tensor predicted =
                 graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
             // The host-side timestep: the tensor overload would read it back from the device.
-            latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents, generator);
+            latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents, noise.next());
 
             if (opt.callback) {
                 torch::Tensor shown = latents;

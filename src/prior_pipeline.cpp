@@ -10,6 +10,7 @@
 #include "wuerstchen/lora.h"
 #include "offload.h"
 #include "step_graphs.h"
+#include "step_noise.h"
 
 namespace wuerstchen {
 
@@ -253,6 +254,10 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     };
     const auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
     const std::vector<float>& ts = scheduler.timestep_values();
+    // The scheduler's per-step draws, made ahead on a worker while the device computes, unless a
+    // step callback (which could draw from the generator itself) runs between the steps.
+    StepNoise noise(generator, latent_shape, module_dtype(*prior_), device_,
+                    static_cast<int64_t>(ts.size()) - 1, /*ahead=*/!o.callback);
     for (int i = 0; i + 1 < static_cast<int>(ts.size()); ++i) {
         const float t = ts[static_cast<size_t>(i)];
         // ratio = t.expand(latents.size(0)).to(dtype)
@@ -261,7 +266,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
                          .to(dtype);
         const std::vector<torch::Tensor> inputs = {latents, ratio, text_states};
         torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
-        latents = scheduler.step(pred, static_cast<double>(t), latents, generator);
+        latents = scheduler.step(pred, static_cast<double>(t), latents, noise.next());
 
         if (o.callback) {
             const bool keep_going = o.callback(i, static_cast<double>(t), latents);

@@ -124,25 +124,46 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output,
         throw InvalidArgument("DDPMWuerstchenScheduler::step: `timestep` must have shape [" +
                               std::to_string(sample.size(0)) + "]");
     const float prev = previous_timestep(t[0].item<double>());
-    return step_impl(model_output, t, prev, sample, generator);
+    return step_impl(model_output, t, prev, sample, &generator, {});
 }
+
+namespace {
+
+// As the pipelines build it: the float32 point expanded to the batch, in the model's dtype.
+torch::Tensor batch_timestep(double t, const torch::Tensor& model_output,
+                             const torch::Tensor& sample) {
+    return torch::full({sample.size(0)}, static_cast<float>(t),
+                       torch::TensorOptions().dtype(torch::kFloat32).device(model_output.device()))
+        .to(model_output.scalar_type());
+}
+
+}  // namespace
 
 torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, double t,
                                             const torch::Tensor& sample,
                                             at::Generator& generator) const {
     const float prev = previous_timestep(t);
-    // As the pipelines build it: the float32 point expanded to the batch, in the model's dtype.
-    auto tt =
-        torch::full({sample.size(0)}, static_cast<float>(t),
-                    torch::TensorOptions().dtype(torch::kFloat32).device(model_output.device()))
-            .to(model_output.scalar_type());
-    return step_impl(model_output, tt, prev, sample, generator);
+    return step_impl(model_output, batch_timestep(t, model_output, sample), prev, sample,
+                     &generator, {});
+}
+
+torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, double t,
+                                            const torch::Tensor& sample,
+                                            const torch::Tensor& noise) const {
+    if (!noise.defined() || noise.sizes() != sample.sizes())
+        throw InvalidArgument("DDPMWuerstchenScheduler::step: `noise` must have the sample's "
+                              "shape " + c10::str(sample.sizes()) + ", got " +
+                              (noise.defined() ? c10::str(noise.sizes()) : std::string("none")));
+    const float prev = previous_timestep(t);
+    return step_impl(model_output, batch_timestep(t, model_output, sample), prev, sample, nullptr,
+                     noise);
 }
 
 torch::Tensor DDPMWuerstchenScheduler::step_impl(const torch::Tensor& model_output,
                                                  const torch::Tensor& t, float prev_t,
                                                  const torch::Tensor& sample,
-                                                 at::Generator& generator) const {
+                                                 at::Generator* generator,
+                                                 const torch::Tensor& noise) const {
     const auto dtype = model_output.scalar_type();
     const auto device = model_output.device();
     const int64_t batch = t.size(0);
@@ -159,7 +180,8 @@ torch::Tensor DDPMWuerstchenScheduler::step_impl(const torch::Tensor& model_outp
               (sample - (1 - alpha) * model_output / (1 - alpha_cumprod_t).sqrt());
     // Drawn every step, also when it is multiplied by 0 below, so the generator advances as
     // upstream's does.
-    auto std_noise = randn_like_diffusers(mu.sizes(), generator, dtype, device);
+    auto std_noise = noise.defined() ? noise.to(device, dtype)
+                                     : randn_like_diffusers(mu.sizes(), *generator, dtype, device);
     auto sigma_noise =
         ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t)).sqrt() * std_noise;
     // pred = mu + std * (prev_t != 0).float(); prev_t is known on the host: no device sync.

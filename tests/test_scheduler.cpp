@@ -5,6 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "step_noise.h"
 #include "test_util.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/pipeline_common.h"
@@ -74,6 +75,67 @@ TEST(Scheduler, StepMatchesDiffusers) {
     auto gen2 = make_generator(7);
     auto out2 = sched.step(model_output, 0.6, sample, gen2);
     EXPECT_TRUE(all_close("step_t0.6_seed7 (host t)", out2, out, 0.0));
+}
+
+// step() with the noise given equals step() drawing it from the generator, and checks its shape.
+TEST(Scheduler, StepWithGivenNoiseEqualsDrawingIt) {
+    auto ref = reference("scheduler");
+    auto sample = ref_tensor(ref, "sample");
+    auto model_output = ref_tensor(ref, "model_output");
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(kDefaultStageCTimesteps);
+    c10::InferenceMode guard;
+    auto gen = make_generator(7);
+    const auto drawn = sched.step(model_output, 0.6, sample, gen);
+    auto gen2 = make_generator(7);
+    const auto noise = randn_like_diffusers(sample.sizes(), gen2);
+    EXPECT_TRUE(all_close("step with given noise", sched.step(model_output, 0.6, sample, noise),
+                          drawn, 0.0));
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(model_output, 0.6, sample, noise.narrow(0, 0, 1)),
+                                InvalidArgument, "`noise`", "shape");
+}
+
+// StepNoise: the draws made ahead on a worker thread are the inline draws, in the same order,
+// and leave the generator in the same state; stopping early neither hangs nor draws them all.
+TEST(StepNoise, AheadEqualsInline) {
+    const std::vector<int64_t> shape = {2, 4, 8, 8};
+    for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+        auto inline_gen = make_generator(5);
+        auto ahead_gen = make_generator(5);
+        {
+            StepNoise inline_noise(inline_gen, shape, dtype, torch::kCPU, 6, /*ahead=*/false);
+            StepNoise ahead_noise(ahead_gen, shape, dtype, torch::kCPU, 6, /*ahead=*/true);
+            for (int i = 0; i < 6; ++i) {
+                const auto a = ahead_noise.next();
+                EXPECT_EQ(a.scalar_type(), dtype);
+                EXPECT_TRUE(torch::equal(a, inline_noise.next())) << "draw " << i;
+            }
+            EXPECT_THROW(ahead_noise.next(), std::out_of_range);
+            EXPECT_THROW(inline_noise.next(), std::out_of_range);
+        }
+        // The same generator state afterwards (and as randn_like_diffusers draws: the same
+        // values as torch.randn).
+        auto reference_gen = make_generator(5);
+        for (int i = 0; i < 6; ++i) randn_like_diffusers(shape, reference_gen, dtype);
+        const auto after = randn_like_diffusers({16}, reference_gen);
+        EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, inline_gen), after));
+        EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, ahead_gen), after));
+    }
+    // Stopped after one of many draws: the worker is joined having made 1 to kDepth + 1 draws
+    // (the one taken, those ready, one in progress), not all of them.
+    auto gen = make_generator(9);
+    {
+        StepNoise noise(gen, shape, torch::kFloat32, torch::kCPU, 1000, /*ahead=*/true);
+        noise.next();
+    }
+    const auto next_values = randn_like_diffusers({16}, gen);
+    int64_t draws_made = -1;
+    for (size_t k = 1; k <= StepNoise::kDepth + 1; ++k) {
+        auto probe = make_generator(9);
+        for (size_t i = 0; i < k; ++i) randn_like_diffusers(shape, probe);
+        if (torch::equal(randn_like_diffusers({16}, probe), next_values)) draws_made = k;
+    }
+    EXPECT_GE(draws_made, 1) << "the worker drew more than kDepth + 1 tensors before stopping";
 }
 
 TEST(Scheduler, LastStepAddsNoNoise) {

@@ -58,6 +58,11 @@ public:
     // Same with one host-side timestep for the whole batch: no device sync.
     torch::Tensor step(const torch::Tensor& model_output, double t, const torch::Tensor& sample,
                        at::Generator& generator) const;
+    // Same with the step's standard-normal noise given instead of drawn (sample's shape; it is
+    // used in model_output's dtype on its device), e.g. drawn ahead of time in the generator's
+    // order. Throws InvalidArgument for another shape.
+    torch::Tensor step(const torch::Tensor& model_output, double t, const torch::Tensor& sample,
+                       const torch::Tensor& noise) const;
 
     // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B].
     torch::Tensor add_noise(const torch::Tensor& original_samples, const torch::Tensor& noise,
@@ -68,8 +73,10 @@ public:
 
 private:
     size_t nearest_index(double t) const;
+    // Draws the noise from `generator` unless `noise` is defined.
     torch::Tensor step_impl(const torch::Tensor& model_output, const torch::Tensor& t, float prev_t,
-                            const torch::Tensor& sample, at::Generator& generator) const;
+                            const torch::Tensor& sample, at::Generator* generator,
+                            const torch::Tensor& noise) const;
 
     SchedulerConfig config_;
     std::vector<float> timesteps_;
