@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <cmath>
+#include <unordered_map>
 #include <utility>
 
 #include "wuerstchen/error.h"
@@ -35,6 +36,24 @@ torch::Tensor expand_rows(const torch::Tensor& per_prompt, int64_t rows, int64_t
     auto index = at::arange(rows, torch::TensorOptions().dtype(torch::kLong));
     index = p == 1 ? at::zeros_like(index) : at::div(index, per_embedding, "floor");
     return per_prompt.index_select(0, index.to(per_prompt.device()));
+}
+
+// encode_prompts with each distinct prompt encoded once (the combined pipeline hands the
+// decoder one prompt per image, so num_images_per_prompt copies of each): one row per prompt.
+torch::Tensor encode_distinct(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
+                              const std::vector<std::string>& prompts, torch::Device device,
+                              torch::ScalarType dtype) {
+    std::vector<std::string> distinct;
+    std::vector<int64_t> row;
+    std::unordered_map<std::string, int64_t> seen;
+    for (const auto& p : prompts) {
+        const auto it = seen.emplace(p, static_cast<int64_t>(distinct.size())).first;
+        if (it->second == static_cast<int64_t>(distinct.size())) distinct.push_back(p);
+        row.push_back(it->second);
+    }
+    const auto states = encode_prompts(tokenizer, text_encoder, distinct, device, dtype);
+    if (distinct.size() == prompts.size()) return states;
+    return states.index_select(0, torch::tensor(row, torch::kLong).to(states.device()));
 }
 
 }  // namespace
@@ -253,7 +272,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         c10::InferenceMode guard;
         const auto prompt_embeds =
             has_embeds ? opt.prompt_embeds.to(device, dtype)
-                       : encode_prompts(tokenizer_, text_encoder_, opt.prompts, device, dtype);
+                       : encode_distinct(tokenizer_, text_encoder_, opt.prompts, device, dtype);
         text = expand_rows(prompt_embeds, rows, per_embedding);
         if (cfg) {
             torch::Tensor negative_embeds;
@@ -262,7 +281,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
             } else {
                 std::vector<std::string> negative = opt.negative_prompts;
                 if (negative.empty()) negative.assign(static_cast<size_t>(n_prompts), "");
-                negative_embeds = encode_prompts(tokenizer_, text_encoder_, negative, device, dtype);
+                negative_embeds =
+                    encode_distinct(tokenizer_, text_encoder_, negative, device, dtype);
             }
             // One negative serves every prompt.
             if (negative_embeds.size(0) == 1 && n_prompts > 1)

@@ -123,6 +123,18 @@ TEST_F(DecoderPipelineTest, PromptEmbedsReplaceThePrompts) {
     opt.prompt_embeds = opt.prompt_embeds.expand({2, -1, -1});
     EXPECT_TRUE(test::all_close("decoder_cfg_neg_b2, two prompt states, one negative",
                                 run(opt, nullptr).images, out.images, 1e-5));
+    // Repeated prompts are encoded once each; rows keep their prompt.
+    DecoderOptions three = test::decoder_seed22_options(test::reference("pipeline_decoder_seed22"));
+    three.image_embeddings = three.image_embeddings.repeat({3, 1, 1, 1});
+    three.prompts = {"a lighthouse", "fog", "a lighthouse"};
+    three.num_inference_steps = 2;
+    const auto from_strings = run(three, nullptr).images;
+    three.prompt_embeds = torch::cat({pipe.encode_prompt({"a lighthouse"}),
+                                      pipe.encode_prompt({"fog"}),
+                                      pipe.encode_prompt({"a lighthouse"})});
+    three.prompts = {};
+    EXPECT_TRUE(test::all_close("three embeddings, prompts a / b / a", from_strings,
+                                run(three, nullptr).images, 1e-5));
 }
 
 // num_images_per_prompt = 2 with one embedding: latents [2, ...] are drawn in one call (rows are
