@@ -1,6 +1,11 @@
 #include "wuerstchen/combined_pipeline.h"
 
 #include "wuerstchen/error.h"
+#include "step_noise.h"
+
+#include <optional>
+#include <utility>
+#include <vector>
 
 namespace wuerstchen {
 
@@ -39,15 +44,60 @@ PriorOptions prior_options(const CombinedOptions& options) {
     return prior;
 }
 
+namespace {
+
+std::optional<StepNoise> draw_plan(PriorPipeline& prior, DecoderPipeline& decoder,
+                                   const CombinedOptions& options,
+                                   const at::Generator& generator) {
+    // Both stages draw from one generator, in this order: the prior's latents (unless given),
+    // one draw per prior step, the decoder's latents, one draw per decoder step. None depends on
+    // a model's output, so one worker draws them all ahead, the decoder's while the prior runs.
+    // Shapes follow the stages' own (each checks its draws against its shapes). Options the
+    // stages will reject give no plan: the stage throws before its first draw.
+    if (options.prior_callback || options.callback) return std::nullopt;  // could draw too
+    const int64_t prompts = !options.prompts.empty() ? static_cast<int64_t>(options.prompts.size())
+                            : options.prompt_embeds.defined() ? options.prompt_embeds.size(0)
+                                                              : 0;
+    const int64_t n = options.num_images_per_prompt;
+    const int64_t prior_steps = options.prior_timesteps.empty()
+                                    ? options.prior_num_inference_steps
+                                    : static_cast<int64_t>(options.prior_timesteps.size()) - 1;
+    const int64_t decoder_steps = options.decoder_timesteps.empty()
+                                      ? options.num_inference_steps
+                                      : static_cast<int64_t>(options.decoder_timesteps.size()) - 1;
+    if (prompts < 1 || n < 1 || prior_steps < 1 || decoder_steps < 1 || options.height < 1 ||
+        options.width < 1)
+        return std::nullopt;
+    const int64_t h = prior.latent_size(options.height);
+    const int64_t w = prior.latent_size(options.width);
+    const std::vector<int64_t> prior_shape = {prompts * n, prior.prior()->config().c_in, h, w};
+    const std::vector<int64_t> decoder_shape = decoder.latent_shape(prompts * n, h, w);
+    const torch::ScalarType decoder_dtype = module_dtype(*decoder.decoder());
+    const torch::Device decoder_device = decoder.load_options().device;
+
+    std::vector<StepNoise::Draw> plan;
+    if (!options.latents.defined())
+        plan.push_back({prior_shape, module_dtype(*prior.text_encoder()), prior.device()});
+    plan.insert(plan.end(), static_cast<size_t>(prior_steps),
+                {prior_shape, module_dtype(*prior.prior()), prior.device()});
+    plan.insert(plan.end(), static_cast<size_t>(decoder_steps) + 1,
+                {decoder_shape, decoder_dtype, decoder_device});
+    return std::optional<StepNoise>(std::in_place, generator, std::move(plan), /*ahead=*/true);
+}
+
+}  // namespace
+
 CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
     // One generator for both stages, so a seed reproduces upstream's draw sequence.
     at::Generator generator = call_generator(options.generator, options.seed);
+    std::optional<StepNoise> draws = draw_plan(prior_, decoder_, options, generator);
+    StepNoise* shared = draws ? &*draws : nullptr;
 
     PriorOptions prior = prior_options(options);
     prior.seed.reset();
     prior.generator = &generator;
     CombinedOutput out;
-    out.image_embeddings = prior_(prior).image_embeddings;
+    out.image_embeddings = prior_.call(prior, shared).image_embeddings;
 
     // The decoder gets one embedding per image. Upstream hands it the prompt list unchanged,
     // which only lines up for a single prompt; here prompt i goes with its n embeddings.
@@ -68,7 +118,7 @@ CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
     decoder.guidance_scale = options.decoder_guidance_scale;
     decoder.generator = &generator;
     decoder.callback = options.callback;
-    out.images = decoder_(decoder).images;
+    out.images = decoder_.call(decoder, shared).images;
     return out;
 }
 

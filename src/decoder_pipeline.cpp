@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <cmath>
+#include <optional>
 #include <unordered_map>
 #include <utility>
 
@@ -153,10 +154,14 @@ torch::Tensor DecoderPipeline::decode_latents_impl(const torch::Tensor& latents)
 }
 
 DecoderOutput DecoderPipeline::operator()(const DecoderOptions& options) {
-    return with_memory_errors(kWhere, [&] { return run(options); });
+    return call(options, nullptr);
 }
 
-DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
+DecoderOutput DecoderPipeline::call(const DecoderOptions& options, StepNoise* draws) {
+    return with_memory_errors(kWhere, [&] { return run(options, draws); });
+}
+
+DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_draws) {
     const DiffNeXtConfig& dcfg = decoder_->config();
     const torch::Device device = options_.device;
     const torch::ScalarType dtype = module_dtype(*decoder_);
@@ -300,8 +305,19 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         auto effnet = embeddings.to(device, dtype).repeat_interleave(per_embedding, 0);
         if (cfg) effnet = at::cat({effnet, at::zeros_like(effnet)}, 0);
 
-        latents = opt.latents.defined() ? opt.latents.to(device, dtype)
-                                        : randn_like_diffusers(shape, generator, dtype, device);
+        // The call's draws: the latents (unless given), then one per step in the scheduler, made
+        // ahead on a worker while the device computes unless a step callback (which could draw
+        // from the generator itself) runs between the steps.
+        std::optional<StepNoise> own_draws;
+        if (shared_draws == nullptr) {
+            std::vector<StepNoise::Draw> plan;
+            if (!opt.latents.defined()) plan.push_back({shape, dtype, device});
+            plan.insert(plan.end(), static_cast<size_t>(scheduler.num_steps()),
+                        {shape, dtype, device});
+            own_draws.emplace(generator, std::move(plan), /*ahead=*/!opt.callback);
+        }
+        StepNoise& draws = shared_draws != nullptr ? *shared_draws : *own_draws;
+        latents = opt.latents.defined() ? opt.latents.to(device, dtype) : draws.next(shape);
         latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
         // One denoising step: the decoder on [latents ; latents] for guidance (one batched
@@ -319,10 +335,6 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
         const auto graph_key =
             graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
         const std::vector<float>& ts = scheduler.timestep_values();
-        // The scheduler's per-step draws, made ahead on a worker while the device computes,
-        // unless a step callback (which could draw from the generator itself) runs in between.
-        StepNoise noise(generator, shape, dtype, device, static_cast<int64_t>(ts.size()) - 1,
-                        /*ahead=*/!opt.callback);
         for (size_t i = 0; i + 1 < ts.size(); ++i) {
             // ratio = t.expand(B).to(dtype), built on the device (no host round trip)
             const auto ratio =
@@ -332,7 +344,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt) {
             const torch::Tensor predicted =
                 graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
             // The host-side timestep: the tensor overload would read it back from the device.
-            latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents, noise.next());
+            latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents,
+                                     draws.next(shape));
 
             if (opt.callback) {
                 torch::Tensor shown = latents;

@@ -3,6 +3,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <cmath>
+#include <optional>
 #include <utility>
 
 #include "wuerstchen/config.h"
@@ -143,10 +144,14 @@ torch::Tensor PriorPipeline::encode_prompt(const std::vector<std::string>& promp
 }
 
 PriorOutput PriorPipeline::operator()(const PriorOptions& options) {
-    return with_memory_errors(kWhere, [&] { return run(options); });
+    return call(options, nullptr);
 }
 
-PriorOutput PriorPipeline::run(const PriorOptions& o) {
+PriorOutput PriorPipeline::call(const PriorOptions& options, StepNoise* draws) {
+    return with_memory_errors(kWhere, [&] { return run(options, draws); });
+}
+
+PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     // ---- validation: everything before any work or draw
     check_positive(kWhere, "height", o.height);
     check_positive(kWhere, "width", o.width);
@@ -233,10 +238,23 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
         }
     }
 
-    // ---- prepare_latents (drawn first, then one draw per step inside the scheduler)
-    torch::Tensor latents = o.latents.defined()
-                                ? o.latents.to(device_, dtype)
-                                : randn_like_diffusers(latent_shape, generator, dtype, device_);
+    // ---- the call's draws: the latents (unless given), then one per step in the scheduler, made
+    // ahead on a worker while the device computes unless a step callback (which could draw from
+    // the generator itself) runs between the steps.
+    const int64_t steps = scheduler.num_steps();
+    std::optional<StepNoise> own_draws;
+    if (shared_draws == nullptr) {
+        std::vector<StepNoise::Draw> plan;
+        if (!o.latents.defined()) plan.push_back({latent_shape, dtype, device_});
+        plan.insert(plan.end(), static_cast<size_t>(steps),
+                    {latent_shape, module_dtype(*prior_), device_});
+        own_draws.emplace(generator, std::move(plan), /*ahead=*/!o.callback);
+    }
+    StepNoise& draws = shared_draws != nullptr ? *shared_draws : *own_draws;
+
+    // ---- prepare_latents
+    torch::Tensor latents =
+        o.latents.defined() ? o.latents.to(device_, dtype) : draws.next(latent_shape);
     latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
     const auto on_device = stage_scope(prior_, device_, mode);
@@ -254,10 +272,6 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
     };
     const auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
     const std::vector<float>& ts = scheduler.timestep_values();
-    // The scheduler's per-step draws, made ahead on a worker while the device computes, unless a
-    // step callback (which could draw from the generator itself) runs between the steps.
-    StepNoise noise(generator, latent_shape, module_dtype(*prior_), device_,
-                    static_cast<int64_t>(ts.size()) - 1, /*ahead=*/!o.callback);
     for (int i = 0; i + 1 < static_cast<int>(ts.size()); ++i) {
         const float t = ts[static_cast<size_t>(i)];
         // ratio = t.expand(latents.size(0)).to(dtype)
@@ -266,7 +280,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o) {
                          .to(dtype);
         const std::vector<torch::Tensor> inputs = {latents, ratio, text_states};
         torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
-        latents = scheduler.step(pred, static_cast<double>(t), latents, noise.next());
+        latents = scheduler.step(pred, static_cast<double>(t), latents, draws.next(latent_shape));
 
         if (o.callback) {
             const bool keep_going = o.callback(i, static_cast<double>(t), latents);

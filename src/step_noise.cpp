@@ -1,20 +1,27 @@
 #include "step_noise.h"
 
+#include <c10/util/Exception.h>
+
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
 namespace wuerstchen {
 
+StepNoise::StepNoise(at::Generator generator, std::vector<Draw> plan, bool ahead,
+                     int64_t ahead_bytes)
+    : generator_(std::move(generator)),
+      plan_(std::move(plan)),
+      ahead_(ahead),
+      ahead_bytes_(ahead_bytes) {}
+
 StepNoise::StepNoise(at::Generator generator, std::vector<int64_t> shape, torch::ScalarType dtype,
                      torch::Device device, int64_t count, bool ahead)
-    : generator_(std::move(generator)),
-      shape_(std::move(shape)),
-      dtype_(dtype),
-      device_(device),
-      count_(count) {
-    if (ahead && count_ > 0) worker_ = std::thread([this] { work(); });
-}
+    : StepNoise(std::move(generator),
+                std::vector<Draw>(static_cast<size_t>(std::max<int64_t>(count, 0)),
+                                  Draw{std::move(shape), dtype, device}),
+                ahead) {}
 
 StepNoise::~StepNoise() {
     {
@@ -25,23 +32,24 @@ StepNoise::~StepNoise() {
     if (worker_.joinable()) worker_.join();
 }
 
-torch::Tensor StepNoise::draw() const {
+torch::Tensor StepNoise::draw(const Draw& d) const {
     // torch.randn is empty(...).normal_(0, 1, generator): the same values in page-locked memory.
-    auto options = torch::TensorOptions().dtype(dtype_);
-    if (device_.is_cuda()) options = options.pinned_memory(true);
-    return at::empty(shape_, options).normal_(0, 1, generator_);
+    auto options = torch::TensorOptions().dtype(d.dtype);
+    if (d.device.is_cuda()) options = options.pinned_memory(true);
+    return at::empty(d.shape, options).normal_(0, 1, generator_);
 }
 
-void StepNoise::work() {
-    for (int64_t i = 0; i < count_; ++i) {
+void StepNoise::work(size_t first) {
+    for (size_t i = first; i < plan_.size(); ++i) {
         {
             std::unique_lock<std::mutex> lock(mutex_);
-            changed_.wait(lock, [this] { return stop_ || ready_.size() < kDepth; });
+            changed_.wait(lock,
+                          [this] { return stop_ || ready_.empty() || ready_bytes_ < ahead_bytes_; });
             if (stop_) return;
         }
         torch::Tensor t;
         try {
-            t = draw();
+            t = draw(plan_[i]);
         } catch (...) {
             const std::lock_guard<std::mutex> lock(mutex_);
             error_ = std::current_exception();
@@ -50,30 +58,42 @@ void StepNoise::work() {
         }
         {
             const std::lock_guard<std::mutex> lock(mutex_);
+            ready_bytes_ += static_cast<int64_t>(t.nbytes());
             ready_.push_back(std::move(t));
         }
         changed_.notify_all();
     }
 }
 
-torch::Tensor StepNoise::next() {
-    if (taken_ >= count_)
-        throw std::out_of_range("StepNoise: all " + std::to_string(count_) + " draws taken");
+torch::Tensor StepNoise::next(c10::optional<at::IntArrayRef> shape) {
+    if (taken_ >= static_cast<int64_t>(plan_.size()))
+        throw std::out_of_range("StepNoise: all " + std::to_string(plan_.size()) +
+                                " draws taken");
+    const Draw& d = plan_[static_cast<size_t>(taken_)];
+    if (shape.has_value() && *shape != at::IntArrayRef(d.shape))
+        throw std::logic_error("StepNoise: draw " + std::to_string(taken_) + " was planned as " +
+                               c10::str(at::IntArrayRef(d.shape)) + ", asked for " +
+                               c10::str(*shape));
     torch::Tensor t;
-    if (!worker_.joinable()) {
-        t = draw();
+    if (!ahead_) {
+        t = draw(d);
     } else {
+        if (!worker_.joinable()) {
+            const auto first = static_cast<size_t>(taken_);
+            worker_ = std::thread([this, first] { work(first); });
+        }
         std::unique_lock<std::mutex> lock(mutex_);
         changed_.wait(lock, [this] { return !ready_.empty() || error_; });
         if (ready_.empty()) std::rethrow_exception(error_);
         t = std::move(ready_.front());
         ready_.pop_front();
+        ready_bytes_ -= static_cast<int64_t>(t.nbytes());
         lock.unlock();
         changed_.notify_all();
     }
     ++taken_;
     // From page-locked memory the copy is queued and the host goes on (see randn_like_diffusers).
-    return t.to(device_, /*non_blocking=*/device_.is_cuda());
+    return t.to(d.device, /*non_blocking=*/d.device.is_cuda());
 }
 
 }  // namespace wuerstchen

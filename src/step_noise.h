@@ -1,14 +1,19 @@
 #pragma once
 
-// The per-step noise of a denoising loop, drawn ahead on a worker thread.
+// The random draws of a pipeline call, made ahead on a worker thread.
 //
-// DDPMWuerstchenScheduler::step draws one standard-normal tensor of the latents' shape per step
-// from the call's CPU generator (diffusers' randn_tensor), also at the last step. The draws do
-// not depend on the model's outputs, so they can be made while the device computes: in fp16
-// libtorch 1.13's CPU sampler takes about 6 ms for the latents of one 1024x1024 image (25 ms for
-// four) on a 2-core VM, which inline would add to every decoder step on the host. The generator
-// sees the same draws in the same order as inline, as long as nothing else draws from it while
-// the loop runs (the pipelines draw inline when a step callback, which could, is set).
+// A call draws its initial latents and then, in DDPMWuerstchenScheduler::step, one
+// standard-normal tensor of the latents' shape per step, all from the call's CPU generator
+// (diffusers' randn_tensor). None of them depends on the model's outputs, so they can be drawn
+// while the device computes: in fp16 libtorch 1.13's CPU sampler takes about 6 ms for the
+// latents of one 1024x1024 image (25 ms for four) on a 2-core VM, which drawn inline would add to
+// every decoder step on the host. StepNoise draws a fixed plan in order, on a worker when
+// `ahead`; the generator sees the same draws in the same order as inline, as long as nothing
+// else draws from it meanwhile (the pipelines draw inline when a step callback, which could, is
+// set). The worker starts at the first request, so a call that fails its argument checks draws
+// nothing; it keeps up to `ahead_bytes` of draws ready (the combined pipeline's plan covers both
+// stages, so the decoder's draws are made while the prior runs), and a call that stops early
+// (an exception) leaves the generator up to that much further on than inline drawing would.
 
 #include <ATen/core/Generator.h>
 #include <torch/types.h>
@@ -25,9 +30,17 @@ namespace wuerstchen {
 
 class StepNoise {
 public:
-    // `count` draws of `shape` in `dtype` (torch.randn on the CPU generator), each delivered on
-    // `device` (drawn into page-locked memory and copied asynchronously for CUDA). ahead: a
-    // worker thread keeps up to kDepth draws ready; otherwise each is drawn when asked for.
+    // One draw: torch.randn(shape, dtype) on the generator, delivered on `device` (drawn into
+    // page-locked memory and copied asynchronously for CUDA).
+    struct Draw {
+        std::vector<int64_t> shape;
+        torch::ScalarType dtype;
+        torch::Device device;
+    };
+
+    StepNoise(at::Generator generator, std::vector<Draw> plan, bool ahead,
+              int64_t ahead_bytes = kAheadBytes);
+    // `count` draws of one kind (a denoising loop's steps).
     StepNoise(at::Generator generator, std::vector<int64_t> shape, torch::ScalarType dtype,
               torch::Device device, int64_t count, bool ahead);
     // Stops the worker after the draw in progress and joins it.
@@ -35,29 +48,34 @@ public:
     StepNoise(const StepNoise&) = delete;
     StepNoise& operator=(const StepNoise&) = delete;
 
-    // The next draw, on the device. Rethrows an exception of the worker's draw; throws
-    // std::out_of_range after `count` draws.
-    torch::Tensor next();
+    // The next draw of the plan, on its device. `shape`, when given, must be the planned one
+    // (std::logic_error otherwise: the caller's plan is out of step with its use). Rethrows an
+    // exception of the worker's draw; std::out_of_range after the last draw.
+    torch::Tensor next(c10::optional<at::IntArrayRef> shape = c10::nullopt);
 
-    static constexpr size_t kDepth = 2;
+    // Draws still to come.
+    int64_t remaining() const { return static_cast<int64_t>(plan_.size()) - taken_; }
+
+    // Draws kept ready at most: at least one, then while under this many bytes.
+    static constexpr int64_t kAheadBytes = int64_t{256} << 20;
 
 private:
-    torch::Tensor draw() const;  // one draw on the CPU (pinned for CUDA)
-    void work();
+    torch::Tensor draw(const Draw& d) const;  // on the CPU (page-locked for CUDA)
+    void work(size_t first);  // the worker: draws plan_[first...] in order
 
     at::Generator generator_;
-    std::vector<int64_t> shape_;
-    torch::ScalarType dtype_;
-    torch::Device device_;
-    int64_t count_;
+    std::vector<Draw> plan_;
+    bool ahead_;
+    int64_t ahead_bytes_;
     int64_t taken_ = 0;
 
     std::mutex mutex_;
     std::condition_variable changed_;
     std::deque<torch::Tensor> ready_;
+    int64_t ready_bytes_ = 0;
     std::exception_ptr error_;
     bool stop_ = false;
-    std::thread worker_;  // last: started when everything above is set
+    std::thread worker_;
 };
 
 }  // namespace wuerstchen

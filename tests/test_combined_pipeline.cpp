@@ -84,6 +84,36 @@ TEST(CombinedPipeline, CallerGeneratorFlowsThroughBothStages) {
     EXPECT_GT(test::max_abs_diff(a.images, b.images), 1e-3);
 }
 
+// Without callbacks one worker draws both stages' noise ahead (the decoder's while the prior
+// runs); with callbacks every draw is inline. Both leave a caller's generator in the same state
+// and give the same images, with several prompts, images per prompt and given prior latents.
+TEST(CombinedPipeline, DrawsAheadEqualInlineDraws) {
+    CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
+    CombinedOptions o = test::combined_seed42_options();
+    o.seed.reset();
+    o.prompts = {"horse", "a cozy cabin"};
+    o.num_images_per_prompt = 2;
+    o.height = o.width = 128;
+    for (const bool given_latents : {false, true}) {
+        if (given_latents) o.latents = torch::randn({4, 16, 3, 3});
+        at::Generator ahead_gen = make_generator(3);
+        at::Generator inline_gen = make_generator(3);
+        o.generator = &ahead_gen;
+        o.prior_callback = nullptr;
+        o.callback = nullptr;
+        const CombinedOutput ahead = pipe(o);
+        o.generator = &inline_gen;
+        o.prior_callback = [](int, double, torch::Tensor&) { return true; };
+        const CombinedOutput inlined = pipe(o);
+        const std::string what = given_latents ? "draws ahead vs inline, given latents"
+                                               : "draws ahead vs inline";
+        EXPECT_TRUE(test::all_close(what, ahead.images, inlined.images, 0.0));
+        EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, ahead_gen),
+                                 randn_like_diffusers({16}, inline_gen)))
+            << what << ": the generators differ after the call";
+    }
+}
+
 TEST(CombinedPipeline, ImagesPerPromptAndCallbacks) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
     CombinedOptions o = test::combined_seed42_options();

@@ -121,21 +121,27 @@ TEST(StepNoise, AheadEqualsInline) {
         EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, inline_gen), after));
         EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, ahead_gen), after));
     }
-    // Stopped after one of many draws: the worker is joined having made 1 to kDepth + 1 draws
-    // (the one taken, those ready, one in progress), not all of them.
+    // Stopped after one of many draws: the worker is joined, having kept at most its byte
+    // budget ready (here two draws' worth: the one taken, up to two ready, one in progress).
     auto gen = make_generator(9);
+    const int64_t one_draw = 2 * 4 * 8 * 8 * 4;
     {
-        StepNoise noise(gen, shape, torch::kFloat32, torch::kCPU, 1000, /*ahead=*/true);
+        std::vector<StepNoise::Draw> plan(1000, {shape, torch::kFloat32, torch::kCPU});
+        StepNoise noise(gen, std::move(plan), /*ahead=*/true, /*ahead_bytes=*/2 * one_draw);
         noise.next();
+        EXPECT_EQ(noise.remaining(), 999);
     }
     const auto next_values = randn_like_diffusers({16}, gen);
     int64_t draws_made = -1;
-    for (size_t k = 1; k <= StepNoise::kDepth + 1; ++k) {
+    for (int k = 1; k <= 4; ++k) {
         auto probe = make_generator(9);
-        for (size_t i = 0; i < k; ++i) randn_like_diffusers(shape, probe);
+        for (int i = 0; i < k; ++i) randn_like_diffusers(shape, probe);
         if (torch::equal(randn_like_diffusers({16}, probe), next_values)) draws_made = k;
     }
-    EXPECT_GE(draws_made, 1) << "the worker drew more than kDepth + 1 tensors before stopping";
+    EXPECT_GE(draws_made, 1) << "the worker drew more than its budget before stopping";
+    // A plan out of step with its use is a logic error, not a silent wrong draw.
+    StepNoise planned(make_generator(1), shape, torch::kFloat32, torch::kCPU, 2, /*ahead=*/true);
+    EXPECT_THROW(planned.next(at::IntArrayRef{2, 4, 8, 9}), std::logic_error);
 }
 
 TEST(Scheduler, LastStepAddsNoNoise) {

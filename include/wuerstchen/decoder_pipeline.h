@@ -90,6 +90,7 @@ struct DecoderComponents {
 };
 
 class StepGraphs;
+class StepNoise;
 
 class DecoderPipeline {
 public:
@@ -135,7 +136,12 @@ public:
     const LoadOptions& load_options() const { return options_; }
 
 private:
-    DecoderOutput run(const DecoderOptions& options);
+    friend class CombinedPipeline;
+    // draws: the call's random draws (latents unless given, then one per step) from a plan
+    // shared with the prior stage; null: the call makes its own.
+    DecoderOutput run(const DecoderOptions& options, StepNoise* draws);
+    // run() with out-of-memory errors turned into OutOfMemoryError (what operator() does).
+    DecoderOutput call(const DecoderOptions& options, StepNoise* draws);
     torch::Tensor decode_latents_impl(const torch::Tensor& latents);
     explicit DecoderPipeline(DecoderComponents components, const LoadOptions& options);
 

@@ -75,6 +75,7 @@ struct PriorPipelineConfig {
 };
 
 class StepGraphs;
+class StepNoise;
 
 class PriorPipeline {
 public:
@@ -153,7 +154,12 @@ public:
     PriorPipeline& operator=(PriorPipeline&&) noexcept = default;
 
 private:
-    PriorOutput run(const PriorOptions& options);
+    friend class CombinedPipeline;
+    // draws: the call's random draws (latents unless given, then one per step) from a plan
+    // shared with the decoder stage; null: the call makes its own.
+    PriorOutput run(const PriorOptions& options, StepNoise* draws);
+    // run() with out-of-memory errors turned into OutOfMemoryError (what operator() does).
+    PriorOutput call(const PriorOptions& options, StepNoise* draws);
     torch::Tensor encode(const std::vector<std::string>& prompts, torch::ScalarType dtype);
     std::vector<torch::nn::Module*> lora_modules() const;
 
