@@ -53,11 +53,13 @@ std::optional<StepNoise> draw_plan(PriorPipeline& prior, DecoderPipeline& decode
     // one draw per prior step, the decoder's latents, one draw per decoder step. None depends on
     // a model's output, so one worker draws them all ahead, the decoder's while the prior runs.
     // Shapes follow the stages' own (each checks its draws against its shapes). Options the
-    // stages will reject give no plan: the stage throws before its first draw.
+    // prior will reject give no plan or fail before the first draw; draws made ahead for a
+    // decoder that then rejects its options are undone (StepNoise's destructor).
     if (options.prior_callback || options.callback) return std::nullopt;  // could draw too
     const int64_t prompts = !options.prompts.empty() ? static_cast<int64_t>(options.prompts.size())
-                            : options.prompt_embeds.defined() ? options.prompt_embeds.size(0)
-                                                              : 0;
+                            : options.prompt_embeds.defined() && options.prompt_embeds.dim() == 3
+                                ? options.prompt_embeds.size(0)
+                                : 0;
     const int64_t n = options.num_images_per_prompt;
     const int64_t prior_steps = options.prior_timesteps.empty()
                                     ? options.prior_num_inference_steps

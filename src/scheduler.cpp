@@ -154,6 +154,12 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, d
         throw InvalidArgument("DDPMWuerstchenScheduler::step: `noise` must have the sample's "
                               "shape " + c10::str(sample.sizes()) + ", got " +
                               (noise.defined() ? c10::str(noise.sizes()) : std::string("none")));
+    // A draw in another dtype is not the model dtype's draw (torch's CPU sampler differs per
+    // dtype): no silent cast.
+    if (noise.scalar_type() != model_output.scalar_type())
+        throw InvalidArgument("DDPMWuerstchenScheduler::step: `noise` must be drawn in the model "
+                              "output's dtype " + std::string(c10::toString(model_output.scalar_type())) +
+                              ", got " + c10::toString(noise.scalar_type()));
     const float prev = previous_timestep(t);
     return step_impl(model_output, batch_timestep(t, model_output, sample), prev, sample, nullptr,
                      noise);

@@ -29,7 +29,15 @@ StepNoise::~StepNoise() {
         stop_ = true;
     }
     changed_.notify_all();
-    if (worker_.joinable()) worker_.join();
+    if (!worker_.joinable()) return;
+    worker_.join();
+    if (ready_.empty()) return;
+    // Draws made ahead and never taken: back to the state before the first of them.
+    try {
+        const std::lock_guard<std::mutex> lock(generator_.mutex());
+        generator_.set_state(ready_.front().state_before);
+    } catch (...) {  // a destructor must not throw; the generator stays further on
+    }
 }
 
 torch::Tensor StepNoise::draw(const Draw& d) const {
@@ -47,9 +55,13 @@ void StepNoise::work(size_t first) {
                           [this] { return stop_ || ready_.empty() || ready_bytes_ < ahead_bytes_; });
             if (stop_) return;
         }
-        torch::Tensor t;
+        Ready r;
         try {
-            t = draw(plan_[i]);
+            {
+                const std::lock_guard<std::mutex> lock(generator_.mutex());
+                r.state_before = generator_.get_state();
+            }
+            r.values = draw(plan_[i]);
         } catch (...) {
             const std::lock_guard<std::mutex> lock(mutex_);
             error_ = std::current_exception();
@@ -58,8 +70,8 @@ void StepNoise::work(size_t first) {
         }
         {
             const std::lock_guard<std::mutex> lock(mutex_);
-            ready_bytes_ += static_cast<int64_t>(t.nbytes());
-            ready_.push_back(std::move(t));
+            ready_bytes_ += static_cast<int64_t>(r.values.nbytes());
+            ready_.push_back(std::move(r));
         }
         changed_.notify_all();
     }
@@ -85,7 +97,7 @@ torch::Tensor StepNoise::next(c10::optional<at::IntArrayRef> shape) {
         std::unique_lock<std::mutex> lock(mutex_);
         changed_.wait(lock, [this] { return !ready_.empty() || error_; });
         if (ready_.empty()) std::rethrow_exception(error_);
-        t = std::move(ready_.front());
+        t = std::move(ready_.front().values);
         ready_.pop_front();
         ready_bytes_ -= static_cast<int64_t>(t.nbytes());
         lock.unlock();

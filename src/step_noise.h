@@ -10,10 +10,11 @@
 // every decoder step on the host. StepNoise draws a fixed plan in order, on a worker when
 // `ahead`; the generator sees the same draws in the same order as inline, as long as nothing
 // else draws from it meanwhile (the pipelines draw inline when a step callback, which could, is
-// set). The worker starts at the first request, so a call that fails its argument checks draws
-// nothing; it keeps up to `ahead_bytes` of draws ready (the combined pipeline's plan covers both
-// stages, so the decoder's draws are made while the prior runs), and a call that stops early
-// (an exception) leaves the generator up to that much further on than inline drawing would.
+// set). The worker starts at the first request and keeps up to `ahead_bytes` of draws ready (the
+// combined pipeline's plan covers both stages, so the decoder's draws are made while the prior
+// runs). Draws made but never taken (a call that stops early, e.g. on an exception) are undone
+// when the StepNoise goes: the generator is set back to its state before the first of them, so
+// it ends where drawing inline would have left it.
 
 #include <ATen/core/Generator.h>
 #include <torch/types.h>
@@ -43,7 +44,7 @@ public:
     // `count` draws of one kind (a denoising loop's steps).
     StepNoise(at::Generator generator, std::vector<int64_t> shape, torch::ScalarType dtype,
               torch::Device device, int64_t count, bool ahead);
-    // Stops the worker after the draw in progress and joins it.
+    // Stops the worker after the draw in progress, joins it, and undoes the draws not taken.
     ~StepNoise();
     StepNoise(const StepNoise&) = delete;
     StepNoise& operator=(const StepNoise&) = delete;
@@ -57,7 +58,7 @@ public:
     int64_t remaining() const { return static_cast<int64_t>(plan_.size()) - taken_; }
 
     // Draws kept ready at most: at least one, then while under this many bytes.
-    static constexpr int64_t kAheadBytes = int64_t{256} << 20;
+    static constexpr int64_t kAheadBytes = int64_t{64} << 20;
 
 private:
     torch::Tensor draw(const Draw& d) const;  // on the CPU (page-locked for CUDA)
@@ -71,7 +72,11 @@ private:
 
     std::mutex mutex_;
     std::condition_variable changed_;
-    std::deque<torch::Tensor> ready_;
+    struct Ready {
+        torch::Tensor values;
+        torch::Tensor state_before;  // the generator's state before this draw
+    };
+    std::deque<Ready> ready_;
     int64_t ready_bytes_ = 0;
     std::exception_ptr error_;
     bool stop_ = false;

@@ -104,6 +104,7 @@ TEST(CombinedPipeline, DrawsAheadEqualInlineDraws) {
         const CombinedOutput ahead = pipe(o);
         o.generator = &inline_gen;
         o.prior_callback = [](int, double, torch::Tensor&) { return true; };
+        o.callback = [](int, double, torch::Tensor&) { return true; };
         const CombinedOutput inlined = pipe(o);
         const std::string what = given_latents ? "draws ahead vs inline, given latents"
                                                : "draws ahead vs inline";
@@ -112,6 +113,24 @@ TEST(CombinedPipeline, DrawsAheadEqualInlineDraws) {
                                  randn_like_diffusers({16}, inline_gen)))
             << what << ": the generators differ after the call";
     }
+}
+
+// Options the decoder rejects after the prior has run: the decoder draws made ahead meanwhile
+// are undone, so a caller's generator stands after the prior's draws, as with inline drawing.
+TEST(CombinedPipeline, DecoderRejectionUndoesItsDrawsAhead) {
+    CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
+    CombinedOptions o = test::combined_seed42_options();
+    o.seed.reset();
+    o.decoder_timesteps = {0.5, 0.7, 0.0};  // not descending: the decoder's check
+    at::Generator ahead_gen = make_generator(4);
+    o.generator = &ahead_gen;
+    EXPECT_THROW(pipe(o), InvalidArgument);
+    at::Generator inline_gen = make_generator(4);
+    o.generator = &inline_gen;
+    o.prior_callback = [](int, double, torch::Tensor&) { return true; };
+    EXPECT_THROW(pipe(o), InvalidArgument);
+    EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, ahead_gen),
+                             randn_like_diffusers({16}, inline_gen)));
 }
 
 TEST(CombinedPipeline, ImagesPerPromptAndCallbacks) {

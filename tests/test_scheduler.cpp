@@ -2,7 +2,9 @@
 
 #include <c10/core/InferenceMode.h>
 
+#include <chrono>
 #include <fstream>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "step_noise.h"
@@ -93,55 +95,64 @@ TEST(Scheduler, StepWithGivenNoiseEqualsDrawingIt) {
                           drawn, 0.0));
     WUERSTCHEN_EXPECT_THROW_MSG(sched.step(model_output, 0.6, sample, noise.narrow(0, 0, 1)),
                                 InvalidArgument, "`noise`", "shape");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(model_output, 0.6, sample, noise.to(torch::kDouble)),
+                                InvalidArgument, "`noise`", "dtype");
 }
 
-// StepNoise: the draws made ahead on a worker thread are the inline draws, in the same order,
-// and leave the generator in the same state; stopping early neither hangs nor draws them all.
+// StepNoise: the draws made ahead on a worker thread are torch.randn's (randn_like_diffusers),
+// in order, and leave the generator in the same state; draws made but not taken are undone.
 TEST(StepNoise, AheadEqualsInline) {
     const std::vector<int64_t> shape = {2, 4, 8, 8};
-    for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (const auto dtype : {torch::kFloat32, torch::kHalf, torch::kBFloat16}) {
+        auto reference_gen = make_generator(5);
         auto inline_gen = make_generator(5);
         auto ahead_gen = make_generator(5);
         {
             StepNoise inline_noise(inline_gen, shape, dtype, torch::kCPU, 6, /*ahead=*/false);
             StepNoise ahead_noise(ahead_gen, shape, dtype, torch::kCPU, 6, /*ahead=*/true);
             for (int i = 0; i < 6; ++i) {
-                const auto a = ahead_noise.next();
+                const auto expected = randn_like_diffusers(shape, reference_gen, dtype);
+                const auto a = ahead_noise.next(at::IntArrayRef(shape));
                 EXPECT_EQ(a.scalar_type(), dtype);
-                EXPECT_TRUE(torch::equal(a, inline_noise.next())) << "draw " << i;
+                EXPECT_TRUE(torch::equal(a, expected)) << c10::toString(dtype) << " draw " << i;
+                EXPECT_TRUE(torch::equal(inline_noise.next(), expected))
+                    << c10::toString(dtype) << " draw " << i;
             }
             EXPECT_THROW(ahead_noise.next(), std::out_of_range);
             EXPECT_THROW(inline_noise.next(), std::out_of_range);
         }
-        // The same generator state afterwards (and as randn_like_diffusers draws: the same
-        // values as torch.randn).
-        auto reference_gen = make_generator(5);
-        for (int i = 0; i < 6; ++i) randn_like_diffusers(shape, reference_gen, dtype);
         const auto after = randn_like_diffusers({16}, reference_gen);
         EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, inline_gen), after));
         EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, ahead_gen), after));
     }
-    // Stopped after one of many draws: the worker is joined, having kept at most its byte
-    // budget ready (here two draws' worth: the one taken, up to two ready, one in progress).
+
+    // Stopped after one of many draws: the worker is joined and the draws it made ahead are
+    // undone, so the generator stands after the one draw taken, as inline.
     auto gen = make_generator(9);
-    const int64_t one_draw = 2 * 4 * 8 * 8 * 4;
     {
         std::vector<StepNoise::Draw> plan(1000, {shape, torch::kFloat32, torch::kCPU});
-        StepNoise noise(gen, std::move(plan), /*ahead=*/true, /*ahead_bytes=*/2 * one_draw);
+        StepNoise noise(gen, std::move(plan), /*ahead=*/true);
         noise.next();
         EXPECT_EQ(noise.remaining(), 999);
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it draw ahead
     }
-    const auto next_values = randn_like_diffusers({16}, gen);
-    int64_t draws_made = -1;
-    for (int k = 1; k <= 4; ++k) {
-        auto probe = make_generator(9);
-        for (int i = 0; i < k; ++i) randn_like_diffusers(shape, probe);
-        if (torch::equal(randn_like_diffusers({16}, probe), next_values)) draws_made = k;
-    }
-    EXPECT_GE(draws_made, 1) << "the worker drew more than its budget before stopping";
+    auto one_draw = make_generator(9);
+    randn_like_diffusers(shape, one_draw);
+    EXPECT_TRUE(torch::equal(randn_like_diffusers({16}, gen), randn_like_diffusers({16}, one_draw)))
+        << "draws made ahead and not taken were not undone";
+
     // A plan out of step with its use is a logic error, not a silent wrong draw.
     StepNoise planned(make_generator(1), shape, torch::kFloat32, torch::kCPU, 2, /*ahead=*/true);
     EXPECT_THROW(planned.next(at::IntArrayRef{2, 4, 8, 9}), std::logic_error);
+
+    // A draw that fails on the worker reaches the caller, again on the next request, and the
+    // StepNoise still goes away.
+    std::vector<StepNoise::Draw> bad = {{shape, torch::kFloat32, torch::kCPU},
+                                        {shape, torch::kLong, torch::kCPU}};
+    StepNoise failing(make_generator(2), std::move(bad), /*ahead=*/true);
+    EXPECT_NO_THROW(failing.next());
+    EXPECT_THROW(failing.next(), c10::Error);
+    EXPECT_THROW(failing.next(), c10::Error);
 }
 
 TEST(Scheduler, LastStepAddsNoNoise) {

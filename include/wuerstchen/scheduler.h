@@ -58,9 +58,9 @@ public:
     // Same with one host-side timestep for the whole batch: no device sync.
     torch::Tensor step(const torch::Tensor& model_output, double t, const torch::Tensor& sample,
                        at::Generator& generator) const;
-    // Same with the step's standard-normal noise given instead of drawn (sample's shape; it is
-    // used in model_output's dtype on its device), e.g. drawn ahead of time in the generator's
-    // order. Throws InvalidArgument for another shape.
+    // Same with the step's standard-normal noise given instead of drawn (sample's shape and
+    // model_output's dtype; moved to its device), e.g. drawn ahead of time in the generator's
+    // order. Throws InvalidArgument for another shape or dtype.
     torch::Tensor step(const torch::Tensor& model_output, double t, const torch::Tensor& sample,
                        const torch::Tensor& noise) const;
 
