@@ -2,6 +2,7 @@
 
 #include <c10/core/InferenceMode.h>
 
+#include <cmath>
 #include <set>
 #include <string>
 
@@ -57,19 +58,30 @@ TEST(Blocks, ParameterNamesFollowDiffusers) {
                                             "kv_mapper.1.weight", "kv_mapper.1.bias"}));
 }
 
+// softmax(q k^T / sqrt(dim_head)) v over heads, written out, for x [B, N, C], ctx [B, M, C].
+torch::Tensor reference_attention(nn::Attention& attn, const torch::Tensor& x,
+                                  const torch::Tensor& ctx) {
+    const int64_t b = x.size(0), n = x.size(1), m = ctx.size(1);
+    const int64_t heads = attn->heads, d = attn->dim_head;
+    auto split = [&](const torch::Tensor& t, int64_t len) {
+        return t.view({b, len, heads, d}).permute({0, 2, 1, 3});
+    };
+    auto q = split(attn->to_q->forward(x), n);
+    auto k = split(attn->to_k->forward(ctx), m);
+    auto v = split(attn->to_v->forward(ctx), m);
+    auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(double(d)), -1);
+    return attn->to_out->forward(
+        torch::matmul(p, v).permute({0, 2, 1, 3}).reshape({b, n, heads * d}));
+}
+
 TEST(Blocks, AttentionIsSoftmaxOverHeads) {
     nn::Attention attn(8, 2, 4);
     auto gen = make_generator(0);
     auto x = randn_like_diffusers({2, 5, 8}, gen);
     auto ctx = randn_like_diffusers({2, 3, 8}, gen);
     c10::InferenceMode guard;
-    auto q = attn->to_q->forward(x).view({2, 5, 2, 4}).permute({0, 2, 1, 3});
-    auto k = attn->to_k->forward(ctx).view({2, 3, 2, 4}).permute({0, 2, 1, 3});
-    auto v = attn->to_v->forward(ctx).view({2, 3, 2, 4}).permute({0, 2, 1, 3});
-    auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) * 0.5, -1);
-    auto expected =
-        attn->to_out->forward(torch::matmul(p, v).permute({0, 2, 1, 3}).reshape({2, 5, 8}));
-    EXPECT_TRUE(all_close("attention", attn->forward(x, ctx), expected, 1e-6));
+    EXPECT_TRUE(
+        all_close("attention", attn->forward(x, ctx), reference_attention(attn, x, ctx), 1e-6));
 }
 
 // Enough queries and keys that the float32 scores (4200 x 4100, 69 MB) exceed the 64 MiB that
@@ -81,12 +93,8 @@ TEST(Blocks, AttentionOverManyQueriesMatchesOneSoftmax) {
     auto x = randn_like_diffusers({1, 4200, 4}, gen);
     auto ctx = randn_like_diffusers({1, 4100, 4}, gen);
     c10::InferenceMode guard;
-    auto q = attn->to_q->forward(x).unsqueeze(1);
-    auto k = attn->to_k->forward(ctx).unsqueeze(1);
-    auto v = attn->to_v->forward(ctx).unsqueeze(1);
-    auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) * 0.5, -1);
-    auto expected = attn->to_out->forward(torch::matmul(p, v).squeeze(1));
-    EXPECT_TRUE(all_close("attention, 4200 queries", attn->forward(x, ctx), expected, 1e-5));
+    EXPECT_TRUE(all_close("attention, 4200 queries", attn->forward(x, ctx),
+                          reference_attention(attn, x, ctx), 1e-5));
     // An empty batch has no rows to chunk.
     EXPECT_EQ(attn->forward(x.narrow(0, 0, 0), ctx.narrow(0, 0, 0)).sizes(),
               (std::vector<int64_t>{0, 4200, 4}));
