@@ -2,7 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -15,13 +14,6 @@ StepNoise::StepNoise(at::Generator generator, std::vector<Draw> plan, bool ahead
       plan_(std::move(plan)),
       ahead_(ahead),
       ahead_bytes_(ahead_bytes) {}
-
-StepNoise::StepNoise(at::Generator generator, std::vector<int64_t> shape, torch::ScalarType dtype,
-                     torch::Device device, int64_t count, bool ahead)
-    : StepNoise(std::move(generator),
-                std::vector<Draw>(static_cast<size_t>(std::max<int64_t>(count, 0)),
-                                  Draw{std::move(shape), dtype, device}),
-                ahead) {}
 
 StepNoise::~StepNoise() {
     {

@@ -29,21 +29,20 @@
 
 namespace wuerstchen {
 
+// One draw of a plan: torch.randn(shape, dtype) on the generator, delivered on `device` (drawn
+// into page-locked memory and copied asynchronously for CUDA).
+struct NoiseDraw {
+    std::vector<int64_t> shape;
+    torch::ScalarType dtype;
+    torch::Device device;
+};
+
 class StepNoise {
 public:
-    // One draw: torch.randn(shape, dtype) on the generator, delivered on `device` (drawn into
-    // page-locked memory and copied asynchronously for CUDA).
-    struct Draw {
-        std::vector<int64_t> shape;
-        torch::ScalarType dtype;
-        torch::Device device;
-    };
+    using Draw = NoiseDraw;
 
     StepNoise(at::Generator generator, std::vector<Draw> plan, bool ahead,
               int64_t ahead_bytes = kAheadBytes);
-    // `count` draws of one kind (a denoising loop's steps).
-    StepNoise(at::Generator generator, std::vector<int64_t> shape, torch::ScalarType dtype,
-              torch::Device device, int64_t count, bool ahead);
     // Stops the worker after the draw in progress, joins it, and undoes the draws not taken.
     ~StepNoise();
     StepNoise(const StepNoise&) = delete;

@@ -97,8 +97,9 @@ TEST(StepNoise, AheadEqualsInline) {
         auto inline_gen = make_generator(5);
         auto ahead_gen = make_generator(5);
         {
-            StepNoise inline_noise(inline_gen, shape, dtype, torch::kCPU, 6, /*ahead=*/false);
-            StepNoise ahead_noise(ahead_gen, shape, dtype, torch::kCPU, 6, /*ahead=*/true);
+            const std::vector<StepNoise::Draw> plan(6, {shape, dtype, torch::kCPU});
+            StepNoise inline_noise(inline_gen, plan, /*ahead=*/false);
+            StepNoise ahead_noise(ahead_gen, plan, /*ahead=*/true);
             for (int i = 0; i < 6; ++i) {
                 const auto expected = randn_like_diffusers(shape, reference_gen, dtype);
                 const auto a = ahead_noise.next(at::IntArrayRef(shape));
@@ -131,7 +132,9 @@ TEST(StepNoise, AheadEqualsInline) {
         << "draws made ahead and not taken were not undone";
 
     // A plan out of step with its use is a logic error, not a silent wrong draw.
-    StepNoise planned(make_generator(1), shape, torch::kFloat32, torch::kCPU, 2, /*ahead=*/true);
+    StepNoise planned(make_generator(1),
+                      std::vector<StepNoise::Draw>(2, {shape, torch::kFloat32, torch::kCPU}),
+                      /*ahead=*/true);
     EXPECT_THROW(planned.next(at::IntArrayRef{2, 4, 8, 9}), std::logic_error);
 
     // A draw that fails on the worker reaches the caller, again on the next request, and the
