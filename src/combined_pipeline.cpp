@@ -44,18 +44,14 @@ PriorOptions prior_options(const CombinedOptions& options) {
     return prior;
 }
 
-namespace {
-
-std::optional<StepNoise> draw_plan(PriorPipeline& prior, DecoderPipeline& decoder,
-                                   const CombinedOptions& options,
-                                   const at::Generator& generator) {
+std::vector<NoiseDraw> CombinedPipeline::draw_plan(const CombinedOptions& options) {
     // Both stages draw from one generator, in this order: the prior's latents (unless given),
     // one draw per prior step, the decoder's latents, one draw per decoder step. None depends on
     // a model's output, so one worker draws them all ahead, the decoder's while the prior runs.
     // Shapes follow the stages' own (each checks its draws against its shapes). Options the
     // prior will reject give no plan or fail before the first draw; draws made ahead for a
     // decoder that then rejects its options are undone (StepNoise's destructor).
-    if (options.prior_callback || options.callback) return std::nullopt;  // could draw too
+    if (options.prior_callback || options.callback) return {};  // could draw too
     const int64_t prompts = !options.prompts.empty() ? static_cast<int64_t>(options.prompts.size())
                             : options.prompt_embeds.defined() && options.prompt_embeds.dim() == 3
                                 ? options.prompt_embeds.size(0)
@@ -69,30 +65,24 @@ std::optional<StepNoise> draw_plan(PriorPipeline& prior, DecoderPipeline& decode
                                       : static_cast<int64_t>(options.decoder_timesteps.size()) - 1;
     if (prompts < 1 || n < 1 || prior_steps < 1 || decoder_steps < 1 || options.height < 1 ||
         options.width < 1)
-        return std::nullopt;
-    const int64_t h = prior.latent_size(options.height);
-    const int64_t w = prior.latent_size(options.width);
-    const std::vector<int64_t> prior_shape = {prompts * n, prior.prior()->config().c_in, h, w};
-    const std::vector<int64_t> decoder_shape = decoder.latent_shape(prompts * n, h, w);
-    const torch::ScalarType decoder_dtype = module_dtype(*decoder.decoder());
-    const torch::Device decoder_device = decoder.load_options().device;
-
-    std::vector<StepNoise::Draw> plan;
-    if (!options.latents.defined())
-        plan.push_back({prior_shape, module_dtype(*prior.text_encoder()), prior.device()});
-    plan.insert(plan.end(), static_cast<size_t>(prior_steps),
-                {prior_shape, module_dtype(*prior.prior()), prior.device()});
-    plan.insert(plan.end(), static_cast<size_t>(decoder_steps) + 1,
-                {decoder_shape, decoder_dtype, decoder_device});
-    return std::optional<StepNoise>(std::in_place, generator, std::move(plan), /*ahead=*/true);
+        return {};
+    const int64_t h = prior_.latent_size(options.height);
+    const int64_t w = prior_.latent_size(options.width);
+    const std::vector<int64_t> prior_shape = {prompts * n, prior_.prior()->config().c_in, h, w};
+    std::vector<NoiseDraw> plan =
+        prior_.planned_draws(prior_shape, options.latents.defined(), prior_steps);
+    const std::vector<NoiseDraw> decoder_draws = decoder_.planned_draws(
+        decoder_.latent_shape(prompts * n, h, w), /*latents_given=*/false, decoder_steps);
+    plan.insert(plan.end(), decoder_draws.begin(), decoder_draws.end());
+    return plan;
 }
-
-}  // namespace
 
 CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
     // One generator for both stages, so a seed reproduces upstream's draw sequence.
     at::Generator generator = call_generator(options.generator, options.seed);
-    std::optional<StepNoise> draws = draw_plan(prior_, decoder_, options, generator);
+    std::optional<StepNoise> draws;
+    if (std::vector<NoiseDraw> plan = draw_plan(options); !plan.empty())
+        draws.emplace(generator, std::move(plan), /*ahead=*/true);
     StepNoise* shared = draws ? &*draws : nullptr;
 
     PriorOptions prior = prior_options(options);

@@ -161,6 +161,13 @@ DecoderOutput DecoderPipeline::call(const DecoderOptions& options, StepNoise* dr
     return with_memory_errors(kWhere, [&] { return run(options, draws); });
 }
 
+std::vector<NoiseDraw> DecoderPipeline::planned_draws(const std::vector<int64_t>& latent_shape,
+                                                      bool latents_given, int64_t steps) const {
+    // Latents and every step's noise in the decoder's dtype on the execution device.
+    return std::vector<NoiseDraw>(static_cast<size_t>(steps + (latents_given ? 0 : 1)),
+                                  {latent_shape, module_dtype(*decoder_), options_.device});
+}
+
 DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_draws) {
     const DiffNeXtConfig& dcfg = decoder_->config();
     const torch::Device device = options_.device;
@@ -309,13 +316,10 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         // ahead on a worker while the device computes unless a step callback (which could draw
         // from the generator itself) runs between the steps.
         std::optional<StepNoise> own_draws;
-        if (shared_draws == nullptr) {
-            std::vector<StepNoise::Draw> plan;
-            if (!opt.latents.defined()) plan.push_back({shape, dtype, device});
-            plan.insert(plan.end(), static_cast<size_t>(scheduler.num_steps()),
-                        {shape, dtype, device});
-            own_draws.emplace(generator, std::move(plan), /*ahead=*/!opt.callback);
-        }
+        if (shared_draws == nullptr)
+            own_draws.emplace(generator,
+                              planned_draws(shape, opt.latents.defined(), scheduler.num_steps()),
+                              /*ahead=*/!opt.callback);
         StepNoise& draws = shared_draws != nullptr ? *shared_draws : *own_draws;
         latents = opt.latents.defined() ? opt.latents.to(device, dtype) : draws.next(shape);
         latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;

@@ -151,6 +151,17 @@ PriorOutput PriorPipeline::call(const PriorOptions& options, StepNoise* draws) {
     return with_memory_errors(kWhere, [&] { return run(options, draws); });
 }
 
+std::vector<NoiseDraw> PriorPipeline::planned_draws(const std::vector<int64_t>& latent_shape,
+                                                    bool latents_given, int64_t steps) const {
+    // The latents in the text states' dtype (as run() makes them), the steps' noise in the
+    // prior's output dtype (the scheduler's model_output).
+    std::vector<NoiseDraw> plan;
+    if (!latents_given) plan.push_back({latent_shape, module_dtype(*text_encoder_), device_});
+    plan.insert(plan.end(), static_cast<size_t>(steps),
+                {latent_shape, module_dtype(*prior_), device_});
+    return plan;
+}
+
 PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     // ---- validation: everything before any work or draw
     check_positive(kWhere, "height", o.height);
@@ -241,15 +252,11 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     // ---- the call's draws: the latents (unless given), then one per step in the scheduler, made
     // ahead on a worker while the device computes unless a step callback (which could draw from
     // the generator itself) runs between the steps.
-    const int64_t steps = scheduler.num_steps();
     std::optional<StepNoise> own_draws;
-    if (shared_draws == nullptr) {
-        std::vector<StepNoise::Draw> plan;
-        if (!o.latents.defined()) plan.push_back({latent_shape, dtype, device_});
-        plan.insert(plan.end(), static_cast<size_t>(steps),
-                    {latent_shape, module_dtype(*prior_), device_});
-        own_draws.emplace(generator, std::move(plan), /*ahead=*/!o.callback);
-    }
+    if (shared_draws == nullptr)
+        own_draws.emplace(generator,
+                          planned_draws(latent_shape, o.latents.defined(), scheduler.num_steps()),
+                          /*ahead=*/!o.callback);
     StepNoise& draws = shared_draws != nullptr ? *shared_draws : *own_draws;
 
     // ---- prepare_latents

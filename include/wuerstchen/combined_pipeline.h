@@ -86,6 +86,11 @@ public:
     DecoderPipeline& decoder_pipeline() { return decoder_; }
 
 private:
+    // Both stages' random draws for `options`, in diffusers' order on the one generator, to be
+    // made ahead; empty when a step callback is set (it could draw too) or the options cannot
+    // run (the stage then throws before any draw).
+    std::vector<NoiseDraw> draw_plan(const CombinedOptions& options);
+
     PriorPipeline prior_;
     DecoderPipeline decoder_;
 };

@@ -91,6 +91,7 @@ struct DecoderComponents {
 
 class StepGraphs;
 class StepNoise;
+struct NoiseDraw;
 
 class DecoderPipeline {
 public:
@@ -142,6 +143,10 @@ private:
     DecoderOutput run(const DecoderOptions& options, StepNoise* draws);
     // run() with out-of-memory errors turned into OutOfMemoryError (what operator() does).
     DecoderOutput call(const DecoderOptions& options, StepNoise* draws);
+    // The draws of a call with latents of `latent_shape`: the latents (unless given), then one
+    // per step, each in the dtype and on the device the call uses them in.
+    std::vector<NoiseDraw> planned_draws(const std::vector<int64_t>& latent_shape,
+                                         bool latents_given, int64_t steps) const;
     torch::Tensor decode_latents_impl(const torch::Tensor& latents);
     explicit DecoderPipeline(DecoderComponents components, const LoadOptions& options);
 

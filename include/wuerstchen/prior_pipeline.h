@@ -76,6 +76,7 @@ struct PriorPipelineConfig {
 
 class StepGraphs;
 class StepNoise;
+struct NoiseDraw;
 
 class PriorPipeline {
 public:
@@ -160,6 +161,10 @@ private:
     PriorOutput run(const PriorOptions& options, StepNoise* draws);
     // run() with out-of-memory errors turned into OutOfMemoryError (what operator() does).
     PriorOutput call(const PriorOptions& options, StepNoise* draws);
+    // The draws of a call with latents of `latent_shape`: the latents (unless given), then one
+    // per step, each in the dtype and on the device the call uses them in.
+    std::vector<NoiseDraw> planned_draws(const std::vector<int64_t>& latent_shape,
+                                         bool latents_given, int64_t steps) const;
     torch::Tensor encode(const std::vector<std::string>& prompts, torch::ScalarType dtype);
     std::vector<torch::nn::Module*> lora_modules() const;
 
