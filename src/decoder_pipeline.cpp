@@ -296,9 +296,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                 negative_embeds =
                     encode_distinct(tokenizer_, text_encoder_, negative, device, dtype);
             }
-            // One negative serves every prompt.
-            if (negative_embeds.size(0) == 1 && n_prompts > 1)
-                negative_embeds = negative_embeds.expand({n_prompts, -1, -1});
+            // One negative serves every prompt (expand_rows takes row 0 for all).
             text = at::cat({text, expand_rows(negative_embeds, rows, per_embedding)}, 0);
         }
     }
