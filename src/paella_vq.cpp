@@ -68,10 +68,8 @@ struct MixingResidualBlockImpl : torch::nn::Module {
             return forward_whole(input);
         // Rows per band within the budget, bands of equal size (no one-row remainder); when a
         // whole image fits, as many images per band as fit.
-        const int64_t max_rows =
-            band_bytes <= 0 ? height : std::clamp<int64_t>(band_bytes / row_bytes, 1, height);
-        const int64_t bands = (height + max_rows - 1) / max_rows;
-        const int64_t rows = (height + bands - 1) / bands;
+        const int64_t rows =
+            nn::balanced_part(height, band_bytes <= 0 ? height : band_bytes / row_bytes);
         const int64_t images =
             band_bytes <= 0 ? batch
             : rows < height ? 1

@@ -37,6 +37,13 @@ torch::Tensor layer_norm_2d(const torch::Tensor& x, double eps) {
     return layer_norm_last(x.permute({0, 2, 3, 1}), eps).permute({0, 3, 1, 2});
 }
 
+int64_t balanced_part(int64_t total, int64_t max_part) {
+    if (total <= 0) return 0;
+    const int64_t most = std::clamp<int64_t>(max_part, 1, total);
+    const int64_t parts = (total + most - 1) / most;
+    return (total + parts - 1) / parts;
+}
+
 torch::Tensor gelu(const torch::Tensor& x) { return at::gelu(x); }
 
 torch::Tensor replication_pad_2d(const torch::Tensor& x, int64_t pad) {
@@ -146,11 +153,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     auto attend = [&](const torch::Tensor& queries) {
         return at::matmul(at::softmax(at::matmul(queries, kt) * scale, -1), v);
     };
-    // Equal chunks (no small remainder), as few as the budget allows; empty shapes in one go.
-    const int64_t max_rows =
-        row_bytes > 0 && n > 0 ? std::clamp<int64_t>(kScoreBytes / row_bytes, 1, n) : n;
-    const int64_t chunks = max_rows > 0 ? (n + max_rows - 1) / max_rows : 1;
-    const int64_t rows = chunks > 0 ? (n + chunks - 1) / chunks : n;
+    // Equal chunks, as few as the budget allows; empty shapes in one go.
+    const int64_t rows = balanced_part(n, row_bytes > 0 ? kScoreBytes / row_bytes : n);
     torch::Tensor out;
     if (rows >= n) {
         out = attend(q);

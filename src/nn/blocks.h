@@ -27,6 +27,11 @@ torch::Tensor layer_norm_last(const torch::Tensor& x, double eps = 1e-6);
 // 1.13 has no reduced-precision kernel (exact: padding only copies values).
 torch::Tensor replication_pad_2d(const torch::Tensor& x, int64_t pad);
 
+// The size of each part when `total` rows go in equal parts of at most `max_part` rows (at
+// least 1): as few parts as fit, all of that size but the last, which is shorter by less than
+// the number of parts (no one-row remainder). 0 for total 0.
+int64_t balanced_part(int64_t total, int64_t max_part);
+
 // nn.GELU() (erf form).
 torch::Tensor gelu(const torch::Tensor& x);
 
