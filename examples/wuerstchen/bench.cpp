@@ -468,11 +468,15 @@ int run_bench(int argc, char** argv) {
     };
     const bool prior_cfg = prior_guidance > 1.0;
     const bool decoder_cfg = decoder_guidance > 1.0;
-    std::vector<double> t_text, t_prior, t_decoder, t_vq, t_total;
+    // The stages in run order, as the JSON names them.
+    constexpr size_t kStages = 4;
+    const std::array<const char*, kStages> stage_names = {"text_encoding", "prior_loop",
+                                                          "decoder_loop", "vq_decode"};
+    std::array<std::vector<double>, kStages> t_stage;
+    std::vector<double> t_total;
     std::vector<int64_t> embedding_shape, image_shape;
     // Peak memory of each stage over the timed runs (allocated, reserved): the peak is reset at
     // each stage's start, after the synchronisation that ends the stage before.
-    constexpr size_t kStages = 4;
     std::array<PeakMemory, kStages> stage_peak;
     auto stage_done = [&](size_t stage, bool timed) {
         sync();
@@ -530,10 +534,8 @@ int run_bench(int argc, char** argv) {
         embedding_shape = embeddings.sizes().vec();
         image_shape = images.sizes().vec();
         if (timed) {
-            t_text.push_back(seconds(t0, t1));
-            t_prior.push_back(seconds(t1, t2));
-            t_decoder.push_back(seconds(t2, t3));
-            t_vq.push_back(seconds(t3, t4));
+            const std::array<Clock::time_point, kStages + 1> at = {t0, t1, t2, t3, t4};
+            for (size_t i = 0; i < kStages; ++i) t_stage[i].push_back(seconds(at[i], at[i + 1]));
             t_total.push_back(seconds(t0, t4));
         }
         return seconds(t0, t4);
@@ -597,10 +599,7 @@ int run_bench(int argc, char** argv) {
     out["image_embeddings_shape"] = embedding_shape;
     out["images_shape"] = image_shape;
     out["load_s"] = std::round(load_s * 1e3) / 1e3;
-    out["stages"] = {{"text_encoding", summary(t_text)},
-                     {"prior_loop", summary(t_prior)},
-                     {"decoder_loop", summary(t_decoder)},
-                     {"vq_decode", summary(t_vq)}};
+    for (size_t i = 0; i < kStages; ++i) out["stages"][stage_names[i]] = summary(t_stage[i]);
     out["total"] = summary(t_total);
     if (!profile.is_null()) out["profile"] = profile;
     auto gib = [](int64_t bytes) {
@@ -610,19 +609,14 @@ int run_bench(int argc, char** argv) {
     if (peak.allocated >= 0) {
         // Tensors alive at once at the peak of each stage (weights included): the CUDA caching
         // allocator's statistics, or on the CPU libtorch's CPU allocator, counted.
-        out["peak_memory"] = {{"allocator", device.is_cuda() ? "cuda" : "cpu"},
-                              {"bytes", peak.allocated},
-                              {"gib", gib(peak.allocated)},
-                              {"stages_gib",
-                               {{"text_encoding", gib(stage_peak[0].allocated)},
-                                {"prior_loop", gib(stage_peak[1].allocated)},
-                                {"decoder_loop", gib(stage_peak[2].allocated)},
-                                {"vq_decode", gib(stage_peak[3].allocated)}}},
-                              {"stages_bytes",
-                               {{"text_encoding", stage_peak[0].allocated},
-                                {"prior_loop", stage_peak[1].allocated},
-                                {"decoder_loop", stage_peak[2].allocated},
-                                {"vq_decode", stage_peak[3].allocated}}}};
+        nlohmann::json& memory = out["peak_memory"];
+        memory = {{"allocator", device.is_cuda() ? "cuda" : "cpu"},
+                  {"bytes", peak.allocated},
+                  {"gib", gib(peak.allocated)}};
+        for (size_t i = 0; i < kStages; ++i) {
+            memory["stages_gib"][stage_names[i]] = gib(stage_peak[i].allocated);
+            memory["stages_bytes"][stage_names[i]] = stage_peak[i].allocated;
+        }
     } else {
         out["peak_memory"] = nullptr;
     }
