@@ -130,16 +130,19 @@ void SafeTensors::Impl::parse_header(const char* text, size_t size) {
         if (!parse_dtype_name(dtype, info.dtype))
             fail(name, "unsupported dtype '" + dtype + "' (supported: F32, F16, BF16, I64, I32)");
 
-        // Element count with overflow checks: a hostile shape must not wrap around.
+        // Element count with overflow checks: a hostile shape must not wrap around. The extent
+        // (the product with zero dims counted as 1) bounds the contiguous strides, which must fit
+        // an int64 even when a zero dim makes the tensor empty (libtorch 2.x rejects it then).
+        constexpr uint64_t kMaxExtent = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
         uint64_t elements = 1;
+        uint64_t extent = 1;
         for (const auto& d : entry["shape"]) {
             if (!d.is_number_unsigned() && !(d.is_number_integer() && d.get<int64_t>() >= 0))
                 fail(name, "shape entries must be non-negative integers");
             const uint64_t dim = d.get<uint64_t>();
-            if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-                fail(name, "shape entry too large");
-            if (dim != 0 && elements > std::numeric_limits<uint64_t>::max() / dim)
-                fail(name, "shape overflows");
+            if (dim > kMaxExtent) fail(name, "shape entry too large");
+            if (dim != 0 && extent > kMaxExtent / dim) fail(name, "shape overflows");
+            if (dim != 0) extent *= dim;
             elements *= dim;
             info.shape.push_back(static_cast<int64_t>(dim));
         }
