@@ -4,11 +4,18 @@
 // on two threads give the same results as run one after the other.
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "test_util.h"
 #include "wuerstchen/combined_pipeline.h"
@@ -38,27 +45,29 @@ size_t current_vm_bytes() {
     return static_cast<size_t>(pages) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
 }
 
-TEST(Resources, OutOfMemoryIsTypedAndPipelineStaysUsable) {
-    if (kUnderAsan) GTEST_SKIP() << "an address-space limit cannot be combined with AddressSanitizer";
-    DecoderPipeline pipe = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen"));
-    DecoderOptions small;
-    small.image_embeddings = torch::randn({1, 16, 6, 6});
-    small.num_inference_steps = 1;
-    small.seed = 1;
-    const torch::Tensor expected = pipe(small).images;  // also warms up lazy allocations
+// The child's part of OutOfMemoryIsTypedAndPipelineStaysUsable, run in a fresh process: the
+// exit code says what happened (the parent's message lists them). Success is a code of its own,
+// so a child that ran no test at all (exit 0) is not mistaken for one that passed.
+constexpr int kChildPassed = 42;
 
-    const pid_t child = fork();
-    ASSERT_GE(child, 0);
-    if (child == 0) {
-        // Child: cap the address space at what is mapped now plus 256 MiB. A 60x60 embedding
-        // asks the decoder for 640x640 latents x 64 images: far more than that.
+[[noreturn]] void out_of_memory_child() {
+    int code = 0;
+    try {
+        DecoderPipeline pipe = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen"));
+        DecoderOptions small;
+        small.image_embeddings = torch::randn({1, 16, 6, 6});
+        small.num_inference_steps = 1;
+        small.seed = 1;
+        const torch::Tensor expected = pipe(small).images;  // also warms up lazy allocations
+
+        // Cap the address space at what is mapped now plus 256 MiB. A 60x60 embedding asks the
+        // decoder for 640x640 latents x 64 images: far more than that.
         struct rlimit limit;
         limit.rlim_cur = limit.rlim_max = current_vm_bytes() + (256u << 20);
-        if (setrlimit(RLIMIT_AS, &limit) != 0) _exit(10);
+        if (setrlimit(RLIMIT_AS, &limit) != 0) std::_Exit(10);
         DecoderOptions huge = small;
         huge.image_embeddings = torch::randn({1, 16, 60, 60});
         huge.num_images_per_prompt = 64;
-        int code = 0;
         try {
             pipe(huge);
             code = 11;  // no error: the limit did not bite
@@ -69,8 +78,6 @@ TEST(Resources, OutOfMemoryIsTypedAndPipelineStaysUsable) {
         } catch (const std::exception& e) {
             std::fprintf(stderr, "child: unexpected %s\n", e.what());
             code = 13;  // some other error type
-        } catch (...) {
-            code = 13;
         }
         if (code == 0) {
             try {
@@ -80,14 +87,52 @@ TEST(Resources, OutOfMemoryIsTypedAndPipelineStaysUsable) {
                 code = 15;  // not usable after the OOM
             }
         }
-        _exit(code);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "child: setup failed: %s\n", e.what());
+        code = 16;
     }
+    std::fflush(nullptr);
+    std::_Exit(code == 0 ? kChildPassed : code);
+}
+
+constexpr const char* kOomChildVariable = "WUERSTCHEN_TEST_OOM_CHILD";
+
+// The limit is set in a freshly executed copy of this test binary rather than in a fork of the
+// test process: a forked child inherits the parent's OpenMP pool without its threads, and
+// libtorch 2.x's first parallel region in such a child waits for them forever.
+TEST(Resources, OutOfMemoryIsTypedAndPipelineStaysUsable) {
+    if (std::getenv(kOomChildVariable)) out_of_memory_child();
+    if (kUnderAsan) GTEST_SKIP() << "an address-space limit cannot be combined with AddressSanitizer";
+
+    std::vector<std::string> env_strings;
+    for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
+    env_strings.push_back(std::string(kOomChildVariable) + "=1");
+    std::vector<char*> envp;
+    for (auto& e : env_strings) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::string exe = "/proc/self/exe";
+    std::string filter = "--gtest_filter=Resources.OutOfMemoryIsTypedAndPipelineStaysUsable";
+    char* argv[] = {exe.data(), filter.data(), nullptr};
+    pid_t child = 0;
+    ASSERT_EQ(posix_spawn(&child, exe.c_str(), nullptr, nullptr, argv, envp.data()), 0);
+
+    // Wait at most two minutes: a hang is a failure, not a stuck test run.
     int status = 0;
-    ASSERT_EQ(waitpid(child, &status, 0), child);
+    pid_t done = 0;
+    for (int i = 0; i < 1200 && done == 0; ++i) {
+        done = waitpid(child, &status, WNOHANG);
+        if (done == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (done == 0) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+        FAIL() << "the child did not finish within 120 s";
+    }
+    ASSERT_EQ(done, child);
     ASSERT_TRUE(WIFEXITED(status)) << "child crashed";
-    EXPECT_EQ(WEXITSTATUS(status), 0)
-        << "10: setrlimit failed, 11: no OOM, 12: message lacks where/remedy, 13: wrong error type, "
-           "14: different result afterwards, 15: pipeline unusable afterwards";
+    EXPECT_EQ(WEXITSTATUS(status), kChildPassed)
+        << "0: the child ran no test, 10: setrlimit failed, 11: no OOM, 12: message lacks where/remedy, 13: wrong error type, "
+           "14: different result afterwards, 15: pipeline unusable afterwards, 16: setup failed";
 }
 
 TEST(Resources, OutOfMemoryTranslation) {
