@@ -8,7 +8,8 @@
 // modules are compared at r = 0, where that product is exact, against float32 (tolerances
 // relative to the output scale, from the measured 0.6% decoder / 0.5% VQGAN differences with
 // 8-bit mantissas); the pipeline is checked to run, stay finite and repeat itself.
-// float16 on the CPU is refused with a clear error on libtorch 1.13 (no half CPU kernels).
+// float16 on the CPU is refused with a clear error on libtorch 1.13 (no half CPU kernels); from
+// libtorch 2.2 it runs and is compared with float32 as on CUDA.
 
 #include <c10/core/InferenceMode.h>
 #include <torch/version.h>
@@ -102,17 +103,39 @@ TEST(ReducedPrecision, CombinedBf16OnCpuRunsAndRepeats) {
     EXPECT_TRUE(torch::equal(a.image_embeddings, b.image_embeddings));
 }
 
+constexpr bool kCpuHasHalfKernels =
+    TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2);
+
 TEST(ReducedPrecision, Fp16OnCpuNeedsLibtorch22) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2)
-    GTEST_SKIP() << "libtorch " << TORCH_VERSION << " has half-precision CPU kernels";
-#else
+    if (kCpuHasHalfKernels)
+        GTEST_SKIP() << "libtorch " << TORCH_VERSION << " has half-precision CPU kernels";
     LoadOptions o;
     o.dtype = torch::kFloat16;
     WUERSTCHEN_EXPECT_THROW_MSG(PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"), o),
                                 InvalidArgument, "PriorPipeline", "fp16 on the CPU", "bf16");
     WUERSTCHEN_EXPECT_THROW_MSG(DecoderPipeline::from_pretrained(data_path("tiny-wuerstchen"), o),
                                 InvalidArgument, "DecoderPipeline", "fp16 on the CPU", "bf16");
-#endif
+}
+
+// float16 on the CPU (libtorch 2.2+): the same float16 checks as on CUDA (reference_cases.h), so
+// the half-precision path is tested on machines without a GPU.
+class CpuFp16 : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (!kCpuHasHalfKernels)
+            GTEST_SKIP() << "libtorch " << TORCH_VERSION
+                         << " has no half-precision CPU kernels (2.2+ has); fp16 is refused there";
+    }
+};
+
+TEST_F(CpuFp16, PriorMatchesFp32) { test::expect_prior_fp16_matches_fp32(LoadOptions{}, "cpu"); }
+
+TEST_F(CpuFp16, DecoderMatchesFp32) {
+    test::expect_decoder_fp16_matches_fp32(LoadOptions{}, "cpu");
+}
+
+TEST_F(CpuFp16, CombinedReferenceScheduleRuns) {
+    test::expect_combined_fp16_runs(LoadOptions{}, "cpu");
 }
 
 }  // namespace
