@@ -3,6 +3,7 @@
 // A small command-line parser for the `wuerstchen` tool: "--flag value" and "--flag=value",
 // boolean switches, repeatable flags, and one error line naming the offending argument.
 
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <stdexcept>
