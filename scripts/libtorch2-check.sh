@@ -17,8 +17,10 @@
 #           a failure there may be Debian's.
 #
 # Each variant has its own Debian tree made with debootstrap under $LIBTORCH2_ROOT (default
-# /var/tmp/wuerstchen-libtorch2/VARIANT; about 2, 8 and 2 GB), kept between runs together with
-# its build directory and ccache, so later runs are incremental. The source tree (and
+# /var/tmp/wuerstchen-libtorch2/VARIANT; cpu about 3.5 GB, cuda 9.5 GB, builds included), kept
+# between runs together with a build directory per source checkout and ccache, so later runs
+# are incremental and need no network once the packages are in. One run at a time per tree
+# (a lock file beside it). The source tree (and
 # ../shared, when present, for the tests that read it) is bind-mounted read-only at /src inside a
 # private mount namespace (unshare), so no mount outlives the script. Needs root, network access
 # to the Debian archive ($DEBIAN_MIRROR), debootstrap (installed with apt-get when missing).
@@ -65,7 +67,7 @@ in_tree() {
         mount --bind '$SRC' '$tree/src'
         mount -o remount,bind,ro '$tree/src'
         ${shared_mount:-true}
-        cp /etc/resolv.conf '$tree/etc/resolv.conf'
+        cp --remove-destination /etc/resolv.conf '$tree/etc/resolv.conf'
         chroot '$tree' /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
             LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
             CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime \
@@ -73,18 +75,35 @@ in_tree() {
     " in_tree "$*"
 }
 
-# Makes (once) the Debian tree $1 for suite $2 and installs the packages $3... (each run: cheap
-# when they are there already). Unstable starts from Debian 13 and switches its sources.
+# Makes (once) the Debian tree $1 for suite $2 and installs the packages $3... that are missing
+# (no network when none is). Unstable starts from Debian 13 and switches its sources.
 prepare_tree() {
     local tree="$1" suite="$2"
     shift 2
-    if [ ! -x "$tree/usr/bin/apt-get" ]; then
+    if [ ! -f "$tree/.bootstrapped" ] && [ -x "$tree/usr/bin/apt-get" ] &&
+        [ -z "$(chroot "$tree" dpkg --audit 2>&1)" ]; then
+        touch "$tree/.bootstrapped"  # complete, made before the stamp existed
+    fi
+    if [ ! -f "$tree/.bootstrapped" ]; then
         echo "== debootstrap Debian 13 into $tree"
+        if [ -e "$tree" ]; then
+            echo "libtorch2-check: $tree is an unfinished tree from an earlier run; remove it" >&2
+            exit 1
+        fi
         mkdir -p "$tree"
         debootstrap --variant=minbase --components=main,contrib,non-free trixie "$tree" "$MIRROR" \
             > "$tree.debootstrap.log" 2>&1 || { tail -30 "$tree.debootstrap.log"; exit 1; }
+        touch "$tree/.bootstrapped"
     fi
-    echo "deb $MIRROR $suite main contrib non-free" > "$tree/etc/apt/sources.list"
+    local sources="deb $MIRROR $suite main contrib non-free"
+    if [ "$(cat "$tree/etc/apt/sources.list" 2>/dev/null)" != "$sources" ]; then
+        rm -f "$tree/etc/apt/sources.list"
+        echo "$sources" > "$tree/etc/apt/sources.list"
+    fi
+    if in_tree "$tree" "dpkg-query -W -f '\${Status}\n' $* 2>/dev/null |
+                        grep -vc 'install ok installed' | grep -qx 0" 2>/dev/null; then
+        return 0
+    fi
     echo "== packages ($suite): $*"
     in_tree "$tree" "apt-get -o Acquire::Check-Valid-Until=false update -qq &&
                      apt-get install -y -qq --no-install-recommends $* > /var/log/libtorch2-apt.log ||
@@ -92,8 +111,14 @@ prepare_tree() {
                      apt-get clean"
 }
 
+# One build directory per source checkout: ninja compares file times only, so checkouts sharing
+# one would see each other's objects as up to date.
+build_dir="/build/$(printf '%s' "$SRC" | sha1sum | cut -c1-12)"
+mkdir -p "$ROOT_BASE"
 for v in "${variants[@]}"; do
     tree="$ROOT_BASE/$v"
+    exec 9> "$tree.lock"
+    flock 9
     case "$v" in
         cpu | unstable)
             suite=trixie
@@ -101,7 +126,7 @@ for v in "${variants[@]}"; do
             prepare_tree "$tree" "$suite" "${common_packages[*]}" libtorch-dev libopenblas0-openmp python3
             echo "== $v: build and test"
             in_tree "$tree" "dpkg-query -W libtorch-dev g++ | sed 's/^/   /'
-                             cd /src && BUILD_DIR=/build scripts/test.sh"
+                             cd /src && BUILD_DIR=$build_dir scripts/test.sh"
             ;;
         cuda)
             # An empty nvidia-cudnn first, so the real one (a downloader) is never installed.
@@ -111,20 +136,21 @@ for v in "${variants[@]}"; do
                     cd /tmp && printf '%s\n' 'Section: misc' 'Priority: optional' \
                         'Standards-Version: 4.6.2' 'Package: nvidia-cudnn' 'Version: 9.99' \
                         'Description: empty stand-in (cuDNN cannot be downloaded here)' > cudnn.ctl
-                    equivs-build cudnn.ctl > /dev/null 2>&1 && dpkg -i nvidia-cudnn_9.99_all.deb > /dev/null
+                    equivs-build cudnn.ctl > equivs.log 2>&1 || { tail -20 equivs.log; exit 1; }
+                    dpkg -i nvidia-cudnn_9.99_all.deb > /dev/null
                 fi"
             prepare_tree "$tree" trixie "${common_packages[*]}" libtorch-cuda-dev nvidia-cuda-toolkit
             echo "== cuda: build everything, run nothing"
             in_tree "$tree" "dpkg-query -W libtorch-cuda-dev g++ | sed 's/^/   /'
                 cd /src &&
-                cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+                cmake -S . -B $build_dir -G Ninja -DCMAKE_BUILD_TYPE=Release \
                     -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined \
-                    -DCMAKE_GTEST_DISCOVER_TESTS_DISCOVERY_MODE=PRE_TEST > /build-configure.log 2>&1 ||
-                    { tail -40 /build-configure.log; exit 1; }
-                grep -q 'CUDA graphs enabled' /build-configure.log ||
+                    -DCMAKE_GTEST_DISCOVER_TESTS_DISCOVERY_MODE=PRE_TEST > /tmp/configure.log 2>&1 ||
+                    { tail -40 /tmp/configure.log; exit 1; }
+                grep -q 'CUDA graphs enabled' /tmp/configure.log ||
                     { echo 'libtorch2-check: the CUDA build did not enable CUDA graphs' >&2; exit 1; }
-                cmake --build /build -j \"\$JOBS\"
-                cmake --build /build -j \"\$JOBS\" --target wuerstchen_profile"
+                cmake --build $build_dir -j \"\$JOBS\"
+                cmake --build $build_dir -j \"\$JOBS\" --target wuerstchen_profile"
             ;;
     esac
     echo "== $v: ok"
