@@ -51,6 +51,7 @@ size_t current_vm_bytes() {
 constexpr int kChildPassed = 42;
 
 [[noreturn]] void out_of_memory_child() {
+    alarm(150);  // ends the child should the parent (which waits 120 s) be gone
     int code = 0;
     try {
         DecoderPipeline pipe = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen"));
@@ -104,8 +105,16 @@ TEST(Resources, OutOfMemoryIsTypedAndPipelineStaysUsable) {
     if (std::getenv(kOomChildVariable)) out_of_memory_child();
     if (kUnderAsan) GTEST_SKIP() << "an address-space limit cannot be combined with AddressSanitizer";
 
+    // The environment minus gtest's sharding and output settings, under which the child could
+    // run no test or overwrite the parent's report.
     std::vector<std::string> env_strings;
-    for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
+    for (char** e = environ; *e; ++e) {
+        const std::string var = *e;
+        if (var.rfind("GTEST_SHARD", 0) == 0 || var.rfind("GTEST_TOTAL_SHARDS", 0) == 0 ||
+            var.rfind("GTEST_OUTPUT", 0) == 0)
+            continue;
+        env_strings.push_back(var);
+    }
     env_strings.push_back(std::string(kOomChildVariable) + "=1");
     std::vector<char*> envp;
     for (auto& e : env_strings) envp.push_back(e.data());
