@@ -100,8 +100,8 @@ prepare_tree() {
         rm -f "$tree/etc/apt/sources.list"
         echo "$sources" > "$tree/etc/apt/sources.list"
     fi
-    if in_tree "$tree" "dpkg-query -W -f '\${Status}\n' $* 2>/dev/null |
-                        grep -vc 'install ok installed' | grep -qx 0" 2>/dev/null; then
+    if in_tree "$tree" "status=\$(dpkg-query -W -f '\${Status}\n' $* 2>/dev/null)
+                        ! grep -qv 'install ok installed' <<< \"\$status\"" 2>/dev/null; then
         return 0
     fi
     echo "== packages ($suite): $*"
