@@ -97,7 +97,9 @@ inline void expect_prior_fp16_matches_fp32(const LoadOptions& base, const std::s
                                                  with_dtype(base, torch::kFloat32));
     auto pipe16 = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"),
                                                  with_dtype(base, torch::kFloat16));
-    o.latents = torch::randn({1, pipe32.prior()->config().c_in, 6, 6}, make_generator(11));  // 256²
+    o.latents = torch::randn({1, pipe32.prior()->config().c_in, pipe32.latent_size(o.height),
+                              pipe32.latent_size(o.width)},
+                             make_generator(11));
     const auto expected = pipe32(o).image_embeddings.to(torch::kCPU, torch::kFloat32);
     const auto out = pipe16(o).image_embeddings;
     EXPECT_EQ(out.scalar_type(), torch::kFloat16);

@@ -79,6 +79,8 @@ constexpr int kChildPassed = 42;
         } catch (const std::exception& e) {
             std::fprintf(stderr, "child: unexpected %s\n", e.what());
             code = 13;  // some other error type
+        } catch (...) {
+            code = 13;
         }
         if (code == 0) {
             try {
@@ -90,6 +92,8 @@ constexpr int kChildPassed = 42;
         }
     } catch (const std::exception& e) {
         std::fprintf(stderr, "child: setup failed: %s\n", e.what());
+        code = 16;
+    } catch (...) {
         code = 16;
     }
     std::fflush(nullptr);
@@ -140,8 +144,9 @@ TEST(Resources, OutOfMemoryIsTypedAndPipelineStaysUsable) {
     ASSERT_EQ(done, child);
     ASSERT_TRUE(WIFEXITED(status)) << "child crashed";
     EXPECT_EQ(WEXITSTATUS(status), kChildPassed)
-        << "0: the child ran no test, 10: setrlimit failed, 11: no OOM, 12: message lacks where/remedy, 13: wrong error type, "
-           "14: different result afterwards, 15: pipeline unusable afterwards, 16: setup failed";
+        << "0: the child ran no test, 10: setrlimit failed, 11: no OOM, 12: message lacks "
+           "where/remedy, 13: wrong error type, 14: different result afterwards, 15: pipeline "
+           "unusable afterwards, 16: setup failed";
 }
 
 TEST(Resources, OutOfMemoryTranslation) {
