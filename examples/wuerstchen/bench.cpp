@@ -3,8 +3,8 @@
 // The models are real folders (--model DIR, or --prior DIR --decoder DIR) or, with
 // --random-weights, built from the configs of warp-ai/wuerstchen(-prior) (or tiny ones with
 // --tiny) and filled with seeded random weights, so the real sizes can be timed without a
-// download. The randomisation follows ../shared/tools/bench_diffusers.py (the diffusers anchor):
-// 1-D "norm" weights 1, everything else N(0, 0.02).
+// download. The randomisation has the distribution of ../shared/tools/bench_diffusers.py (the
+// diffusers anchor): 1-D "norm" weights 1, everything else N(0, 0.02).
 //
 // Each run calls the library's public stages in order, with a device synchronisation before
 // every clock read:
@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -41,6 +42,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <set>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -138,27 +140,63 @@ bool ends_with(const std::string& s, const std::string& tail) {
     return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-// bench_diffusers.py's randomize_: 1-D norm weights 1, all other parameters N(0, 0.02), drawn
-// from `generator` in named_parameters() order. Buffers keep their initial values.
-void randomize(torch::nn::Module& module, at::Generator& generator) {
-    torch::NoGradGuard no_grad;
-    for (auto& item : module.named_parameters()) {
-        torch::Tensor& p = item.value();
-        if (p.dim() == 1 && item.key().find("norm") != std::string::npos &&
-            ends_with(item.key(), "weight"))
+// bench_diffusers.py's randomize_ in distribution: 1-D norm weights 1, all other parameters
+// N(0, 0.02). Each parameter draws from its own seed, made from `seed` and its position in
+// named_parameters(), so the fill can run in parallel: on the CPU one parameter per thread at a
+// time (one generator for all costs about 10 s of each bench process at the real sizes), on a GPU
+// with its default generator, after the module has been moved there. The same seed gives the same
+// weights for any thread count on one device type. Buffers keep their initial values.
+void randomize(torch::nn::Module& module, uint64_t seed) {
+    const auto params = module.named_parameters().items();
+    const int64_t count = static_cast<int64_t>(params.size());
+    auto fill = [&](int64_t i, std::optional<at::Generator> device_generator) {
+        const std::string& name = params[i].key();
+        torch::Tensor p = params[i].value();
+        if (p.dim() == 1 && name.find("norm") != std::string::npos && ends_with(name, "weight")) {
             p.fill_(1.0);
-        else
-            p.normal_(0.0, 0.02, generator);
+            return;
+        }
+        // splitmix64 of (seed, index): independent streams for neighbouring indices.
+        uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        if (device_generator) {
+            {
+                std::lock_guard<std::mutex> lock(device_generator->mutex());
+                device_generator->set_current_seed(z);
+            }
+            p.normal_(0.0, 0.02, *device_generator);
+        } else {
+            p.normal_(0.0, 0.02, make_generator(z));
+        }
+    };
+    torch::NoGradGuard no_grad;
+    if (count == 0) return;
+    const torch::Device device = params[0].value().device();
+    if (!device.is_cpu()) {
+        // Kernel launches: a serial loop is enough.
+        at::Generator generator = at::globalContext().defaultGenerator(device);
+        for (int64_t i = 0; i < count; ++i) fill(i, generator);
+        return;
     }
+    std::atomic<int64_t> next{0};
+    // One chunk per thread; each takes the next parameter until none is left (sizes vary a lot).
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        torch::NoGradGuard worker_no_grad;
+        for (int64_t i = next++; i < count; i = next++) fill(i, std::nullopt);
+    });
 }
 
-// Builds one module on the CPU in float32, randomises it, then moves / casts it, one module at a
-// time so that the host never holds more than one float32 copy.
+// Builds one module on the CPU in float32 (libtorch's modules initialise there) and randomises
+// it, on the CPU in float32 before the move / cast when it stays there, else on its device after
+// it; one module at a time, so that the host never holds more than one float32 copy.
 template <typename Holder, typename Config>
-Holder build_random(const Config& config, at::Generator& generator, const LoadOptions& place) {
+Holder build_random(const Config& config, uint64_t seed, const LoadOptions& place) {
     Holder module(config);
-    randomize(*module, generator);
+    if (place.device.is_cpu()) randomize(*module, seed);
     prepare_module(*module, place);
+    if (!place.device.is_cpu()) randomize(*module, seed);
     return module;
 }
 
@@ -421,12 +459,13 @@ int run_bench(int argc, char** argv) {
         // Offloaded stages live on the CPU between uses (as from_pretrained loads them).
         LoadOptions place = load;
         if (load.offload || load.sequential_offload) place.device = torch::kCPU;
-        at::Generator generator = make_generator(seed);
-        auto prior_text = build_random<CLIPTextModel>(cfg.prior_text, generator, place);
-        auto prior = build_random<WuerstchenPrior>(cfg.prior, generator, place);
-        auto decoder_text = build_random<CLIPTextModel>(cfg.decoder_text, generator, place);
-        auto decoder = build_random<WuerstchenDiffNeXt>(cfg.decoder, generator, place);
-        auto vqgan = build_random<PaellaVQModel>(cfg.vqgan, generator, place);
+        // Each module has its own stream of seeds (seed, seed + 1 << 20, ...).
+        const uint64_t stride = uint64_t{1} << 20;
+        auto prior_text = build_random<CLIPTextModel>(cfg.prior_text, seed, place);
+        auto prior = build_random<WuerstchenPrior>(cfg.prior, seed + stride, place);
+        auto decoder_text = build_random<CLIPTextModel>(cfg.decoder_text, seed + 2 * stride, place);
+        auto decoder = build_random<WuerstchenDiffNeXt>(cfg.decoder, seed + 3 * stride, place);
+        auto vqgan = build_random<PaellaVQModel>(cfg.vqgan, seed + 4 * stride, place);
         const std::string tokenizer_dir = args.str("tokenizer");
         if (args.has("tokenizer") && !fs::is_directory(tokenizer_dir))
             throw IoError(tokenizer_dir + ": no such folder (--tokenizer)");
