@@ -1,45 +1,79 @@
 #!/usr/bin/env bash
 # The GPU checks, in phases, for a lent CUDA machine with a PyTorch 2.x wheel (no network).
-# Results go to $OUT (default ./gpu-out): build.log, gpu-tests.log, bench-<name>.json (+ bench.log
-# with the progress lines), profile.json + profile-trace.json, summary.txt.
+# Results go to $RESULTS (default ./gpu-out): build.log, gpu-tests.log, bench-<name>.json (+ bench.log
+# with the progress lines), profile.json + profile-trace.json, summary.txt. After every phase they
+# are also packed into $OUT (the device tool's return folder, which takes few files), when set:
+# results.tar.gz (all but the trace), profile-trace.json.gz and summary.txt.
 #
-#   scripts/gpu-check.sh build tests                     # first device call (about 6 minutes)
-#   scripts/gpu-check.sh bench memory profile summary    # second call, same warm machine (about 6)
-# (no phase given: build tests bench summary)
+#   scripts/gpu-check.sh                   # every phase, most important first (one device call)
+#   scripts/gpu-check.sh build tests       # chosen phases, in the order given
+#
+# GPU_CHECK_DEADLINE (seconds from the start, default 540) bounds the whole run: each step's own
+# limit is cut to what is left, and a step that would have under 20 s is skipped and reported, so
+# the command ends inside one device call and what ran comes back. The summary always runs.
 #
 # Phases:
-#   build    the project against the wheel's libtorch (../shared/device/gpu-build.sh, staged into
-#            .gpu-carry by ../shared/device/stage.sh), plus the wuerstchen_profile tool
+#   build    the project against the wheel's libtorch, configured as ../shared/device/gpu-build.sh
+#            does (its packages staged into .gpu-carry by ../shared/device/stage.sh); only the
+#            targets the checks use: library, CLI, wuerstchen_profile, the test executables
+#   headline `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
+#            with guidance 4, decoder 12 steps, fp16 with CUDA graphs: batch 1 and batch 4 (the
+#            speed targets)
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
-#   bench    `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
-#            with guidance 4, decoder 12 steps, fp16: batch 1 eager, batch 1 with CUDA graphs,
-#            batch 4 with CUDA graphs (the speed targets), batch 1 with graphs and channels-last
-#   memory   batch 1 with --offload, with --sequential-offload, and bf16 with graphs
+#   eager    batch 1 without graphs (the before of the graphs' after)
+#   memory   batch 1 with --offload and with --sequential-offload
 #   profile  one eager batch-1 run under the Kineto profiler: top CUDA kernels in profile.json
+#   variants batch 1 with graphs in bf16, and in fp16 with channels-last
 #   summary  scripts/bench-summary.py --targets over the bench JSON files: one table (stage
 #            times, peak memory per stage) and the issue's bounds, in summary.txt
-# Every step has its own time limit so that one hang cannot use up the machine's time; a failed
-# step is reported and the next one still runs.
+# A failed step is reported and the next one still runs; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-gpu-out}"
-mkdir -p "$OUT"
+RESULTS="${RESULTS:-gpu-out}"
+mkdir -p "$RESULTS"
 BUILD="${BUILD:-build-gpu}"
+DEADLINE="${GPU_CHECK_DEADLINE:-540}"
 CLI="$BUILD/examples/wuerstchen/wuerstchen"
 PROFILER="$BUILD/examples/wuerstchen/wuerstchen_profile"
 status=0
+built=1
+# Step reports go to fd 3 (the terminal), not into the file a step's output is redirected to.
+exec 3>&1
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (${left} s left of ${DEADLINE})" >&3
+        status=1
+        return 1
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     local t0=$SECONDS
     if timeout "$limit" "$@"; then
-        echo "== $name: ok ($((SECONDS - t0)) s)"
+        echo "== $name: ok ($((SECONDS - t0)) s)" >&3
     else
-        echo "== $name: FAILED or timed out (exit $?, $((SECONDS - t0)) s)"
+        echo "== $name: FAILED or timed out (exit $?, $((SECONDS - t0)) s, limit $limit s)" >&3
         status=1
+        return 1
     fi
+}
+
+build() {
+    set -e
+    for f in .gpu-carry/debs/*.deb; do dpkg -x "$f" /opt/deps; done
+    # The test executables are listed (run) as they are linked.
+    export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+    local torch_prefix
+    torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+    cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$torch_prefix;/opt/deps/usr" -DCMAKE_CUDA_ARCHITECTURES=90
+    cmake --build "$BUILD" -j "$(nproc)" --target wuerstchen_cli wuerstchen_profile \
+        wuerstchen_gpu_tests wuerstchen_tests
+    echo "export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:\${LD_LIBRARY_PATH:-}" \
+        > "$BUILD/env.sh"
 }
 
 env_sh() {  # the library path of the carried packages
@@ -52,54 +86,79 @@ bench() {  # bench NAME LIMIT FLAGS...
     local name=$1 limit=$2
     shift 2
     step "bench $name" "$limit" "$CLI" bench --random-weights --device cuda --runs 3 --warmup 1 \
-        "$@" > "$OUT/bench-$name.json" 2>> "$OUT/bench.log"
+        "$@" > "$RESULTS/bench-$name.json" 2>> "$RESULTS/bench.log"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-[ $# -gt 0 ] || set -- build tests bench summary
+pack() {  # copies what there is so far into $OUT, if the caller gave one
+    [ -n "${OUT:-}" ] && [ "$OUT" != "$RESULTS" ] || return 0
+    mkdir -p "$OUT"
+    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" --exclude profile-trace.json . 2>/dev/null
+    [ -f "$RESULTS/summary.txt" ] && cp "$RESULTS/summary.txt" "$OUT/"
+    if [ -f "$RESULTS/profile-trace.json" ] && [ ! -f "$OUT/profile-trace.json.gz" ]; then
+        gzip -c "$RESULTS/profile-trace.json" > "$OUT/profile-trace.json.gz"
+    fi
+    return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
+[ $# -gt 0 ] || set -- build headline tests eager memory profile variants summary
 for phase in "$@"; do
+    if [ "$built" = 0 ] && [ "$phase" != summary ]; then
+        echo "== $phase: skipped (the build failed)"
+        continue
+    fi
     case "$phase" in
         build)
-            step "build" 420 sh .gpu-carry/gpu-build.sh > "$OUT/build.log" 2>&1
-            step "build wuerstchen_profile" 120 cmake --build "$BUILD" --target wuerstchen_profile \
-                -j 16 >> "$OUT/build.log" 2>&1
+            export -f build
+            export BUILD
+            step "build" 420 bash -c build > "$RESULTS/build.log" 2>&1 || built=0
+            [ "$built" = 1 ] || tail -n 40 "$RESULTS/build.log"
+            ;;
+        headline)
+            env_sh
+            bench b1-fp16-graphs 100 --dtype fp16 --cuda-graphs
+            bench b4-fp16-graphs 120 --dtype fp16 --cuda-graphs --batch 4
             ;;
         tests)
             env_sh
-            step "gpu tests" 240 ctest --test-dir "$BUILD" -L gpu --output-on-failure \
-                > "$OUT/gpu-tests.log" 2>&1
-            step "cuda cases of the cpu suite" 120 ctest --test-dir "$BUILD" -R '\.Cuda' \
-                --output-on-failure >> "$OUT/gpu-tests.log" 2>&1
+            step "gpu tests" 180 ctest --test-dir "$BUILD" -L gpu -j 6 --output-on-failure \
+                > "$RESULTS/gpu-tests.log" 2>&1
+            step "cuda cases of the cpu suite" 90 ctest --test-dir "$BUILD" -R '\.Cuda' -j 4 \
+                --output-on-failure >> "$RESULTS/gpu-tests.log" 2>&1
             ;;
-        bench)
+        eager)
             env_sh
-            bench b1-fp16-eager 120 --dtype fp16
-            bench b1-fp16-graphs 120 --dtype fp16 --cuda-graphs
-            bench b4-fp16-graphs 150 --dtype fp16 --cuda-graphs --batch 4
-            bench b1-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last
+            bench b1-fp16-eager 90 --dtype fp16
             ;;
         memory)
             env_sh
-            bench b1-fp16-offload 150 --dtype fp16 --offload
-            bench b1-fp16-sequential 240 --dtype fp16 --sequential-offload --runs 1
-            bench b1-bf16-graphs 120 --dtype bf16 --cuda-graphs
+            bench b1-fp16-offload 120 --dtype fp16 --offload
+            bench b1-fp16-sequential 180 --dtype fp16 --sequential-offload --runs 1
             ;;
         profile)
             env_sh
-            step "profile" 150 "$PROFILER" bench --random-weights --device cuda --dtype fp16 \
-                --runs 1 --warmup 1 --profile "$OUT/profile-trace.json" \
-                > "$OUT/profile.json" 2>> "$OUT/bench.log"
+            step "profile" 120 "$PROFILER" bench --random-weights --device cuda --dtype fp16 \
+                --runs 1 --warmup 1 --profile "$RESULTS/profile-trace.json" \
+                > "$RESULTS/profile.json" 2>> "$RESULTS/bench.log"
+            ;;
+        variants)
+            env_sh
+            bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
+            bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
             ;;
         summary)
             # Its exit status says whether every bound held; the phase itself only reports.
-            python3 scripts/bench-summary.py --targets "$OUT"/bench-*.json > "$OUT/summary.txt" 2>&1
-            echo "== summary: $OUT/summary.txt"
-            cat "$OUT/summary.txt"
+            python3 scripts/bench-summary.py --targets "$RESULTS"/bench-*.json > "$RESULTS/summary.txt" 2>&1
+            echo "== summary: $RESULTS/summary.txt"
+            cat "$RESULTS/summary.txt"
             ;;
         *)
-            echo "unknown phase '$phase' (build, tests, bench, memory, profile, summary)" >&2
+            echo "unknown phase '$phase' (build, headline, tests, eager, memory, profile," \
+                "variants, summary)" >&2
             exit 2
             ;;
     esac
+    pack
 done
+echo "== done after $SECONDS s"
 exit $status
