@@ -15,7 +15,9 @@
 # Phases:
 #   build    the project against the wheel's libtorch, configured as ../shared/device/gpu-build.sh
 #            does (its packages staged into .gpu-carry by ../shared/device/stage.sh); only the
-#            targets the checks use: library, CLI, wuerstchen_profile, the test executables
+#            targets the checks use (BUILD_TARGETS; default library, CLI, wuerstchen_profile,
+#            the test executables)
+#   smoke    the bench with the tiny models on CUDA; the later phases are skipped if it fails
 #   headline `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
 #            with guidance 4, decoder 12 steps, fp16 with CUDA graphs: batch 1 and batch 4 (the
 #            speed targets)
@@ -34,6 +36,7 @@ RESULTS="${RESULTS:-gpu-out}"
 mkdir -p "$RESULTS"
 BUILD="${BUILD:-build-gpu}"
 DEADLINE="${GPU_CHECK_DEADLINE:-540}"
+BUILD_TARGETS="${BUILD_TARGETS:-wuerstchen_cli wuerstchen_profile wuerstchen_gpu_tests wuerstchen_tests}"
 CLI="$BUILD/examples/wuerstchen/wuerstchen"
 PROFILER="$BUILD/examples/wuerstchen/wuerstchen_profile"
 status=0
@@ -70,8 +73,8 @@ build() {
     torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
     cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_PREFIX_PATH="$torch_prefix;/opt/deps/usr" -DCMAKE_CUDA_ARCHITECTURES=90
-    cmake --build "$BUILD" -j "$(nproc)" --target wuerstchen_cli wuerstchen_profile \
-        wuerstchen_gpu_tests wuerstchen_tests
+    # shellcheck disable=SC2086
+    cmake --build "$BUILD" -j "$(nproc)" --target $BUILD_TARGETS
     echo "export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:\${LD_LIBRARY_PATH:-}" \
         > "$BUILD/env.sh"
 }
@@ -101,18 +104,24 @@ pack() {  # copies what there is so far into $OUT, if the caller gave one
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
-[ $# -gt 0 ] || set -- build headline tests eager memory profile variants summary
+[ $# -gt 0 ] || set -- build smoke headline tests eager memory profile variants summary
 for phase in "$@"; do
     if [ "$built" = 0 ] && [ "$phase" != summary ]; then
-        echo "== $phase: skipped (the build failed)"
+        echo "== $phase: skipped (the build or the smoke run failed)"
         continue
     fi
     case "$phase" in
         build)
             export -f build
-            export BUILD
+            export BUILD BUILD_TARGETS
             step "build" 420 bash -c build > "$RESULTS/build.log" 2>&1 || built=0
             [ "$built" = 1 ] || tail -n 40 "$RESULTS/build.log"
+            ;;
+        smoke)
+            # The tiny models through the bench on CUDA: if this fails, the real sizes would too.
+            env_sh
+            step "smoke" 60 "$CLI" bench --random-weights --tiny --device cuda --runs 1 \
+                --warmup 0 > "$RESULTS/smoke.json" 2>> "$RESULTS/bench.log" || built=0
             ;;
         headline)
             env_sh
@@ -153,7 +162,7 @@ for phase in "$@"; do
             cat "$RESULTS/summary.txt"
             ;;
         *)
-            echo "unknown phase '$phase' (build, headline, tests, eager, memory, profile," \
+            echo "unknown phase '$phase' (build, smoke, headline, tests, eager, memory, profile," \
                 "variants, summary)" >&2
             exit 2
             ;;

@@ -49,6 +49,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>  // rmdir
+
 #include "args.h"
 #include "commands.h"
 #include "memory.h"
@@ -249,19 +251,25 @@ CLIPTokenizer byte_level_tokenizer() {
         const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
         if (std::fclose(f) != 0 || !ok) throw IoError((dir / name).string() + ": cannot write");
     };
+    // Cleaned up with the C library, not std::filesystem::remove_all: the PyTorch 2.11 wheel's
+    // libtorch.so exports a copy of remove_all(path, error_code&) that the dynamic linker binds
+    // this program's call to, and on the H100 machine that copy called through a null pointer.
+    const std::array<const char*, 3> files = {"vocab.json", "merges.txt", "tokenizer_config.json"};
+    auto clean_up = [&]() {
+        for (const char* name : files) std::remove((dir / name).c_str());
+        ::rmdir(dir.c_str());
+    };
     std::optional<CLIPTokenizer> tokenizer;
     try {
-        write("vocab.json", vocab.dump());
-        write("merges.txt", "#version: 0.2\n");
-        write("tokenizer_config.json", config.dump());
+        write(files[0], vocab.dump());
+        write(files[1], "#version: 0.2\n");
+        write(files[2], config.dump());
         tokenizer.emplace(CLIPTokenizer::from_pretrained(dir.string()));
     } catch (...) {
-        std::error_code ec;
-        fs::remove_all(dir, ec);
+        clean_up();
         throw;
     }
-    std::error_code ec;
-    fs::remove_all(dir, ec);
+    clean_up();
     return std::move(*tokenizer);
 }
 
