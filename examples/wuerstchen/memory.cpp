@@ -4,6 +4,7 @@
 #include <c10/core/CPUAllocator.h>
 
 #if defined(WUERSTCHEN_WITH_CUDA)
+#include <ATen/Functions.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
@@ -101,7 +102,15 @@ private:
 };
 
 #if defined(WUERSTCHEN_WITH_CUDA)
+// The device whose caching-allocator statistics are read. libtorch sizes the allocator's
+// per-device tables when it initialises CUDA, which its first CUDA allocation does; before that
+// the statistics calls fail ("Invalid device argument"), as they did with --offload, where
+// nothing is on the GPU before the first run. So one byte is allocated (and freed) first.
 c10::DeviceIndex cuda_index(torch::Device device) {
+    static std::once_flag initialised;
+    std::call_once(initialised, [device] {
+        (void)at::empty({1}, at::TensorOptions().device(device).dtype(at::kByte));
+    });
     return device.has_index() ? device.index() : c10::cuda::current_device();
 }
 #endif
