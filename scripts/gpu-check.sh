@@ -85,11 +85,11 @@ env_sh() {  # the library path of the carried packages
     return 0
 }
 
-bench() {  # bench NAME LIMIT FLAGS...
+bench() {  # [RUNS=N] bench NAME LIMIT FLAGS...   (3 timed runs unless RUNS says otherwise)
     local name=$1 limit=$2
     shift 2
-    step "bench $name" "$limit" "$CLI" bench --random-weights --device cuda --runs 3 --warmup 1 \
-        "$@" > "$RESULTS/bench-$name.json" 2>> "$RESULTS/bench.log"
+    step "bench $name" "$limit" "$CLI" bench --random-weights --device cuda --runs "${RUNS:-3}" \
+        --warmup 1 "$@" > "$RESULTS/bench-$name.json" 2>> "$RESULTS/bench.log"
 }
 
 pack() {  # copies what there is so far into $OUT, if the caller gave one
@@ -142,7 +142,7 @@ for phase in "$@"; do
         memory)
             env_sh
             bench b1-fp16-offload 120 --dtype fp16 --offload
-            bench b1-fp16-sequential 180 --dtype fp16 --sequential-offload --runs 1
+            RUNS=1 bench b1-fp16-sequential 180 --dtype fp16 --sequential-offload
             ;;
         profile)
             env_sh
