@@ -9,10 +9,10 @@
 // - offload (model or sequential) and CUDA graphs: the same kernels on the same inputs, so the
 //   same result (1e-6 in fp32, 1e-3 in fp16).
 
-#include <ATen/Context.h>
 #include <torch/cuda.h>
 
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,17 +41,9 @@ protected:
         if (!torch::cuda::is_available())
             GTEST_SKIP() << "CUDA is not available (libtorch without CUDA or no GPU): GPU "
                             "pipeline tests skipped";
-        tf32_cudnn_ = at::globalContext().allowTF32CuDNN();
-        tf32_cublas_ = at::globalContext().allowTF32CuBLAS();
-        at::globalContext().setAllowTF32CuDNN(false);
-        at::globalContext().setAllowTF32CuBLAS(false);
-        restore_ = true;
+        no_tf32_.emplace();
     }
-    void TearDown() override {
-        if (!restore_) return;
-        at::globalContext().setAllowTF32CuDNN(tf32_cudnn_);
-        at::globalContext().setAllowTF32CuBLAS(tf32_cublas_);
-    }
+    void TearDown() override { no_tf32_.reset(); }
 
     static LoadOptions on_cuda(torch::ScalarType dtype, bool offload = false,
                                bool sequential_offload = false, bool cuda_graphs = false) {
@@ -65,9 +57,7 @@ protected:
     }
 
 private:
-    bool tf32_cudnn_ = true;
-    bool tf32_cublas_ = false;
-    bool restore_ = false;
+    std::optional<test::NoTf32> no_tf32_;
 };
 
 // The same calls as the CPU parity tests (reference_cases.h).
@@ -198,10 +188,16 @@ TEST_F(GpuPipelines, CudaGraphsMatchEager) {
         EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 1u) << what;
         EXPECT_EQ(eager.prior_pipeline().captured_graphs(), 0u) << what;
 
+        // Another shape and batch. Not 384x384: there the tiny random prior overflows float16
+        // (its image embeddings reach inf in eager runs too, on the CPU with libtorch 2.6 as on
+        // the H100), and NaN compares with nothing; at 256x512 they peak at 1.4e4 (CPU fp16).
         CombinedOptions larger = test::combined_seed42_options();
-        larger.height = 384;
+        larger.width = 512;
         larger.num_images_per_prompt = 2;
-        expect_same_output(what + " (second shape)", graphed(larger), eager(larger),
+        const auto eager_larger = eager(larger);
+        ASSERT_TRUE(torch::isfinite(host(eager_larger.image_embeddings)).all().item<bool>())
+            << what << ": the eager run overflowed at the second shape";
+        expect_same_output(what + " (second shape)", graphed(larger), eager_larger,
                            same_kernels_tol(dtype));
         EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 2u) << what;
         EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 2u) << what;

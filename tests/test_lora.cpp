@@ -531,8 +531,10 @@ TEST(Lora, AdapterNameErrors) {
 
 // ------------------------------------------------------------------------------ CUDA
 
+// fp32 on CUDA against the CPU references, without TF32 (test_util.h, NoTf32).
 TEST(Lora, CudaMatchesDiffusers) {
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    test::NoTf32 no_tf32;
     auto ref = lora_reference();
     auto pipe = make_pipeline({torch::kCUDA, torch::kFloat32});
     pipe.load_lora_weights(lora_file());
@@ -592,6 +594,7 @@ TEST(Lora, CudaHalfAndBf16AttentionBlock) {
 
 TEST(Lora, CudaOffloadFollowsDevice) {
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    test::NoTf32 no_tf32;
     auto ref = lora_reference();
     LoadOptions options{torch::kCUDA, torch::kFloat32, /*offload=*/true};
     auto pipe = make_pipeline(options);

@@ -3,6 +3,7 @@
 // Shared helpers for the test suite: fixture paths, reference tensors, tolerance checks that
 // print the measured error.
 
+#include <ATen/Context.h>
 #include <gtest/gtest.h>
 #include <torch/types.h>
 
@@ -31,6 +32,29 @@ double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b);
                                      const torch::Tensor& expected, double tol);
 // Tolerance relative to the reference's scale: rel * max(1, max|expected|).
 double scaled_tol(const torch::Tensor& expected, double rel);
+
+// While it lives, CUDA float32 work runs without TF32: cuDNN convolutions use it by default on
+// Ampere and later (as PyTorch's do), which alone moves fp32 results by about 1e-3 relative and
+// more after a few denoising steps. For fp32 parity checks on CUDA; restores the settings after.
+class NoTf32 {
+public:
+    NoTf32()
+        : cudnn_(at::globalContext().allowTF32CuDNN()),
+          cublas_(at::globalContext().allowTF32CuBLAS()) {
+        at::globalContext().setAllowTF32CuDNN(false);
+        at::globalContext().setAllowTF32CuBLAS(false);
+    }
+    ~NoTf32() {
+        at::globalContext().setAllowTF32CuDNN(cudnn_);
+        at::globalContext().setAllowTF32CuBLAS(cublas_);
+    }
+    NoTf32(const NoTf32&) = delete;
+    NoTf32& operator=(const NoTf32&) = delete;
+
+private:
+    bool cudnn_;
+    bool cublas_;
+};
 
 // A fresh temporary directory (removed by the caller if wanted).
 std::string make_temp_dir(const std::string& prefix);
