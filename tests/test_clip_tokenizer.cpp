@@ -1,4 +1,4 @@
-#include <filesystem>
+#include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -11,8 +11,6 @@
 
 namespace wuerstchen {
 namespace {
-
-namespace fs = std::filesystem;
 
 const char* const kPriorTokenizer = "tiny-wuerstchen-prior/tokenizer";  // vocab.json + merges.txt
 const char* const kDecoderTokenizer = "tiny-wuerstchen/tokenizer";      // tokenizer.json
@@ -80,7 +78,7 @@ TEST(CLIPTokenizer, RealClipVocabulary) {
          {std::pair<std::string, std::string>{"prior", "!"}, {"decoder", "<|endoftext|>"}}) {
         const std::string dir = legacy_folder(src, pad);
         const auto tok = CLIPTokenizer::from_pretrained(dir);
-        fs::remove_all(dir);
+        test::remove_tree(dir);
         EXPECT_EQ(tok.vocab_size(), 49408u);
         EXPECT_EQ(tok.bos_token_id(), 49406);
         EXPECT_EQ(tok.eos_token_id(), 49407);
@@ -100,7 +98,7 @@ TEST(CLIPTokenizer, MergesAsStringsOrPairs) {
     test::write_file(dir + "/tokenizer_config.json",
                      read_text_file(src + "/tokenizer_config.json"));
     const auto strings = CLIPTokenizer::from_pretrained(dir);
-    fs::remove_all(dir);
+    test::remove_tree(dir);
     const auto pairs = tiny(kDecoderTokenizer);
     for (const std::string text : {"Anthropomorphic cat dressed as a fire fighter", "horse!!"})
         EXPECT_EQ(strings.encode(text), pairs.encode(text)) << text;
@@ -191,7 +189,7 @@ TEST(CLIPTokenizer, ErrorFolderWithoutVocabulary) {
     const std::string dir = test::make_temp_dir("clip_tok_empty_");
     WUERSTCHEN_EXPECT_THROW_MSG(CLIPTokenizer::from_pretrained(dir), TokenizerError, dir,
                                 "no tokenizer vocabulary");
-    fs::remove_all(dir);
+    test::remove_tree(dir);
     WUERSTCHEN_EXPECT_THROW_MSG(CLIPTokenizer::from_pretrained(dir), TokenizerError, dir);
 }
 
@@ -213,13 +211,13 @@ TEST(CLIPTokenizer, ErrorMalformedFiles) {
     WUERSTCHEN_EXPECT_THROW_MSG(CLIPTokenizer::from_pretrained(dir), TokenizerError, dir,
                                 "pad_token", "<|nope|>");
 
-    fs::remove(dir + "/vocab.json");
+    std::remove((dir + "/vocab.json").c_str());
     WUERSTCHEN_EXPECT_THROW_MSG(CLIPTokenizer::from_pretrained(dir), TokenizerError, dir,
                                 "no tokenizer vocabulary");
     test::write_file(dir + "/tokenizer.json", "[1, 2");
     WUERSTCHEN_EXPECT_THROW_MSG(CLIPTokenizer::from_pretrained(dir), TokenizerError,
                                 dir + "/tokenizer.json", "invalid JSON");
-    fs::remove_all(dir);
+    test::remove_tree(dir);
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 #include "test_util.h"
 
+#include <ftw.h>
 #include <sys/stat.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -62,6 +64,14 @@ std::string make_temp_dir(const std::string& prefix) {
     char* dir = ::mkdtemp(tmpl.data());
     if (!dir) throw std::runtime_error("mkdtemp failed");
     return dir;
+}
+
+void remove_tree(const std::string& path) {
+    // Depth first, not following links: files and links first, then their folder.
+    ::nftw(
+        path.c_str(),
+        [](const char* name, const struct stat*, int, struct FTW*) { return std::remove(name); },
+        16, FTW_DEPTH | FTW_PHYS);
 }
 
 void write_file(const std::string& path, const std::string& bytes) {

@@ -56,8 +56,12 @@ private:
     bool cublas_;
 };
 
-// A fresh temporary directory (removed by the caller if wanted).
+// A fresh temporary directory (removed by the caller if wanted, with remove_tree).
 std::string make_temp_dir(const std::string& prefix);
+// Removes a folder and everything in it (no error if it is gone). With the C library, not
+// std::filesystem::remove_all: PyTorch wheels' libtorch.so exports its own copy of that, which
+// the dynamic linker binds callers to, and which crashed when called on libtorch 2.11.
+void remove_tree(const std::string& path);
 void write_file(const std::string& path, const std::string& bytes);
 
 }  // namespace wuerstchen::test
