@@ -26,7 +26,8 @@
 #   eager    batch 1 without graphs (the before of the graphs' after)
 #   memory   batch 1 with --offload and with --sequential-offload
 #   profile  one eager batch-1 run under the Kineto profiler: top CUDA kernels in profile.json
-#   variants batch 1 with graphs in bf16, and in fp16 with channels-last
+#   variants batch 1 with graphs in bf16, and batch 1 and 4 in fp16 with graphs and channels-last
+#            (NHWC spares the layout copies around norms and convolutions: a candidate for the targets)
 #   summary  scripts/bench-summary.py --targets over the bench JSON files: one table (stage
 #            times, peak memory per stage) and the issue's bounds, in summary.txt
 # A failed step is reported and the next one still runs; the exit status says whether all passed.
@@ -154,6 +155,7 @@ for phase in "$@"; do
             env_sh
             bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
+            bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
             ;;
         summary)
             # Its exit status says whether every bound held; the phase itself only reports.
