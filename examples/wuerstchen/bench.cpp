@@ -142,37 +142,32 @@ bool ends_with(const std::string& s, const std::string& tail) {
     return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
+// The seed of parameter `index` of a module whose weights are seeded with `seed`: splitmix64,
+// so that neighbouring indices get independent streams.
+uint64_t parameter_seed(uint64_t seed, int64_t index) {
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(index + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 // bench_diffusers.py's randomize_ in distribution: 1-D norm weights 1, all other parameters
-// N(0, 0.02). Each parameter draws from its own seed, made from `seed` and its position in
-// named_parameters(), so the fill need not be one serial stream (which took about 10 s of each
-// real-size bench process on a 2-core VM): on a GPU it runs there with its default generator,
-// after the module has been moved (real-size loading on the H100 machine: 22 s, against 29 to
-// 36 s with one CPU stream), and on the CPU one parameter per thread at a time. The same seed gives the same
-// weights for any thread count on one device type. Buffers keep their initial values.
+// N(0, 0.02). Each parameter draws from its own seed (parameter_seed), so the fill need not be
+// one serial stream (which took about 10 s of each real-size bench process on a 2-core VM): on
+// a GPU it runs there with its default generator, after the module has been moved (real-size
+// loading on the H100 machine: 22 s, against 29 to 36 s with one CPU stream), and on the CPU one
+// parameter per thread at a time. The same seed gives the same weights for any thread count on
+// one device type. Buffers keep their initial values.
 void randomize(torch::nn::Module& module, uint64_t seed) {
     const auto params = module.named_parameters().items();
     const int64_t count = static_cast<int64_t>(params.size());
-    auto fill = [&](int64_t i, std::optional<at::Generator> device_generator) {
+    auto fill = [&](int64_t i, at::Generator generator) {
         const std::string& name = params[i].key();
         torch::Tensor p = params[i].value();
-        if (p.dim() == 1 && name.find("norm") != std::string::npos && ends_with(name, "weight")) {
+        if (p.dim() == 1 && name.find("norm") != std::string::npos && ends_with(name, "weight"))
             p.fill_(1.0);
-            return;
-        }
-        // splitmix64 of (seed, index): independent streams for neighbouring indices.
-        uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        if (device_generator) {
-            {
-                std::lock_guard<std::mutex> lock(device_generator->mutex());
-                device_generator->set_current_seed(z);
-            }
-            p.normal_(0.0, 0.02, *device_generator);
-        } else {
-            p.normal_(0.0, 0.02, make_generator(z));
-        }
+        else
+            p.normal_(0.0, 0.02, generator);
     };
     torch::NoGradGuard no_grad;
     if (count == 0) return;
@@ -180,14 +175,21 @@ void randomize(torch::nn::Module& module, uint64_t seed) {
     if (!device.is_cpu()) {
         // Kernel launches: a serial loop is enough.
         at::Generator generator = at::globalContext().defaultGenerator(device);
-        for (int64_t i = 0; i < count; ++i) fill(i, generator);
+        for (int64_t i = 0; i < count; ++i) {
+            {
+                std::lock_guard<std::mutex> lock(generator.mutex());
+                generator.set_current_seed(parameter_seed(seed, i));
+            }
+            fill(i, generator);
+        }
         return;
     }
     std::atomic<int64_t> next{0};
     // One chunk per thread; each takes the next parameter until none is left (sizes vary a lot).
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
         torch::NoGradGuard worker_no_grad;
-        for (int64_t i = next++; i < count; i = next++) fill(i, std::nullopt);
+        for (int64_t i = next++; i < count; i = next++)
+            fill(i, make_generator(parameter_seed(seed, i)));
     });
 }
 
