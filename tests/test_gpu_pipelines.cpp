@@ -41,9 +41,8 @@ protected:
         if (!torch::cuda::is_available())
             GTEST_SKIP() << "CUDA is not available (libtorch without CUDA or no GPU): GPU "
                             "pipeline tests skipped";
-        no_tf32_.emplace();
+        no_tf32_.emplace();  // until the fixture ends
     }
-    void TearDown() override { no_tf32_.reset(); }
 
     static LoadOptions on_cuda(torch::ScalarType dtype, bool offload = false,
                                bool sequential_offload = false, bool cuda_graphs = false) {
