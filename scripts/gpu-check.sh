@@ -36,6 +36,7 @@ cd "$(dirname "$0")/.."
 RESULTS="${RESULTS:-gpu-out}"
 mkdir -p "$RESULTS"
 BUILD="${BUILD:-build-gpu}"
+DEPS_LIB=/opt/deps/usr/lib/x86_64-linux-gnu  # the carried packages' libraries, once unpacked
 DEADLINE="${GPU_CHECK_DEADLINE:-540}"
 BUILD_TARGETS="${BUILD_TARGETS:-wuerstchen_cli wuerstchen_profile wuerstchen_gpu_tests wuerstchen_tests}"
 CLI="$BUILD/examples/wuerstchen/wuerstchen"
@@ -69,15 +70,14 @@ build() {
     set -e
     for f in .gpu-carry/debs/*.deb; do dpkg -x "$f" /opt/deps; done
     # The test executables are listed (run) as they are linked.
-    export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+    export LD_LIBRARY_PATH=$DEPS_LIB:${LD_LIBRARY_PATH:-}
     local torch_prefix
     torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
     cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_PREFIX_PATH="$torch_prefix;/opt/deps/usr" -DCMAKE_CUDA_ARCHITECTURES=90
     # shellcheck disable=SC2086
     cmake --build "$BUILD" -j "$(nproc)" --target $BUILD_TARGETS
-    echo "export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:\${LD_LIBRARY_PATH:-}" \
-        > "$BUILD/env.sh"
+    echo "export LD_LIBRARY_PATH=$DEPS_LIB:\${LD_LIBRARY_PATH:-}" > "$BUILD/env.sh"
 }
 
 env_sh() {  # the library path of the carried packages
@@ -114,7 +114,7 @@ for phase in "$@"; do
     case "$phase" in
         build)
             export -f build
-            export BUILD BUILD_TARGETS
+            export BUILD BUILD_TARGETS DEPS_LIB
             step "build" 420 bash -c build > "$RESULTS/build.log" 2>&1 || built=0
             [ "$built" = 1 ] || tail -n 40 "$RESULTS/build.log"
             ;;
