@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "nn/init.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
 
@@ -128,10 +129,10 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(con
     embeddings_ =
         register_module("embeddings", std::make_shared<torch::nn::Module>("CLIPTextEmbeddings"));
     token_embedding_ = embeddings_->register_module(
-        "token_embedding", torch::nn::Embedding(config_.vocab_size, config_.hidden_size));
+        "token_embedding", nn::embedding(config_.vocab_size, config_.hidden_size));
     position_embedding_ = embeddings_->register_module(
         "position_embedding",
-        torch::nn::Embedding(config_.max_position_embeddings, config_.hidden_size));
+        nn::embedding(config_.max_position_embeddings, config_.hidden_size));
 
     encoder_ = register_module("encoder", std::make_shared<torch::nn::Module>("CLIPEncoder"));
     layers_ = encoder_->register_module("layers", torch::nn::ModuleList());
@@ -202,7 +203,7 @@ std::vector<torch::nn::Module*> CLIPTextModelImpl::offload_units() const {
 
 CLIPTextModel load_clip_text_model(const std::string& dir, const LoadOptions& options) {
     const auto config = CLIPTextConfig::from_file(dir + "/config.json");
-    CLIPTextModel model(config);
+    auto model = nn::build_unwritten<CLIPTextModel>(config);
     load_weights(*model, find_weight_files(dir, "model"), options);
     prepare_module(*model, options);
     return model;

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "nn/blocks.h"
+#include "nn/init.h"
 #include "wuerstchen/error.h"
 
 namespace wuerstchen {
@@ -22,7 +23,7 @@ struct ResBlockStageBImpl : torch::nn::Module {
     ResBlockStageBImpl(int64_t c, int64_t c_skip_, int64_t kernel_size) : c_skip(c_skip_) {
         depthwise = register_module(
             "depthwise",
-            torch::nn::Conv2d(
+            nn::conv2d(
                 torch::nn::Conv2dOptions(c, c, kernel_size).padding(kernel_size / 2).groups(c)));
         channelwise = register_module("channelwise", nn::ChannelwiseMLP(c + c_skip, c * 4, c));
     }
@@ -55,7 +56,7 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
     const int64_t c_cond = config_.c_cond;
     const int64_t patch = config_.patch_size;
 
-    clip_mapper = register_module("clip_mapper", torch::nn::Linear(config_.clip_embd, c_cond));
+    clip_mapper = register_module("clip_mapper", nn::linear(config_.clip_embd, c_cond));
 
     // effnet_mappers is a ModuleList with None entries upstream: register only present indices.
     effnet_mappers = register_module("effnet_mappers", std::make_shared<torch::nn::Module>());
@@ -66,7 +67,7 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
         if (inject[i]) {
             mapper = effnet_mappers->register_module(
                 std::to_string(i),
-                torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.effnet_embd, c_cond, 1)));
+                nn::conv2d(torch::nn::Conv2dOptions(config_.effnet_embd, c_cond, 1)));
         }
         effnet_mapper_list.push_back(mapper);
     }
@@ -74,7 +75,7 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
     embedding = register_module(
         "embedding",
         torch::nn::Sequential(torch::nn::PixelUnshuffle(torch::nn::PixelUnshuffleOptions(patch)),
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                              nn::conv2d(torch::nn::Conv2dOptions(
                                   config_.c_in * patch * patch, c_hidden[0], 1)),
                               layer_norm_2d_module()));
 
@@ -100,7 +101,7 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
         if (i > 0) {
             level->push_back(torch::nn::Sequential(
                 layer_norm_2d_module(),
-                torch::nn::Conv2d(
+                nn::conv2d(
                     torch::nn::Conv2dOptions(c_hidden[i - 1], c_hidden[i], 2).stride(2))));
         }
         const int64_t c_skip = config_.inject_effnet[i] ? c_cond : 0;
@@ -133,7 +134,7 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
     clf = register_module(
         "clf",
         torch::nn::Sequential(layer_norm_2d_module(),
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                              nn::conv2d(torch::nn::Conv2dOptions(
                                   c_hidden[0], 2 * config_.c_out * patch * patch, 1)),
                               torch::nn::PixelShuffle(torch::nn::PixelShuffleOptions(patch))));
 }
@@ -268,9 +269,9 @@ std::vector<torch::nn::Module*> WuerstchenDiffNeXtImpl::offload_units() const {
 
 WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& options) {
     const auto config = DiffNeXtConfig::from_file(dir + "/config.json");
-    WuerstchenDiffNeXt model(config);
-    prepare_module(*model, options);
+    auto model = nn::build_unwritten<WuerstchenDiffNeXt>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
+    prepare_module(*model, options);
     return model;
 }
 

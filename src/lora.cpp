@@ -14,6 +14,7 @@
 #include <tuple>
 #include <utility>
 
+#include "nn/init.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/pipeline_common.h"
 #include "wuerstchen/safetensors.h"
@@ -481,6 +482,14 @@ double LoraAdapter::base_scaling() const {
 }
 
 // ------------------------------------------------------------------------------ LoraLinearImpl
+
+LoraLinearImpl::LoraLinearImpl(int64_t in_features, int64_t out_features)
+    : LoraLinearImpl(torch::nn::LinearOptions(in_features, out_features)) {}
+
+LoraLinearImpl::LoraLinearImpl(const torch::nn::LinearOptions& options)
+    : torch::nn::LinearImpl(nn::base_options(options)) {
+    nn::finish_linear(*this, options);
+}
 
 void LoraLinearImpl::place(LoraAdapter& a) const {
     const auto device = weight.device();

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "nn/blocks.h"
+#include "nn/init.h"
 #include "wuerstchen/error.h"
 
 namespace wuerstchen {
@@ -45,10 +46,10 @@ struct MixingResidualBlockImpl : torch::nn::Module {
                              torch::nn::Functional([](torch::Tensor x) {
                                  return nn::replication_pad_2d(x, 1);
                              }),
-                             torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c, 3).groups(c))));
+                             nn::conv2d(torch::nn::Conv2dOptions(c, c, 3).groups(c))));
         channelwise = register_module(
-            "channelwise", torch::nn::Sequential(torch::nn::Linear(c, embed_dim), torch::nn::GELU(),
-                                                 torch::nn::Linear(embed_dim, c)));
+            "channelwise", torch::nn::Sequential(nn::linear(c, embed_dim), torch::nn::GELU(),
+                                                 nn::linear(embed_dim, c)));
         gammas = register_parameter("gammas", torch::zeros({6}));
         conv = depthwise->ptr<torch::nn::Conv2dImpl>(1);
         fc1 = channelwise->ptr<torch::nn::LinearImpl>(0);
@@ -140,7 +141,7 @@ TORCH_MODULE(MixingResidualBlock);
 }  // namespace
 
 VectorQuantizerImpl::VectorQuantizerImpl(int64_t n_e, int64_t vq_embed_dim) {
-    embedding = register_module("embedding", torch::nn::Embedding(n_e, vq_embed_dim));
+    embedding = register_module("embedding", nn::embedding(n_e, vq_embed_dim));
 }
 
 VectorQuantizerImpl::Output VectorQuantizerImpl::forward(const torch::Tensor& z_in) {
@@ -165,19 +166,19 @@ PaellaVQModelImpl::PaellaVQModelImpl(const PaellaVQConfig& config) : config_(con
     in_block = register_module(
         "in_block",
         torch::nn::Sequential(torch::nn::PixelUnshuffle(torch::nn::PixelUnshuffleOptions(scale)),
-                              torch::nn::Conv2d(torch::nn::Conv2dOptions(
+                              nn::conv2d(torch::nn::Conv2dOptions(
                                   config_.in_channels * scale * scale, c_levels[0], 1))));
 
     torch::nn::Sequential down;
     for (int64_t i = 0; i < levels; ++i) {
         if (i > 0) {
-            down->push_back(torch::nn::Conv2d(
+            down->push_back(nn::conv2d(
                 torch::nn::Conv2dOptions(c_levels[i - 1], c_levels[i], 4).stride(2).padding(1)));
         }
         down->push_back(MixingResidualBlock(c_levels[i], c_levels[i] * 4));
     }
     down->push_back(NestedSequential(
-        torch::nn::Conv2d(
+        nn::conv2d(
             torch::nn::Conv2dOptions(c_levels.back(), config_.latent_channels, 1).bias(false)),
         torch::nn::BatchNorm2d(config_.latent_channels)));
     down_blocks = register_module("down_blocks", down);
@@ -187,7 +188,7 @@ PaellaVQModelImpl::PaellaVQModelImpl(const PaellaVQConfig& config) : config_(con
 
     torch::nn::Sequential up;
     up->push_back(NestedSequential(
-        torch::nn::Conv2d(torch::nn::Conv2dOptions(config_.latent_channels, c_levels.back(), 1))));
+        nn::conv2d(torch::nn::Conv2dOptions(config_.latent_channels, c_levels.back(), 1))));
     for (int64_t i = 0; i < levels; ++i) {
         const int64_t c = c_levels[levels - 1 - i];
         const int64_t repeats = i == 0 ? config_.bottleneck_blocks : 1;
@@ -202,7 +203,7 @@ PaellaVQModelImpl::PaellaVQModelImpl(const PaellaVQConfig& config) : config_(con
 
     out_block = register_module(
         "out_block",
-        torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(
+        torch::nn::Sequential(nn::conv2d(torch::nn::Conv2dOptions(
                                   c_levels[0], config_.out_channels * scale * scale, 1)),
                               torch::nn::PixelShuffle(torch::nn::PixelShuffleOptions(scale))));
 }
@@ -247,9 +248,9 @@ torch::Tensor PaellaVQModelImpl::forward(const torch::Tensor& image) {
 
 PaellaVQModel load_paella_vq(const std::string& dir, const LoadOptions& options) {
     const auto config = PaellaVQConfig::from_file(dir + "/config.json");
-    PaellaVQModel model(config);
-    prepare_module(*model, options);
+    auto model = nn::build_unwritten<PaellaVQModel>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
+    prepare_module(*model, options);
     return model;
 }
 

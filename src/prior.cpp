@@ -4,6 +4,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "nn/blocks.h"
+#include "nn/init.h"
 #include "wuerstchen/lora.h"
 
 namespace wuerstchen {
@@ -12,7 +13,7 @@ WuerstchenPriorImpl::WuerstchenPriorImpl(const PriorConfig& config) : config_(co
     config_.validate();
     const int64_t c_in = config.c_in, c = config.c, c_cond = config.c_cond, c_r = config.c_r;
     projection =
-        register_module("projection", torch::nn::Conv2d(torch::nn::Conv2dOptions(c_in, c, 1)));
+        register_module("projection", nn::conv2d(torch::nn::Conv2dOptions(c_in, c, 1)));
     cond_mapper = register_module(
         "cond_mapper", torch::nn::Sequential(
                            LoraLinear(c_cond, c),
@@ -32,7 +33,7 @@ WuerstchenPriorImpl::WuerstchenPriorImpl(const PriorConfig& config) : config_(co
     }
     out = register_module("out", std::make_shared<torch::nn::Module>("Sequential"));
     out_conv =
-        out->register_module("1", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, c_in * 2, 1)));
+        out->register_module("1", nn::conv2d(torch::nn::Conv2dOptions(c, c_in * 2, 1)));
 }
 
 torch::Tensor WuerstchenPriorImpl::gen_r_embedding(const torch::Tensor& r) const {
@@ -69,9 +70,9 @@ std::vector<torch::nn::Module*> WuerstchenPriorImpl::offload_units() const {
 
 WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options) {
     const auto config = PriorConfig::from_file(dir + "/config.json");
-    WuerstchenPrior model(config);
-    prepare_module(*model, options);
+    auto model = nn::build_unwritten<WuerstchenPrior>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
+    prepare_module(*model, options);
     return model;
 }
 

@@ -185,6 +185,14 @@ void load_weights(torch::nn::Module& module, const std::vector<std::string>& fil
     }
 }
 
+namespace {
+thread_local int uninitialized_depth = 0;
+}  // namespace
+
+UninitializedParameters::UninitializedParameters() { ++uninitialized_depth; }
+UninitializedParameters::~UninitializedParameters() { --uninitialized_depth; }
+bool UninitializedParameters::active() { return uninitialized_depth > 0; }
+
 void prepare_module(torch::nn::Module& module, const LoadOptions& options) {
     module.eval();
     torch::NoGradGuard no_grad;

@@ -53,7 +53,9 @@ struct LoraAdapter {
 // through a LoraLinear / shared_ptr<LoraLinearImpl>, or lora_forward() for a torch::nn::Linear.
 class LoraLinearImpl : public torch::nn::LinearImpl {
 public:
-    using torch::nn::LinearImpl::LinearImpl;
+    LoraLinearImpl(int64_t in_features, int64_t out_features);
+    // Built unwritten while an UninitializedParameters guard is alive (see weights.h).
+    explicit LoraLinearImpl(const torch::nn::LinearOptions& options);
 
     // input: [..., in_features] -> [..., out_features]
     torch::Tensor forward(const torch::Tensor& input);

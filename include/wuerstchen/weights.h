@@ -64,6 +64,22 @@ void load_weights(torch::nn::Module& module, const std::vector<std::string>& fil
 // (e.g. "text_model.embeddings.position_ids").
 std::string normalize_key(const std::string& key);
 
+// While one is alive, the library's modules built on this thread leave their linear,
+// convolution and embedding parameters unwritten (allocated at full size, never filled) instead
+// of drawing libtorch's default initialization, which a loader overwrites anyway and which costs
+// seconds per billion parameters (diffusers skips it the same way when loading). Only for code
+// that writes every parameter next: load_weights does, and refuses files that lack one. The
+// load_* functions and from_pretrained use it. Nests; other threads are unaffected.
+class UninitializedParameters {
+public:
+    UninitializedParameters();
+    ~UninitializedParameters();
+    UninitializedParameters(const UninitializedParameters&) = delete;
+    UninitializedParameters& operator=(const UninitializedParameters&) = delete;
+
+    static bool active();  // on the calling thread
+};
+
 // Puts a freshly built module in inference mode on options.device / options.dtype (and in
 // channels-last order for options.channels_last).
 void prepare_module(torch::nn::Module& module, const LoadOptions& options);

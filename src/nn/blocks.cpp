@@ -8,6 +8,8 @@
 #include <cmath>
 #include <vector>
 
+#include "nn/init.h"
+
 namespace wuerstchen::nn {
 
 namespace {
@@ -103,7 +105,7 @@ torch::Tensor ChannelwiseMLPImpl::forward(const torch::Tensor& x) {
 
 ResBlockImpl::ResBlockImpl(int64_t c, int64_t c_skip, int64_t kernel_size) {
     depthwise = register_module(
-        "depthwise", torch::nn::Conv2d(torch::nn::Conv2dOptions(c + c_skip, c, kernel_size)
+        "depthwise", conv2d(torch::nn::Conv2dOptions(c + c_skip, c, kernel_size)
                                            .padding(kernel_size / 2)
                                            .groups(c)));
     channelwise = register_module("channelwise", ChannelwiseMLP(c, c * 4, c));
@@ -198,10 +200,14 @@ torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x, const torch::Tensor
 CpuSafeConvTranspose2dImpl::CpuSafeConvTranspose2dImpl(int64_t c_in, int64_t c_out,
                                                        int64_t kernel_size, int64_t stride,
                                                        int64_t padding)
-    : torch::nn::ConvTranspose2dImpl(
-          torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size).stride(stride).padding(padding)),
+    : torch::nn::ConvTranspose2dImpl(base_options(
+          torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size).stride(stride).padding(padding))),
       stride_(stride),
-      padding_(padding) {}
+      padding_(padding) {
+    finish_conv_transpose(*this, torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size)
+                                     .stride(stride)
+                                     .padding(padding));
+}
 
 torch::Tensor CpuSafeConvTranspose2dImpl::forward(const torch::Tensor& x) {
     if (!widened_on_cpu(x)) return torch::nn::ConvTranspose2dImpl::forward(x);
