@@ -193,13 +193,28 @@ void randomize(torch::nn::Module& module, uint64_t seed) {
     });
 }
 
-// Builds one module on the CPU in float32 (libtorch's modules initialise there) and randomises
-// it, on the CPU in float32 before the move / cast when it stays there, else on its device after
-// it; one module at a time, so that the host never holds more than one float32 copy.
+// Builds one module with its parameters unwritten (randomize draws every one, so libtorch's
+// default initialization would be wasted: about 14 s of CPU time at the real sizes) and
+// randomises it: on the CPU in float32 before the cast when it stays there, else on its device,
+// allocated there in its dtype and memory order (nothing crosses the bus). One module at a
+// time, so that the host never holds more than one float32 copy.
 template <typename Holder, typename Config>
 Holder build_random(const Config& config, uint64_t seed, const LoadOptions& place) {
-    Holder module(config);
-    if (place.device.is_cpu()) randomize(*module, seed);
+    Holder module = [&] {
+        UninitializedParameters unwritten;
+        return Holder(config);
+    }();
+    if (place.device.is_cpu()) {
+        randomize(*module, seed);
+    } else {
+        torch::NoGradGuard no_grad;
+        for (auto& p : module->parameters()) {
+            const auto order = place.channels_last && p.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous;
+            p.set_data(at::empty(p.sizes(), p.options().device(place.device).dtype(place.dtype),
+                                 order));
+        }
+    }
     prepare_module(*module, place);
     if (!place.device.is_cpu()) randomize(*module, seed);
     return module;
