@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks, in phases, for a lent CUDA machine with a PyTorch 2.x wheel (no network).
 # Results go to $RESULTS (default ./gpu-out): build.log, gpu-tests.log, bench-<name>.json (+ bench.log
-# with the progress lines), profile.json + profile-trace.json, summary.txt. After every phase they
-# are also packed into $OUT (the device tool's return folder, which takes few files), when set:
-# results.tar.gz (all but the trace), profile-trace.json.gz and summary.txt.
+# with the progress lines), profile.json + profile-trace.json + profile-summary.txt, summary.txt.
+# After every phase they are also packed into $OUT (the device tool's return folder, which takes
+# few files), when set: results.tar.gz (all but the trace), profile-trace.json.gz, summary.txt and
+# profile-summary.txt.
 #
 #   scripts/gpu-check.sh                   # every phase, most important first (one device call)
 #   scripts/gpu-check.sh build tests       # chosen phases, in the order given
@@ -21,13 +22,16 @@
 #   headline `wuerstchen bench` at the real sizes with random weights, 1024x1024, prior 29 steps
 #            with guidance 4, decoder 12 steps, fp16 with CUDA graphs: batch 1 and batch 4 (the
 #            speed targets)
+#   profile  one eager batch-1 run (prior 10 steps, decoder 4) under the Kineto profiler: top
+#            CUDA kernels in profile.json, and scripts/profile-summary.py's split of the GPU time
+#            by stage, block type and ATen op in profile-summary.txt (what the speed work needs
+#            first, hence this early)
+#   variants batch 1 and 4 in fp16 with graphs and channels-last (NHWC spares the layout copies
+#            around norms and convolutions: a candidate for the targets), batch 1 bf16 with graphs
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
-#   eager    batch 1 without graphs (the before of the graphs' after)
 #   memory   batch 1 with --offload and with --sequential-offload
-#   profile  one eager batch-1 run under the Kineto profiler: top CUDA kernels in profile.json
-#   variants batch 1 with graphs in bf16, and batch 1 and 4 in fp16 with graphs and channels-last
-#            (NHWC spares the layout copies around norms and convolutions: a candidate for the targets)
+#   eager    batch 1 without graphs (the before of the graphs' after)
 #   summary  scripts/bench-summary.py --targets over the bench JSON files: one table (stage
 #            times, peak memory per stage) and the issue's bounds, in summary.txt
 # A failed step is reported and the next one still runs; the exit status says whether all passed.
@@ -98,6 +102,7 @@ pack() {  # copies what there is so far into $OUT, if the caller gave one
     mkdir -p "$OUT"
     tar -czf "$OUT/results.tar.gz" -C "$RESULTS" --exclude profile-trace.json . 2>/dev/null
     [ -f "$RESULTS/summary.txt" ] && cp "$RESULTS/summary.txt" "$OUT/"
+    [ -f "$RESULTS/profile-summary.txt" ] && cp "$RESULTS/profile-summary.txt" "$OUT/"
     if [ -f "$RESULTS/profile-trace.json" ] && [ ! -f "$OUT/profile-trace.json.gz" ]; then
         gzip -c "$RESULTS/profile-trace.json" > "$OUT/profile-trace.json.gz"
     fi
@@ -105,7 +110,7 @@ pack() {  # copies what there is so far into $OUT, if the caller gave one
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
-[ $# -gt 0 ] || set -- build smoke headline tests eager memory profile variants summary
+[ $# -gt 0 ] || set -- build smoke headline profile variants tests memory eager summary
 for phase in "$@"; do
     if [ "$built" = 0 ] && [ "$phase" != summary ]; then
         echo "== $phase: skipped (the build or the smoke run failed)"
@@ -147,15 +152,19 @@ for phase in "$@"; do
             ;;
         profile)
             env_sh
+            # Fewer steps than the headline (the same work per step): a smaller trace.
             step "profile" 120 "$PROFILER" bench --random-weights --device cuda --dtype fp16 \
-                --runs 1 --warmup 1 --profile "$RESULTS/profile-trace.json" \
-                > "$RESULTS/profile.json" 2>> "$RESULTS/bench.log"
+                --prior-steps 10 --decoder-steps 4 --runs 1 --warmup 1 \
+                --profile "$RESULTS/profile-trace.json" \
+                > "$RESULTS/profile.json" 2>> "$RESULTS/bench.log" &&
+                step "profile summary" 60 python3 scripts/profile-summary.py \
+                    "$RESULTS/profile-trace.json" > "$RESULTS/profile-summary.txt" 2>&1
             ;;
         variants)
             env_sh
-            bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
             bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
+            bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             ;;
         summary)
             # Its exit status says whether every bound held; the phase itself only reports.

@@ -16,8 +16,12 @@
 //   vq_decode      PaellaVQModel::decode of the latents, clamped and copied to the host as the
 //                  pipeline does
 //   total          one clock around the four (so it also holds the synchronisations)
+//
+// Each stage is a profiler user scope named "stage:<name>", and with --profile each block of the
+// models one named "block:<type>" (scripts/profile-summary.py splits kernel time by both).
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -42,6 +46,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <nlohmann/json.hpp>
@@ -307,7 +312,39 @@ std::string device_name(torch::Device device) {
 #endif
 }
 
+// A profiler user scope (a "user_annotation" in the Chrome trace) for its lifetime; costs
+// nothing beyond a check when no profiler is running.
+class TraceScope {
+public:
+    explicit TraceScope(const std::string& name) : scope_(at::RecordScope::USER_SCOPE) {
+        if (scope_.isActive()) scope_.before(name);
+    }
+
+private:
+    at::RecordFunction scope_;
+};
+
 #if defined(WUERSTCHEN_KINETO)
+// Around each block of a model (its offload units), a trace scope named after the block's type:
+// "block:ResBlockStageB", "block:AttnBlock", ...
+class BlockScopes final : public BlockHook {
+public:
+    void before(const torch::nn::Module& unit) override {
+        std::string type = unit.name();
+        const size_t colon = type.rfind("::");
+        if (colon != std::string::npos) type = type.substr(colon + 2);
+        if (type.size() > 4 && type.compare(type.size() - 4, 4, "Impl") == 0)
+            type.resize(type.size() - 4);
+        open_.push_back(std::make_unique<TraceScope>("block:" + type));
+    }
+    void after(const torch::nn::Module&) override {
+        if (!open_.empty()) open_.pop_back();
+    }
+
+private:
+    std::vector<std::unique_ptr<TraceScope>> open_;
+};
+
 // The CUDA kernels of a Chrome trace written by the Kineto profiler ("cat": "kernel", "dur" in
 // microseconds): the `top` ones by total time, with calls and share of all kernel time.
 nlohmann::json top_kernels(const std::string& trace_path, size_t top) {
@@ -558,6 +595,7 @@ int run_bench(int argc, char** argv) {
         sync();
         reset_peak_memory(device);
         const auto t0 = Clock::now();
+        auto scope = std::make_unique<TraceScope>("stage:text_encoding");
         torch::Tensor prompt_embeds = prior.encode_prompt({prompt});
         torch::Tensor negative_embeds;
         if (prior_cfg) negative_embeds = prior.encode_prompt({""});
@@ -565,6 +603,8 @@ int run_bench(int argc, char** argv) {
         torch::Tensor decoder_negative;
         if (decoder_cfg) decoder_negative = decoder.encode_prompt({""});
         const auto t1 = stage_done(0, timed);
+        scope.reset();  // ended before the next one begins
+        scope = std::make_unique<TraceScope>("stage:prior_loop");
 
         PriorOptions po;
         po.prompt_embeds = prompt_embeds;
@@ -580,6 +620,8 @@ int run_bench(int argc, char** argv) {
         po.seed = seed;
         const torch::Tensor embeddings = prior(po).image_embeddings;
         const auto t2 = stage_done(1, timed);
+        scope.reset();
+        scope = std::make_unique<TraceScope>("stage:decoder_loop");
 
         DecoderOptions dopt;
         dopt.image_embeddings = embeddings;
@@ -592,9 +634,12 @@ int run_bench(int argc, char** argv) {
         dopt.decode = false;
         const torch::Tensor latents = decoder(dopt).latents;
         const auto t3 = stage_done(2, timed);
+        scope.reset();
+        scope = std::make_unique<TraceScope>("stage:vq_decode");
 
         const torch::Tensor images = decoder.decode_latents(latents);
         const auto t4 = stage_done(3, timed);
+        scope.reset();
 
         embedding_shape = embeddings.sizes().vec();
         image_shape = images.sizes().vec();
@@ -631,9 +676,19 @@ int run_bench(int argc, char** argv) {
         const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
         const prof::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
         prof::prepareProfiler(config, activities);
+        // Block scopes on the models' block seams (sequential offload has its own hooks there).
+        BlockScopes blocks;
+        const std::array<BlockHook**, 4> seams = {
+            &prior.text_encoder()->block_hook, &prior.prior()->block_hook,
+            &decoder.text_encoder()->block_hook, &decoder.decoder()->block_hook};
+        if (!load.sequential_offload)
+            for (BlockHook** seam : seams) *seam = &blocks;
         prof::enableProfiler(config, activities);
         run_once(false);
-        prof::disableProfiler()->save(profile_path);
+        auto result = prof::disableProfiler();
+        for (BlockHook** seam : seams)
+            if (*seam == &blocks) *seam = nullptr;
+        result->save(profile_path);
         note("profile trace written to " + profile_path);
         profile = top_kernels(profile_path, 15);
     }
