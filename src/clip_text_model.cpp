@@ -131,8 +131,7 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(con
     token_embedding_ = embeddings_->register_module(
         "token_embedding", nn::embedding(config_.vocab_size, config_.hidden_size));
     position_embedding_ = embeddings_->register_module(
-        "position_embedding",
-        nn::embedding(config_.max_position_embeddings, config_.hidden_size));
+        "position_embedding", nn::embedding(config_.max_position_embeddings, config_.hidden_size));
 
     encoder_ = register_module("encoder", std::make_shared<torch::nn::Module>("CLIPEncoder"));
     layers_ = encoder_->register_module("layers", torch::nn::ModuleList());

@@ -42,11 +42,10 @@ TORCH_MODULE(NestedSequential);
 struct MixingResidualBlockImpl : torch::nn::Module {
     MixingResidualBlockImpl(int64_t c, int64_t embed_dim) {
         depthwise = register_module(
-            "depthwise", torch::nn::Sequential(
-                             torch::nn::Functional([](torch::Tensor x) {
-                                 return nn::replication_pad_2d(x, 1);
-                             }),
-                             nn::conv2d(torch::nn::Conv2dOptions(c, c, 3).groups(c))));
+            "depthwise",
+            torch::nn::Sequential(
+                torch::nn::Functional([](torch::Tensor x) { return nn::replication_pad_2d(x, 1); }),
+                nn::conv2d(torch::nn::Conv2dOptions(c, c, 3).groups(c))));
         channelwise = register_module(
             "channelwise", torch::nn::Sequential(nn::linear(c, embed_dim), torch::nn::GELU(),
                                                  nn::linear(embed_dim, c)));

@@ -12,8 +12,7 @@ namespace wuerstchen {
 WuerstchenPriorImpl::WuerstchenPriorImpl(const PriorConfig& config) : config_(config) {
     config_.validate();
     const int64_t c_in = config.c_in, c = config.c, c_cond = config.c_cond, c_r = config.c_r;
-    projection =
-        register_module("projection", nn::conv2d(torch::nn::Conv2dOptions(c_in, c, 1)));
+    projection = register_module("projection", nn::conv2d(torch::nn::Conv2dOptions(c_in, c, 1)));
     cond_mapper = register_module(
         "cond_mapper", torch::nn::Sequential(
                            LoraLinear(c_cond, c),
@@ -32,8 +31,7 @@ WuerstchenPriorImpl::WuerstchenPriorImpl(const PriorConfig& config) : config_(co
         attn_blocks_.push_back(attn.ptr());
     }
     out = register_module("out", std::make_shared<torch::nn::Module>("Sequential"));
-    out_conv =
-        out->register_module("1", nn::conv2d(torch::nn::Conv2dOptions(c, c_in * 2, 1)));
+    out_conv = out->register_module("1", nn::conv2d(torch::nn::Conv2dOptions(c, c_in * 2, 1)));
 }
 
 torch::Tensor WuerstchenPriorImpl::gen_r_embedding(const torch::Tensor& r) const {

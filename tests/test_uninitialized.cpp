@@ -188,8 +188,8 @@ TEST(UninitializedParameters, LoadRefusesAFileThatLacksAParameter) {
     UninitializedParameters unwritten;
     auto layer = nn::linear(3, 2);
     save_safetensors(dir + "/model.safetensors", {{"weight", torch::zeros({2, 3})}});
-    WUERSTCHEN_EXPECT_THROW_MSG(load_weights(*layer, {dir + "/model.safetensors"}, {}),
-                                WeightError, "model.safetensors", "missing 'bias'");
+    WUERSTCHEN_EXPECT_THROW_MSG(load_weights(*layer, {dir + "/model.safetensors"}, {}), WeightError,
+                                "model.safetensors", "missing 'bias'");
     test::remove_tree(dir);
 }
 

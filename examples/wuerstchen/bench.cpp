@@ -216,8 +216,8 @@ Holder build_random(const Config& config, uint64_t seed, const LoadOptions& plac
         for (auto& p : module->parameters()) {
             const auto order = place.channels_last && p.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                                                    : at::MemoryFormat::Contiguous;
-            p.set_data(at::empty(p.sizes(), p.options().device(place.device).dtype(place.dtype),
-                                 order));
+            p.set_data(
+                at::empty(p.sizes(), p.options().device(place.device).dtype(place.dtype), order));
         }
     }
     prepare_module(*module, place);

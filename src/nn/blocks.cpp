@@ -104,10 +104,10 @@ torch::Tensor ChannelwiseMLPImpl::forward(const torch::Tensor& x) {
 // ---------------------------------------------------------------------------- ResBlock
 
 ResBlockImpl::ResBlockImpl(int64_t c, int64_t c_skip, int64_t kernel_size) {
-    depthwise = register_module(
-        "depthwise", conv2d(torch::nn::Conv2dOptions(c + c_skip, c, kernel_size)
-                                           .padding(kernel_size / 2)
-                                           .groups(c)));
+    depthwise =
+        register_module("depthwise", conv2d(torch::nn::Conv2dOptions(c + c_skip, c, kernel_size)
+                                                .padding(kernel_size / 2)
+                                                .groups(c)));
     channelwise = register_module("channelwise", ChannelwiseMLP(c, c * 4, c));
 }
 
@@ -197,16 +197,24 @@ torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x, const torch::Tensor
 
 // ---------------------------------------------------------------------------- ConvTranspose2d
 
+namespace {
+torch::nn::ConvTranspose2dOptions conv_transpose_options(int64_t c_in, int64_t c_out,
+                                                         int64_t kernel_size, int64_t stride,
+                                                         int64_t padding) {
+    return torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size)
+        .stride(stride)
+        .padding(padding);
+}
+}  // namespace
+
 CpuSafeConvTranspose2dImpl::CpuSafeConvTranspose2dImpl(int64_t c_in, int64_t c_out,
                                                        int64_t kernel_size, int64_t stride,
                                                        int64_t padding)
-    : torch::nn::ConvTranspose2dImpl(base_options(
-          torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size).stride(stride).padding(padding))),
+    : torch::nn::ConvTranspose2dImpl(
+          base_options(conv_transpose_options(c_in, c_out, kernel_size, stride, padding))),
       stride_(stride),
       padding_(padding) {
-    finish_conv_transpose(*this, torch::nn::ConvTranspose2dOptions(c_in, c_out, kernel_size)
-                                     .stride(stride)
-                                     .padding(padding));
+    finish_conv_transpose(*this, conv_transpose_options(c_in, c_out, kernel_size, stride, padding));
 }
 
 torch::Tensor CpuSafeConvTranspose2dImpl::forward(const torch::Tensor& x) {

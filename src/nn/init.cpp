@@ -17,9 +17,8 @@ void resize_conv(torch::nn::ConvNdImpl<D, Derived>& m, int64_t in, int64_t out) 
     torch::NoGradGuard no_grad;
     m.options.in_channels(in).out_channels(out);
     const int64_t groups = m.options.groups();
-    std::vector<int64_t> sizes = m.options.transposed()
-                                     ? std::vector<int64_t>{in, out / groups}
-                                     : std::vector<int64_t>{out, in / groups};
+    std::vector<int64_t> sizes = m.options.transposed() ? std::vector<int64_t>{in, out / groups}
+                                                        : std::vector<int64_t>{out, in / groups};
     const auto& kernel = *m.options.kernel_size();
     sizes.insert(sizes.end(), kernel.begin(), kernel.end());
     m.weight.set_data(at::empty(sizes, m.weight.options()));
