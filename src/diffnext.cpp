@@ -6,6 +6,7 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "nn/blocks.h"
 #include "nn/init.h"
@@ -28,12 +29,22 @@ struct ResBlockStageBImpl : torch::nn::Module {
         channelwise = register_module("channelwise", nn::ChannelwiseMLP(c + c_skip, c * 4, c));
     }
 
-    // x: [B, C, H, W], x_skip: [B, c_skip, H, W] or undefined -> [B, C, H, W]
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& x_skip) {
-        auto h = nn::layer_norm_2d(depthwise->forward(x));
-        if (x_skip.defined()) h = torch::cat({h, x_skip}, 1);
-        // [B, C + c_skip, H, W] -> [B, H, W, C + c_skip] -> MLP -> [B, C, H, W]
-        h = channelwise->forward(h.permute({0, 2, 3, 1})).permute({0, 3, 1, 2});
+    // x: [B, C, H, W], skips: [B, c_i, H, W] with sum c_i = c_skip, joined in this order
+    // (upstream: the level's skip, then the effnet map) -> [B, C, H, W]
+    torch::Tensor forward(const torch::Tensor& x, const std::vector<torch::Tensor>& skips) {
+        // The norm's output is NHWC in memory: [B, H, W, C] is a view.
+        auto h = nn::layer_norm_2d(depthwise->forward(x)).permute({0, 2, 3, 1});
+        // The skips join along the channels in NHWC order, in one copy, so the MLP's input is
+        // contiguous whatever their layouts. (Upstream joins in NCHW, then permutes: a strided
+        // input, which costs the first linear layer another copy, and on libtorch 2.x its bias
+        // fused into the matrix product, which rounds once instead of twice.)
+        if (!skips.empty()) {
+            std::vector<torch::Tensor> parts{h};
+            for (const auto& skip : skips) parts.push_back(skip.permute({0, 2, 3, 1}));
+            h = torch::cat(parts, -1);
+        }
+        // [B, H, W, C + c_skip] -> MLP -> [B, C, H, W]
+        h = channelwise->forward(h).permute({0, 3, 1, 2});
         return h + x;
     }
 
@@ -74,10 +85,10 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
 
     embedding = register_module(
         "embedding",
-        torch::nn::Sequential(torch::nn::PixelUnshuffle(torch::nn::PixelUnshuffleOptions(patch)),
-                              nn::conv2d(torch::nn::Conv2dOptions(
-                                  config_.c_in * patch * patch, c_hidden[0], 1)),
-                              layer_norm_2d_module()));
+        torch::nn::Sequential(
+            torch::nn::PixelUnshuffle(torch::nn::PixelUnshuffleOptions(patch)),
+            nn::conv2d(torch::nn::Conv2dOptions(config_.c_in * patch * patch, c_hidden[0], 1)),
+            layer_norm_2d_module()));
 
     auto make_block = [&](char type, size_t level,
                           int64_t c_skip) -> std::shared_ptr<torch::nn::Module> {
@@ -101,8 +112,7 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
         if (i > 0) {
             level->push_back(torch::nn::Sequential(
                 layer_norm_2d_module(),
-                nn::conv2d(
-                    torch::nn::Conv2dOptions(c_hidden[i - 1], c_hidden[i], 2).stride(2))));
+                nn::conv2d(torch::nn::Conv2dOptions(c_hidden[i - 1], c_hidden[i], 2).stride(2))));
         }
         const int64_t c_skip = config_.inject_effnet[i] ? c_cond : 0;
         for (int rep = 0; rep < config_.blocks[i]; ++rep)
@@ -133,10 +143,10 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
 
     clf = register_module(
         "clf",
-        torch::nn::Sequential(layer_norm_2d_module(),
-                              nn::conv2d(torch::nn::Conv2dOptions(
-                                  c_hidden[0], 2 * config_.c_out * patch * patch, 1)),
-                              torch::nn::PixelShuffle(torch::nn::PixelShuffleOptions(patch))));
+        torch::nn::Sequential(
+            layer_norm_2d_module(),
+            nn::conv2d(torch::nn::Conv2dOptions(c_hidden[0], 2 * config_.c_out * patch * patch, 1)),
+            torch::nn::PixelShuffle(torch::nn::PixelShuffleOptions(patch))));
 }
 
 int64_t WuerstchenDiffNeXtImpl::size_multiple() const {
@@ -186,7 +196,9 @@ std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x,
         for (const auto& block : *level) {
             if (auto* res = block->as<ResBlockStageBImpl>()) {
                 if (inject && !effnet_c.defined()) effnet_c = map_effnet(i, effnet, x);
-                x = run_unit(block_hook, *res, [&] { return res->forward(x, effnet_c); });
+                std::vector<torch::Tensor> skips;
+                if (effnet_c.defined()) skips.push_back(effnet_c);
+                x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
             } else {
                 x = run_unit(block_hook, *block,
                              [&] { return run_other_block(block, x, r_embed, clip); });
@@ -212,10 +224,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
             const auto& block = level->ptr(j);
             if (auto* res = block->as<ResBlockStageBImpl>()) {
                 if (inject && !effnet_c.defined()) effnet_c = map_effnet(mapper_index, effnet, x);
-                torch::Tensor skip = (j == 0 && i > 0) ? level_outputs[i] : torch::Tensor();
-                if (effnet_c.defined())
-                    skip = skip.defined() ? torch::cat({skip, effnet_c}, 1) : effnet_c;
-                x = run_unit(block_hook, *res, [&] { return res->forward(x, skip); });
+                std::vector<torch::Tensor> skips;
+                if (j == 0 && i > 0) skips.push_back(level_outputs[i]);
+                if (effnet_c.defined()) skips.push_back(effnet_c);
+                x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
             } else {
                 x = run_unit(block_hook, *block,
                              [&] { return run_other_block(block, x, r_embed, clip); });
