@@ -41,9 +41,11 @@ torch::Tensor expand_rows(const torch::Tensor& per_prompt, int64_t rows, int64_t
 
 // encode_prompts with each distinct prompt encoded once (the combined pipeline hands the
 // decoder one prompt per image, so num_images_per_prompt copies of each): one row per prompt.
+// The text encoder's forward replays from `graphs` under `key` when one is given.
 torch::Tensor encode_distinct(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
                               const std::vector<std::string>& prompts, torch::Device device,
-                              torch::ScalarType dtype) {
+                              torch::ScalarType dtype, StepGraphs& graphs,
+                              const std::optional<std::string>& key) {
     std::vector<std::string> distinct;
     std::vector<int64_t> row;
     std::unordered_map<std::string, int64_t> seen;
@@ -52,7 +54,8 @@ torch::Tensor encode_distinct(const CLIPTokenizer& tokenizer, CLIPTextModel& tex
         if (it->second == static_cast<int64_t>(distinct.size())) distinct.push_back(p);
         row.push_back(it->second);
     }
-    const auto states = encode_prompts(tokenizer, text_encoder, distinct, device, dtype);
+    const auto states =
+        encode_prompts_graphed(tokenizer, text_encoder, distinct, device, dtype, &graphs, key);
     if (distinct.size() == prompts.size()) return states;
     return states.index_select(0, torch::tensor(row, torch::kLong).to(states.device()));
 }
@@ -67,7 +70,8 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
       scheduler_(c.scheduler),
       latent_dim_scale_(c.latent_dim_scale),
       options_(options),
-      graphs_(std::make_shared<StepGraphs>()) {
+      graphs_(std::make_shared<StepGraphs>()),
+      text_graphs_(std::make_shared<StepGraphs>()) {
     if (!text_encoder_ || !decoder_ || !vqgan_)
         throw InvalidArgument(
             "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
@@ -120,14 +124,18 @@ std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int
 }
 
 size_t DecoderPipeline::captured_graphs() const { return graphs_->size(); }
+size_t DecoderPipeline::captured_text_graphs() const { return text_graphs_->size(); }
 
 torch::Tensor DecoderPipeline::encode_prompt(const std::vector<std::string>& prompts) {
     return with_memory_errors(kWhere, [&] {
         if (prompts.empty()) invalid("prompts", "is empty");
         const auto on = stage_scope(text_encoder_, options_.device, offload_mode(kWhere, options_));
         c10::InferenceMode guard;
-        return encode_prompts(tokenizer_, text_encoder_, prompts, options_.device,
-                              module_dtype(*decoder_));
+        const auto key = text_graphs_->prepare_call(options_, offload_mode(kWhere, options_),
+                                                    options_.device, *text_encoder_,
+                                                    /*cfg=*/false, 0.0);
+        return encode_prompts_graphed(tokenizer_, text_encoder_, prompts, options_.device,
+                                      module_dtype(*decoder_), text_graphs_.get(), key);
     });
 }
 
@@ -282,9 +290,14 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         const bool encodes_text = !has_embeds || (cfg && !has_negative_embeds);
         const auto on = stage_scope(text_encoder_, device, encodes_text ? mode : OffloadMode::none);
         c10::InferenceMode guard;
-        const auto prompt_embeds =
-            has_embeds ? opt.prompt_embeds.to(device, dtype)
-                       : encode_distinct(tokenizer_, text_encoder_, opt.prompts, device, dtype);
+        std::optional<std::string> text_key;
+        if (encodes_text)
+            text_key = text_graphs_->prepare_call(options_, mode, device, *text_encoder_,
+                                                  /*cfg=*/false, 0.0);
+        const auto prompt_embeds = has_embeds ? opt.prompt_embeds.to(device, dtype)
+                                              : encode_distinct(tokenizer_, text_encoder_,
+                                                                opt.prompts, device, dtype,
+                                                                *text_graphs_, text_key);
         text = expand_rows(prompt_embeds, rows, per_embedding);
         if (cfg) {
             torch::Tensor negative_embeds;
@@ -293,8 +306,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
             } else {
                 std::vector<std::string> negative = opt.negative_prompts;
                 if (negative.empty()) negative.assign(static_cast<size_t>(n_prompts), "");
-                negative_embeds =
-                    encode_distinct(tokenizer_, text_encoder_, negative, device, dtype);
+                negative_embeds = encode_distinct(tokenizer_, text_encoder_, negative, device,
+                                                  dtype, *text_graphs_, text_key);
             }
             // One negative serves every prompt (expand_rows takes row 0 for all).
             text = at::cat({text, expand_rows(negative_embeds, rows, per_embedding)}, 0);

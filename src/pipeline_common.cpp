@@ -8,6 +8,7 @@
 #include <random>
 #include <sstream>
 
+#include "step_graphs.h"
 #include "wuerstchen/error.h"
 
 namespace wuerstchen {
@@ -54,13 +55,37 @@ torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generat
 torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
                              const std::vector<std::string>& prompts, torch::Device device,
                              torch::ScalarType dtype) {
+    return encode_prompts_graphed(tokenizer, text_encoder, prompts, device, dtype, nullptr,
+                                  std::nullopt);
+}
+
+torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
+                                     const std::vector<std::string>& prompts, torch::Device device,
+                                     torch::ScalarType dtype, StepGraphs* graphs,
+                                     const std::optional<std::string>& key) {
     c10::InferenceMode guard;
     TokenizerOptions options;  // padding="max_length", max_length=model_max_length, truncation
     BatchEncoding enc = tokenizer(prompts, options);
     const torch::Device te_device = module_device(*text_encoder);
-    CLIPTextOutput out =
-        text_encoder->forward(enc.input_ids.to(te_device), enc.attention_mask.to(te_device));
-    return out.last_hidden_state.to(device, dtype);
+    const std::vector<torch::Tensor> inputs = {enc.input_ids.to(te_device),
+                                               enc.attention_mask.to(te_device)};
+    auto forward = [&](const std::vector<torch::Tensor>& in) {
+        return text_encoder->forward(in[0], in[1]).last_hidden_state;
+    };
+    torch::Tensor states;
+    if (graphs == nullptr || !key) {
+        states = forward(inputs);
+    } else {
+        try {
+            states = graphs->run(inputs, *key, forward);
+        } catch (const std::exception& e) {
+            // A failed capture turns the cache off; a real error recurs in the eager run.
+            TORCH_WARN_ONCE("text encoder: CUDA graph capture failed, encoding eagerly: ",
+                            e.what());
+            states = forward(inputs);
+        }
+    }
+    return states.to(device, dtype);
 }
 
 torch::Device module_device(const torch::nn::Module& module) {

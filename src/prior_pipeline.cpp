@@ -36,7 +36,8 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
       device_(options.offload || options.sequential_offload ? options.device
                                                              : module_device(*prior_)),
       options_(options),
-      graphs_(std::make_shared<StepGraphs>()) {
+      graphs_(std::make_shared<StepGraphs>()),
+      text_graphs_(std::make_shared<StepGraphs>()) {
     if (!text_encoder_ || !prior_) invalid("`text_encoder` and `prior` must be loaded modules");
     check_dtype_on_device(kWhere, module_dtype(*prior_), device_);
     if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
@@ -129,10 +130,14 @@ int64_t PriorPipeline::latent_size(int64_t pixels) const {
 
 torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
                                     torch::ScalarType dtype) {
-    return encode_prompts(tokenizer_, text_encoder_, prompts, device_, dtype);
+    const auto key = text_graphs_->prepare_call(options_, offload_mode(kWhere, options_), device_,
+                                                *text_encoder_, /*cfg=*/false, 0.0);
+    return encode_prompts_graphed(tokenizer_, text_encoder_, prompts, device_, dtype,
+                                  text_graphs_.get(), key);
 }
 
 size_t PriorPipeline::captured_graphs() const { return graphs_->size(); }
+size_t PriorPipeline::captured_text_graphs() const { return text_graphs_->size(); }
 
 torch::Tensor PriorPipeline::encode_prompt(const std::vector<std::string>& prompts) {
     return with_memory_errors(kWhere, [&] {

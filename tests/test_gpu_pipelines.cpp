@@ -186,6 +186,10 @@ TEST_F(GpuPipelines, CudaGraphsMatchEager) {
         EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 1u) << what;
         EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 1u) << what;
         EXPECT_EQ(eager.prior_pipeline().captured_graphs(), 0u) << what;
+        // The text encoders too (a failed capture would have fallen back to eager, with none).
+        EXPECT_EQ(graphed.prior_pipeline().captured_text_graphs(), 1u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_text_graphs(), 1u) << what;
+        EXPECT_EQ(eager.prior_pipeline().captured_text_graphs(), 0u) << what;
 
         // Another shape and batch. Not 384x384: there the tiny random prior overflows float16
         // (its image embeddings reach inf in eager runs too, on the CPU with libtorch 2.6 as on
@@ -200,6 +204,9 @@ TEST_F(GpuPipelines, CudaGraphsMatchEager) {
                            same_kernels_tol(dtype));
         EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 2u) << what;
         EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 2u) << what;
+        // One prompt at both shapes (the decoder encodes each distinct prompt once).
+        EXPECT_EQ(graphed.prior_pipeline().captured_text_graphs(), 1u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_text_graphs(), 1u) << what;
     }
 }
 

@@ -122,6 +122,9 @@ public:
     // LoadOptions::cuda_graphs: the denoising-step graphs captured so far (one per latent shape,
     // batch and guidance scale; dropped when the weights change).
     size_t captured_graphs() const;
+    // The text encoder's graphs captured so far (one per number of distinct prompts encoded at
+    // once).
+    size_t captured_text_graphs() const;
 
     // The latent shape for image embeddings of spatial size h x w:
     // [batch, c_in, int(h * latent_dim_scale), int(w * latent_dim_scale)] (Python int():
@@ -157,7 +160,8 @@ private:
     SchedulerConfig scheduler_;
     double latent_dim_scale_ = 10.67;
     LoadOptions options_;
-    std::shared_ptr<StepGraphs> graphs_;  // LoadOptions::cuda_graphs: one per pipeline
+    std::shared_ptr<StepGraphs> graphs_;       // LoadOptions::cuda_graphs: one per pipeline
+    std::shared_ptr<StepGraphs> text_graphs_;  // the text encoder's, likewise
 };
 
 }  // namespace wuerstchen

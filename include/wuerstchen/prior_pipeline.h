@@ -112,6 +112,8 @@ public:
     // LoadOptions::cuda_graphs: the denoising-step graphs captured so far (one per latent shape,
     // batch and guidance scale; dropped when the weights or LoRA state change).
     size_t captured_graphs() const;
+    // The text encoder's graphs captured so far (one per number of prompts encoded at once).
+    size_t captured_text_graphs() const;
 
     // The latent size for an image size: ceil(size / resolution_multiple).
     int64_t latent_size(int64_t pixels) const;
@@ -175,7 +177,8 @@ private:
     PriorPipelineConfig config_;
     torch::Device device_;
     LoadOptions options_;                 // offload / sequential_offload / cuda_graphs
-    std::shared_ptr<StepGraphs> graphs_;  // LoadOptions::cuda_graphs: one per pipeline
+    std::shared_ptr<StepGraphs> graphs_;       // LoadOptions::cuda_graphs: one per pipeline
+    std::shared_ptr<StepGraphs> text_graphs_;  // the text encoder's, likewise
 };
 
 }  // namespace wuerstchen

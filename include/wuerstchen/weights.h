@@ -26,9 +26,9 @@ struct LoadOptions {
     // and step. Exclusive with `offload`. No effect when `device` is the CPU.
     bool sequential_offload = false;
     // Replay each denoising step from a CUDA graph captured on its first use for a shape, batch
-    // and guidance scale (cached per pipeline; a capture costs about two extra steps). Only on
-    // CUDA with libtorch 2.5 or later, and only without offloading (the weights must stay put); ignored
-    // otherwise.
+    // and guidance scale (cached per pipeline; a capture costs about two extra steps), and each
+    // text encoder forward likewise per batch of prompts. Only on CUDA with libtorch 2.5 or
+    // later, and only without offloading (the weights must stay put); ignored otherwise.
     bool cuda_graphs = false;
     // Channels-last (NHWC) memory order: the 4-D weights (convolutions) of the prior, decoder and
     // VQGAN are stored so, and the pipelines hand those models NHWC inputs, so convolutions,
