@@ -294,10 +294,10 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         if (encodes_text)
             text_key = text_graphs_->prepare_call(options_, mode, device, *text_encoder_,
                                                   /*cfg=*/false, 0.0);
-        const auto prompt_embeds = has_embeds ? opt.prompt_embeds.to(device, dtype)
-                                              : encode_distinct(tokenizer_, text_encoder_,
-                                                                opt.prompts, device, dtype,
-                                                                *text_graphs_, text_key);
+        const auto prompt_embeds = has_embeds
+                                       ? opt.prompt_embeds.to(device, dtype)
+                                       : encode_distinct(tokenizer_, text_encoder_, opt.prompts,
+                                                         device, dtype, *text_graphs_, text_key);
         text = expand_rows(prompt_embeds, rows, per_embedding);
         if (cfg) {
             torch::Tensor negative_embeds;

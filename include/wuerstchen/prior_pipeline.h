@@ -177,7 +177,7 @@ private:
     PriorPipelineConfig config_;
     torch::Device device_;
     LoadOptions options_;                 // offload / sequential_offload / cuda_graphs
-    std::shared_ptr<StepGraphs> graphs_;       // LoadOptions::cuda_graphs: one per pipeline
+    std::shared_ptr<StepGraphs> graphs_;  // LoadOptions::cuda_graphs: one per pipeline
     std::shared_ptr<StepGraphs> text_graphs_;  // the text encoder's, likewise
 };
 
