@@ -4,7 +4,8 @@
     scripts/bench-summary.py gpu-out/bench-*.json
 
 Prints, per file: device, dtype, batch, resolution, mode, the median seconds of each stage and of
-the total, and the peak memory overall and per stage. With --targets it adds the issue's
+the total, the first warm-up run's seconds (one-time set-up and graph captures included), and the
+peak memory overall and per stage. With --targets it adds the issue's
 acceptance bounds for the runs they apply to (1024x1024, prior 29 steps with guidance 4, decoder
 12 steps) and says which hold (exit 1 if one does not, 2 if no run was checked); they are bounds
 for one H100, so a run elsewhere is only marked.
@@ -29,7 +30,15 @@ TARGETS = (
      lambda r: peak_gib(r), 2.6),
     ("peak GiB, --sequential-offload", lambda r: r["batch"] == 1 and r["offload"] == "sequential",
      lambda r: peak_gib(r), 1.0),
+    ("first-run overhead s (set-up + graph capture), batch 1",
+     lambda r: r["batch"] == 1 and r.get("cuda_graphs"), lambda r: first_run_overhead(r), 5.0),
 )
+
+
+def first_run_overhead(run):
+    """Seconds the first warm-up took beyond a timed run: the one-time set-up and graph capture."""
+    warmups = run.get("warmup_s") or []
+    return warmups[0] - run["total"]["median_s"] if warmups else None
 
 
 def peak_gib(run):
@@ -72,8 +81,8 @@ def main():
         except (OSError, ValueError) as e:
             print(f"{path}: skipped ({e})", file=sys.stderr)
 
-    header = ("file", "device", "mode", "batch", "size", *STAGES, "total", "peak GiB",
-              "stage peaks GiB (text, prior, decoder, vq)")
+    header = ("file", "device", "mode", "batch", "size", *STAGES, "total", "first run",
+              "peak GiB", "stage peaks GiB (text, prior, decoder, vq)")
     rows = [header]
     for path, r in runs:
         stages = [fmt(r["stages"][s]["median_s"]) for s in STAGES]
@@ -81,7 +90,7 @@ def main():
         by_stage = peak.get("stages_gib") or {}
         rows.append((path.rsplit("/", 1)[-1], r.get("device", "?"), mode(r), str(r.get("batch")),
                      r.get("resolution", "?"), *stages, fmt(r["total"]["median_s"]),
-                     fmt(peak.get("gib")),
+                     fmt((r.get("warmup_s") or [None])[0]), fmt(peak.get("gib")),
                      " ".join(fmt(by_stage.get(s)) for s in STAGES)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
