@@ -202,7 +202,7 @@ std::vector<torch::nn::Module*> CLIPTextModelImpl::offload_units() const {
 
 CLIPTextModel load_clip_text_model(const std::string& dir, const LoadOptions& options) {
     const auto config = CLIPTextConfig::from_file(dir + "/config.json");
-    auto model = nn::build_unwritten<CLIPTextModel>(config);
+    auto model = build_unwritten<CLIPTextModel>(config);
     load_weights(*model, find_weight_files(dir, "model"), options);
     prepare_module(*model, options);
     return model;

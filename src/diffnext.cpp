@@ -281,7 +281,7 @@ std::vector<torch::nn::Module*> WuerstchenDiffNeXtImpl::offload_units() const {
 
 WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& options) {
     const auto config = DiffNeXtConfig::from_file(dir + "/config.json");
-    auto model = nn::build_unwritten<WuerstchenDiffNeXt>(config);
+    auto model = build_unwritten<WuerstchenDiffNeXt>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
     return model;

@@ -247,7 +247,7 @@ torch::Tensor PaellaVQModelImpl::forward(const torch::Tensor& image) {
 
 PaellaVQModel load_paella_vq(const std::string& dir, const LoadOptions& options) {
     const auto config = PaellaVQConfig::from_file(dir + "/config.json");
-    auto model = nn::build_unwritten<PaellaVQModel>(config);
+    auto model = build_unwritten<PaellaVQModel>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
     return model;

@@ -68,7 +68,7 @@ std::vector<torch::nn::Module*> WuerstchenPriorImpl::offload_units() const {
 
 WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options) {
     const auto config = PriorConfig::from_file(dir + "/config.json");
-    auto model = nn::build_unwritten<WuerstchenPrior>(config);
+    auto model = build_unwritten<WuerstchenPrior>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
     return model;

@@ -75,7 +75,7 @@ void check_model(const std::string& folder, const std::string& stem,
     const std::string dir = test::data_path(folder);
     const auto config = Config::from_file(dir + "/config.json");
     Holder ordinary(config);
-    Holder unwritten = nn::build_unwritten<Holder>(config);
+    Holder unwritten = build_unwritten<Holder>(config);
     expect_same_structure(*ordinary, *unwritten);
 
     // The loader (which builds unwritten) against the ordinary build loaded the same way.

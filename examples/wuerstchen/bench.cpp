@@ -205,10 +205,7 @@ void randomize(torch::nn::Module& module, uint64_t seed) {
 // time, so that the host never holds more than one float32 copy.
 template <typename Holder, typename Config>
 Holder build_random(const Config& config, uint64_t seed, const LoadOptions& place) {
-    Holder module = [&] {
-        UninitializedParameters unwritten;
-        return Holder(config);
-    }();
+    Holder module = build_unwritten<Holder>(config);
     if (place.device.is_cpu()) {
         randomize(*module, seed);
     } else {

@@ -80,6 +80,14 @@ public:
     static bool active();  // on the calling thread
 };
 
+// A model (module holder) built from `config` under UninitializedParameters, for code that
+// writes every parameter next.
+template <typename Holder, typename Config>
+Holder build_unwritten(const Config& config) {
+    UninitializedParameters unwritten;
+    return Holder(config);
+}
+
 // Puts a freshly built module in inference mode on options.device / options.dtype (and in
 // channels-last order for options.channels_last).
 void prepare_module(torch::nn::Module& module, const LoadOptions& options);

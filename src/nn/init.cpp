@@ -4,6 +4,8 @@
 
 #include <vector>
 
+#include "wuerstchen/weights.h"
+
 namespace wuerstchen::nn {
 
 namespace {
@@ -23,6 +25,14 @@ void resize_conv(torch::nn::ConvNdImpl<D, Derived>& m, int64_t in, int64_t out) 
     sizes.insert(sizes.end(), kernel.begin(), kernel.end());
     m.weight.set_data(at::empty(sizes, m.weight.options()));
     if (m.bias.defined()) m.bias.set_data(at::empty({out}, m.bias.options()));
+}
+
+// The cheap stand-in for a convolution's options: groups channels in and out.
+template <typename Options>
+Options conv_stand_in(Options options) {
+    const int64_t groups = options.groups();
+    options.in_channels(groups).out_channels(groups);
+    return options;
 }
 
 }  // namespace
@@ -50,18 +60,13 @@ torch::nn::Linear linear(int64_t in_features, int64_t out_features, bool bias) {
 
 torch::nn::Conv2d conv2d(const torch::nn::Conv2dOptions& options) {
     if (!unwritten()) return torch::nn::Conv2d(options);
-    auto stand_in = options;
-    stand_in.in_channels(options.groups()).out_channels(options.groups());
-    torch::nn::Conv2d module(stand_in);
+    torch::nn::Conv2d module(conv_stand_in(options));
     resize_conv(*module, options.in_channels(), options.out_channels());
     return module;
 }
 
 torch::nn::ConvTranspose2dOptions base_options(const torch::nn::ConvTranspose2dOptions& options) {
-    if (!unwritten()) return options;
-    auto stand_in = options;
-    stand_in.in_channels(options.groups()).out_channels(options.groups());
-    return stand_in;
+    return unwritten() ? conv_stand_in(options) : options;
 }
 
 void finish_conv_transpose(torch::nn::ConvTranspose2dImpl& module,

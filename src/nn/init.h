@@ -13,16 +13,7 @@
 
 #include <cstdint>
 
-#include "wuerstchen/weights.h"
-
 namespace wuerstchen::nn {
-
-// A model built unwritten, for a loader that writes every parameter next (load_weights).
-template <typename Holder, typename Config>
-Holder build_unwritten(const Config& config) {
-    UninitializedParameters unwritten;
-    return Holder(config);
-}
 
 torch::nn::Linear linear(int64_t in_features, int64_t out_features, bool bias = true);
 torch::nn::Conv2d conv2d(const torch::nn::Conv2dOptions& options);
