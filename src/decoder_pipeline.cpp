@@ -41,11 +41,11 @@ torch::Tensor expand_rows(const torch::Tensor& per_prompt, int64_t rows, int64_t
 
 // encode_prompts with each distinct prompt encoded once (the combined pipeline hands the
 // decoder one prompt per image, so num_images_per_prompt copies of each): one row per prompt.
-// The text encoder's forward replays from `graphs` under `key` when one is given.
+// The text encoder's forward replays from `graphs` where options and mode allow.
 torch::Tensor encode_distinct(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
                               const std::vector<std::string>& prompts, torch::Device device,
                               torch::ScalarType dtype, StepGraphs& graphs,
-                              const std::optional<std::string>& key) {
+                              const LoadOptions& options, OffloadMode mode) {
     std::vector<std::string> distinct;
     std::vector<int64_t> row;
     std::unordered_map<std::string, int64_t> seen;
@@ -54,8 +54,8 @@ torch::Tensor encode_distinct(const CLIPTokenizer& tokenizer, CLIPTextModel& tex
         if (it->second == static_cast<int64_t>(distinct.size())) distinct.push_back(p);
         row.push_back(it->second);
     }
-    const auto states =
-        encode_prompts_graphed(tokenizer, text_encoder, distinct, device, dtype, &graphs, key);
+    const auto states = encode_prompts_graphed(tokenizer, text_encoder, distinct, device, dtype,
+                                               &graphs, options, mode);
     if (distinct.size() == prompts.size()) return states;
     return states.index_select(0, torch::tensor(row, torch::kLong).to(states.device()));
 }
@@ -131,11 +131,9 @@ torch::Tensor DecoderPipeline::encode_prompt(const std::vector<std::string>& pro
         if (prompts.empty()) invalid("prompts", "is empty");
         const auto on = stage_scope(text_encoder_, options_.device, offload_mode(kWhere, options_));
         c10::InferenceMode guard;
-        const auto key = text_graphs_->prepare_call(options_, offload_mode(kWhere, options_),
-                                                    options_.device, *text_encoder_,
-                                                    /*cfg=*/false, 0.0);
         return encode_prompts_graphed(tokenizer_, text_encoder_, prompts, options_.device,
-                                      module_dtype(*decoder_), text_graphs_.get(), key);
+                                      module_dtype(*decoder_), text_graphs_.get(), options_,
+                                      offload_mode(kWhere, options_));
     });
 }
 
@@ -290,14 +288,10 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         const bool encodes_text = !has_embeds || (cfg && !has_negative_embeds);
         const auto on = stage_scope(text_encoder_, device, encodes_text ? mode : OffloadMode::none);
         c10::InferenceMode guard;
-        std::optional<std::string> text_key;
-        if (encodes_text)
-            text_key = text_graphs_->prepare_call(options_, mode, device, *text_encoder_,
-                                                  /*cfg=*/false, 0.0);
-        const auto prompt_embeds = has_embeds
-                                       ? opt.prompt_embeds.to(device, dtype)
-                                       : encode_distinct(tokenizer_, text_encoder_, opt.prompts,
-                                                         device, dtype, *text_graphs_, text_key);
+        const auto prompt_embeds =
+            has_embeds ? opt.prompt_embeds.to(device, dtype)
+                       : encode_distinct(tokenizer_, text_encoder_, opt.prompts, device, dtype,
+                                         *text_graphs_, options_, mode);
         text = expand_rows(prompt_embeds, rows, per_embedding);
         if (cfg) {
             torch::Tensor negative_embeds;
@@ -307,7 +301,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                 std::vector<std::string> negative = opt.negative_prompts;
                 if (negative.empty()) negative.assign(static_cast<size_t>(n_prompts), "");
                 negative_embeds = encode_distinct(tokenizer_, text_encoder_, negative, device,
-                                                  dtype, *text_graphs_, text_key);
+                                                  dtype, *text_graphs_, options_, mode);
             }
             // One negative serves every prompt (expand_rows takes row 0 for all).
             text = at::cat({text, expand_rows(negative_embeds, rows, per_embedding)}, 0);

@@ -55,17 +55,20 @@ torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generat
 torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
                              const std::vector<std::string>& prompts, torch::Device device,
                              torch::ScalarType dtype) {
-    return encode_prompts_graphed(tokenizer, text_encoder, prompts, device, dtype, nullptr,
-                                  std::nullopt);
+    return encode_prompts_graphed(tokenizer, text_encoder, prompts, device, dtype, nullptr, {},
+                                  OffloadMode::none);
 }
 
 torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
                                      const std::vector<std::string>& prompts, torch::Device device,
                                      torch::ScalarType dtype, StepGraphs* graphs,
-                                     const std::optional<std::string>& key) {
+                                     const LoadOptions& options, OffloadMode mode) {
     c10::InferenceMode guard;
-    TokenizerOptions options;  // padding="max_length", max_length=model_max_length, truncation
-    BatchEncoding enc = tokenizer(prompts, options);
+    const auto key = graphs ? graphs->prepare_call(options, mode, device, *text_encoder,
+                                                   /*cfg=*/false, 0.0)
+                            : std::nullopt;
+    TokenizerOptions tokenizing;  // padding="max_length", max_length=model_max_length, truncation
+    BatchEncoding enc = tokenizer(prompts, tokenizing);
     const torch::Device te_device = module_device(*text_encoder);
     const std::vector<torch::Tensor> inputs = {enc.input_ids.to(te_device),
                                                enc.attention_mask.to(te_device)};
@@ -73,7 +76,7 @@ torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextMod
         return text_encoder->forward(in[0], in[1]).last_hidden_state;
     };
     torch::Tensor states;
-    if (graphs == nullptr || !key) {
+    if (!key) {
         states = forward(inputs);
     } else {
         try {

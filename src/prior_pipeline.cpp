@@ -130,10 +130,8 @@ int64_t PriorPipeline::latent_size(int64_t pixels) const {
 
 torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
                                     torch::ScalarType dtype) {
-    const auto key = text_graphs_->prepare_call(options_, offload_mode(kWhere, options_), device_,
-                                                *text_encoder_, /*cfg=*/false, 0.0);
     return encode_prompts_graphed(tokenizer_, text_encoder_, prompts, device_, dtype,
-                                  text_graphs_.get(), key);
+                                  text_graphs_.get(), options_, offload_mode(kWhere, options_));
 }
 
 size_t PriorPipeline::captured_graphs() const { return graphs_->size(); }

@@ -71,15 +71,15 @@ private:
 };
 
 // encode_prompts (wuerstchen/pipeline_common.h) with the text encoder's forward replayed from
-// `graphs` under `key` (a key from graphs->prepare_call for the text encoder; no graphs or no
-// key: run directly).
+// `graphs` when graphs->prepare_call allows it for these options, offload mode and device (no
+// graphs: run directly).
 // The text encoders run dozens of small kernels per layer on 77 tokens, so eagerly their time is
 // the host's launch cost. Should a capture fail, this warns once and encodes eagerly (the cache
 // stays off): the graphs only save time here.
 torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
                                      const std::vector<std::string>& prompts, torch::Device device,
                                      torch::ScalarType dtype, StepGraphs* graphs,
-                                     const std::optional<std::string>& key);
+                                     const LoadOptions& options, OffloadMode mode);
 
 // A graph key part for the guidance mix: exact (hexadecimal) scale, or none.
 std::string guidance_key(bool cfg, double guidance_scale);
