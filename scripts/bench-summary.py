@@ -54,6 +54,8 @@ def mode(run):
         parts.append("graphs")
     if run.get("channels_last"):
         parts.append("channels-last")
+    if run.get("cudnn_benchmark"):
+        parts.append("cudnn-benchmark")
     return ", ".join(parts)
 
 

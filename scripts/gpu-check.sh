@@ -26,8 +26,10 @@
 #            CUDA kernels in profile.json, and scripts/profile-summary.py's split of the GPU time
 #            by stage, block type and ATen op in profile-summary.txt (what the speed work needs
 #            first, hence this early)
-#   variants batch 1 and 4 in fp16 with graphs and channels-last (NHWC spares the layout copies
-#            around norms and convolutions: a candidate for the targets), batch 1 bf16 with graphs
+#   variants batch 1 in fp16 with graphs and channels-last (NHWC spares the layout copies around
+#            norms and convolutions: a candidate for the targets), with cuDNN's benchmark mode
+#            (timed algorithm choice per convolution shape, e.g. the depthwise ones), with both;
+#            batch 4 channels-last; batch 1 bf16 with graphs
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
 #   memory   batch 1 with --offload and with --sequential-offload
@@ -163,6 +165,8 @@ for phase in "$@"; do
         variants)
             env_sh
             bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
+            bench b1-fp16-graphs-bm 90 --dtype fp16 --cuda-graphs --cudnn-benchmark
+            bench b1-fp16-graphs-cl-bm 90 --dtype fp16 --cuda-graphs --channels-last --cudnn-benchmark
             bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
             bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             ;;

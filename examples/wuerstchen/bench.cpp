@@ -20,6 +20,7 @@
 // Each stage is a profiler user scope named "stage:<name>", and with --profile each block of the
 // models one named "block:<type>" (scripts/profile-summary.py splits kernel time by both).
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
@@ -711,6 +712,7 @@ int run_bench(int argc, char** argv) {
     out["offload"] = load.sequential_offload ? "sequential" : load.offload ? "model" : "none";
     out["cuda_graphs"] = load.cuda_graphs;
     out["channels_last"] = load.channels_last;
+    out["cudnn_benchmark"] = at::globalContext().benchmarkCuDNN();
     out["prior_steps"] = prior_steps;
     out["prior_timesteps"] = prior_timesteps.empty() ? "linspace" : "custom";
     out["prior_guidance"] = prior_guidance;

@@ -17,6 +17,7 @@
 #include <thread>
 #include <utility>
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 
@@ -169,6 +170,9 @@ std::vector<FlagSpec> load_flags() {
              "keep the weights on the CPU and move each block to the GPU only for its forward"},
             {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
             {"channels-last", "", "keep convolution weights and activations in NHWC order"},
+            {"cudnn-benchmark", "",
+             "let cuDNN time its algorithms for each convolution shape on first use and keep the "
+             "fastest (a slower first run)"},
             {"threads", "N",
              "CPU threads for libtorch's kernels (default: libtorch's choice when OMP_NUM_THREADS or "
              "MKL_NUM_THREADS is set, else the physical cores this process may run on)"}};
@@ -241,9 +245,11 @@ LoadOptions load_options(const Args& args) {
     opts.channels_last = args.has("channels-last");
     if (opts.offload && opts.sequential_offload)
         throw UsageError("--offload and --sequential-offload exclude each other: pass one");
-    for (const char* flag : {"offload", "sequential-offload", "cuda-graphs"})
+    for (const char* flag : {"offload", "sequential-offload", "cuda-graphs", "cudnn-benchmark"})
         if (args.has(flag) && !opts.device.is_cuda())
             throw UsageError(std::string("--") + flag + " needs --device cuda");
+    // Process-wide (torch.backends.cudnn.benchmark): a program, not a library, decides it.
+    if (args.has("cudnn-benchmark")) at::globalContext().setBenchmarkCuDNN(true);
     return opts;
 }
 

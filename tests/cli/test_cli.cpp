@@ -338,6 +338,7 @@ TEST(CLI, BenchTinyCpuPrintsJson) {
         EXPECT_EQ(j.at("weights"), "random-tiny");
         EXPECT_EQ(j.at("resolution"), "128x128");
         EXPECT_EQ(j.at("prior_steps"), 2);
+        EXPECT_EQ(j.at("cudnn_benchmark"), false);
         EXPECT_EQ(j.at("image_embeddings_shape").get<std::vector<int64_t>>(),
                   (std::vector<int64_t>{1, 16, 3, 3}));
     }
@@ -394,6 +395,9 @@ TEST(CLI, BenchUsageErrors) {
         run_cli({"generate", "--model", data("tiny-wuerstchen-combined"), "--prompt", "x",
                  "--device", "cpu", "--cuda-graphs"}),
         {"--cuda-graphs needs --device cuda"});
+    expect_one_line_error(
+        run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--cudnn-benchmark"}),
+        {"--cudnn-benchmark needs --device cuda"});
     const CliResult help = run_cli({"bench", "--help"});
     EXPECT_EQ(help.status, 0);
     EXPECT_NE(help.out.find("usage: wuerstchen bench"), std::string::npos) << help.out;
