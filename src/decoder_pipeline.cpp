@@ -76,10 +76,13 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
         throw InvalidArgument(
             "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
     check_dtype_on_device(kWhere, module_dtype(*decoder_), options_.device);
-    if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
+    const OffloadMode mode = offload_mode(kWhere, options_);
+    if (mode == OffloadMode::sequential) {
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
         pin_module(*decoder_);
         pin_module(*vqgan_);
+    } else if (mode == OffloadMode::none) {
+        decoder_->pack_condition_mappers();  // the models stay put: map all blocks at once
     }
     if (!(std::isfinite(latent_dim_scale_) && latent_dim_scale_ > 0))
         throw InvalidArgument("DecoderPipeline: `latent_dim_scale` must be a positive number");

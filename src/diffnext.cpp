@@ -4,12 +4,15 @@
 #include <torch/nn/modules/container/functional.h>
 #include <torch/nn/modules/pixelshuffle.h>
 
+#include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "nn/blocks.h"
 #include "nn/init.h"
+#include "nn/linear_group.h"
 #include "wuerstchen/error.h"
 
 namespace wuerstchen {
@@ -158,36 +161,84 @@ torch::Tensor WuerstchenDiffNeXtImpl::gen_c_embeddings(const torch::Tensor& clip
     return nn::layer_norm_last(clip_mapper->forward(clip), 1e-6);
 }
 
-torch::Tensor WuerstchenDiffNeXtImpl::map_effnet(size_t index, const torch::Tensor& effnet,
-                                                 const torch::Tensor& x) {
-    // Upstream: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
-    // align_corners=True).to(dtype), then the level's 1x1 conv: [B, effnet_embd, h, w] ->
-    // [B, c_cond, H_level, W_level].
-    auto resized = at::_upsample_bicubic2d_aa(effnet.to(torch::kFloat32), {x.size(2), x.size(3)},
-                                              /*align_corners=*/true);
-    return effnet_mapper_list[index]->forward(resized.to(effnet.scalar_type()));
-}
+struct WuerstchenDiffNeXtImpl::Conditions {
+    Conditions(nn::LinearGroup t_mappers, nn::LinearGroup kv_mappers)
+        : t_group(std::move(t_mappers)), kv_group(std::move(kv_mappers)) {}
+
+    torch::Tensor r_embed;  // [B, c_r]
+    torch::Tensor clip;     // gen_c_embeddings: [B, L, c_cond], or undefined
+    torch::Tensor effnet;   // [B, effnet_embd, h, w]
+    // The effnet embedding resized to each level's size (a down level and its up level share it).
+    std::map<std::pair<int64_t, int64_t>, torch::Tensor> resized;
+    // When packed: every TimestepBlock's mapping of r_embed ([B, sum of 2C]) and every
+    // AttnBlock's kv_mapper of clip ([B, L, sum of C]) in execution order, taken in turn.
+    nn::LinearGroup t_group, kv_group;
+    torch::Tensor t_all, kv_all;
+    size_t t_next = 0, kv_next = 0;
+
+    static torch::Tensor take(const torch::Tensor& all, const nn::LinearGroup& group, size_t& i) {
+        const size_t k = i++;
+        return all.narrow(-1, group.offset(k), group.out_features(k));
+    }
+};
 
 namespace {
 
-torch::Tensor run_other_block(const std::shared_ptr<torch::nn::Module>& block,
-                              const torch::Tensor& x, const torch::Tensor& r_embed,
-                              const torch::Tensor& clip) {
-    if (auto* attn = block->as<nn::AttnBlockImpl>()) {
-        if (!clip.defined())
-            throw InvalidArgument("WuerstchenDiffNeXt: clip is required by the attention blocks");
-        return attn->forward(x, clip);
+// The Linear layers that map the condition of the blocks of one type (TimestepBlockImpl:
+// mapper, AttnBlockImpl: kv_mapper's), in execution order.
+template <class Block>
+nn::LinearGroup condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
+    std::vector<torch::nn::LinearImpl*> layers;
+    for (auto* module : blocks) {
+        if (auto* block = dynamic_cast<Block*>(module)) {
+            if constexpr (std::is_same_v<Block, nn::AttnBlockImpl>)
+                layers.push_back(&block->kv_linear());
+            else
+                layers.push_back(block->mapper.get());
+        }
     }
-    if (auto* ts = block->as<nn::TimestepBlockImpl>()) return ts->forward(x, r_embed);
-    return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
+    return nn::LinearGroup(std::move(layers));
 }
 
 }  // namespace
 
-std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x,
-                                                               const torch::Tensor& r_embed,
-                                                               const torch::Tensor& effnet,
-                                                               const torch::Tensor& clip) {
+bool WuerstchenDiffNeXtImpl::pack_condition_mappers() {
+    const auto blocks = offload_units();  // every block, in execution order
+    const bool kv = condition_mappers<nn::AttnBlockImpl>(blocks).pack();
+    return condition_mappers<nn::TimestepBlockImpl>(blocks).pack() && kv;
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::map_effnet(size_t index, Conditions& k,
+                                                 const torch::Tensor& x) {
+    // Upstream: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
+    // align_corners=True).to(dtype), then the level's 1x1 conv: [B, effnet_embd, h, w] ->
+    // [B, c_cond, H_level, W_level].
+    torch::Tensor& resized = k.resized[{x.size(2), x.size(3)}];
+    if (!resized.defined())
+        resized = at::_upsample_bicubic2d_aa(k.effnet.to(torch::kFloat32), {x.size(2), x.size(3)},
+                                             /*align_corners=*/true)
+                      .to(k.effnet.scalar_type());
+    return effnet_mapper_list[index]->forward(resized);
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
+    const std::shared_ptr<torch::nn::Module>& block, const torch::Tensor& x, Conditions& k) {
+    if (auto* attn = block->as<nn::AttnBlockImpl>()) {
+        if (!k.clip.defined())
+            throw InvalidArgument("WuerstchenDiffNeXt: clip is required by the attention blocks");
+        if (k.kv_all.defined())
+            return attn->forward_mapped(x, Conditions::take(k.kv_all, k.kv_group, k.kv_next));
+        return attn->forward(x, k.clip);
+    }
+    if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
+        if (k.t_all.defined())
+            return ts->modulate(x, Conditions::take(k.t_all, k.t_group, k.t_next));
+        return ts->forward(x, k.r_embed);
+    }
+    return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
+}
+
+std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x, Conditions& k) {
     std::vector<torch::Tensor> level_outputs;  // deepest level first
     for (size_t i = 0; i < down_blocks->size(); ++i) {
         auto level = down_blocks[i]->as<torch::nn::ModuleListImpl>();
@@ -195,13 +246,12 @@ std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x,
         torch::Tensor effnet_c;
         for (const auto& block : *level) {
             if (auto* res = block->as<ResBlockStageBImpl>()) {
-                if (inject && !effnet_c.defined()) effnet_c = map_effnet(i, effnet, x);
+                if (inject && !effnet_c.defined()) effnet_c = map_effnet(i, k, x);
                 std::vector<torch::Tensor> skips;
                 if (effnet_c.defined()) skips.push_back(effnet_c);
                 x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
             } else {
-                x = run_unit(block_hook, *block,
-                             [&] { return run_other_block(block, x, r_embed, clip); });
+                x = run_unit(block_hook, *block, [&] { return run_other_block(block, x, k); });
             }
         }
         level_outputs.insert(level_outputs.begin(), x);
@@ -210,9 +260,7 @@ std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x,
 }
 
 torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>& level_outputs,
-                                                const torch::Tensor& r_embed,
-                                                const torch::Tensor& effnet,
-                                                const torch::Tensor& clip) {
+                                                Conditions& k) {
     torch::Tensor x = level_outputs[0];
     const size_t n_down = down_blocks->size();
     for (size_t i = 0; i < up_blocks->size(); ++i) {
@@ -223,14 +271,13 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
         for (size_t j = 0; j < level->size(); ++j) {
             const auto& block = level->ptr(j);
             if (auto* res = block->as<ResBlockStageBImpl>()) {
-                if (inject && !effnet_c.defined()) effnet_c = map_effnet(mapper_index, effnet, x);
+                if (inject && !effnet_c.defined()) effnet_c = map_effnet(mapper_index, k, x);
                 std::vector<torch::Tensor> skips;
                 if (j == 0 && i > 0) skips.push_back(level_outputs[i]);
                 if (effnet_c.defined()) skips.push_back(effnet_c);
                 x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
             } else {
-                x = run_unit(block_hook, *block,
-                             [&] { return run_other_block(block, x, r_embed, clip); });
+                x = run_unit(block_hook, *block, [&] { return run_other_block(block, x, k); });
             }
         }
     }
@@ -258,12 +305,21 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     if (config_.c_out != config_.c_in)
         throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
 
-    const auto r_embed = nn::r_embedding(r, config_.c_r);  // [B, c_r]
-    const torch::Tensor c = clip.defined() ? gen_c_embeddings(clip) : clip;
+    const auto blocks = offload_units();  // every block, in execution order
+    Conditions k(condition_mappers<nn::TimestepBlockImpl>(blocks),
+                 condition_mappers<nn::AttnBlockImpl>(blocks));
+    k.r_embed = nn::r_embedding(r, config_.c_r);
+    k.clip = clip.defined() ? gen_c_embeddings(clip) : clip;
+    k.effnet = effnet;
+    // Every block's mapping of r_embed and of the condition in one product each, when packed
+    // (kv_mapper is SiLU then Linear); else each block maps its own.
+    if (k.t_group.ready(k.r_embed.device())) k.t_all = k.t_group.forward(k.r_embed);
+    if (k.clip.defined() && k.kv_group.ready(k.clip.device()))
+        k.kv_all = k.kv_group.forward(at::silu(k.clip));
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]
-    const auto level_outputs = down_encode(h, r_embed, effnet, c);
-    h = up_decode(level_outputs, r_embed, effnet, c);
+    const auto level_outputs = down_encode(h, k);
+    h = up_decode(level_outputs, k);
     auto ab = clf->forward(h).chunk(2, 1);  // a, b: [B, c_out, H, W]
     auto b = ab[1].sigmoid() * (1 - kOutputEps * 2) + kOutputEps;
     // contiguous(): NCHW order also when the weights are channels-last (a no-op otherwise).
@@ -284,6 +340,7 @@ WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& opti
     auto model = build_unwritten<WuerstchenDiffNeXt>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
+    if (!options.offload && !options.sequential_offload) model->pack_condition_mappers();
     return model;
 }
 

@@ -1,10 +1,12 @@
 #include "wuerstchen/prior.h"
 
+#include <ATen/ATen.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
 
 #include "nn/blocks.h"
 #include "nn/init.h"
+#include "nn/linear_group.h"
 #include "wuerstchen/lora.h"
 
 namespace wuerstchen {
@@ -38,17 +40,57 @@ torch::Tensor WuerstchenPriorImpl::gen_r_embedding(const torch::Tensor& r) const
     return nn::r_embedding(r, config_.c_r);
 }
 
+namespace {
+
+// The condition mappers of the blocks, in execution order (see pack_condition_mappers).
+nn::LinearGroup kv_mappers(const std::vector<std::shared_ptr<nn::AttnBlockImpl>>& blocks) {
+    std::vector<torch::nn::LinearImpl*> layers;
+    for (const auto& block : blocks) layers.push_back(&block->kv_linear());
+    return nn::LinearGroup(std::move(layers));
+}
+
+nn::LinearGroup timestep_mappers(
+    const std::vector<std::shared_ptr<nn::TimestepBlockImpl>>& blocks) {
+    std::vector<torch::nn::LinearImpl*> layers;
+    for (const auto& block : blocks) layers.push_back(block->mapper.get());
+    return nn::LinearGroup(std::move(layers));
+}
+
+// Columns of layer i of `group` in its output `all`.
+torch::Tensor columns(const torch::Tensor& all, const nn::LinearGroup& group, size_t i) {
+    return all.narrow(-1, group.offset(i), group.out_features(i));
+}
+
+}  // namespace
+
+bool WuerstchenPriorImpl::pack_condition_mappers() {
+    const bool kv = kv_mappers(attn_blocks_).pack();
+    return timestep_mappers(timestep_blocks_).pack() && kv;
+}
+
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
                                            const torch::Tensor& c) {
     auto x = projection->forward(x_in);      // [B, c_in, H, W] -> [B, c, H, W]
     auto c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
     auto r_embed = gen_r_embedding(r);       // [B] -> [B, c_r]
+    // Every block's mapping of the condition and of r_embed in one product each, when packed
+    // (kv_mapper is SiLU then Linear); else each block maps its own.
+    const nn::LinearGroup kv_group = kv_mappers(attn_blocks_);
+    const nn::LinearGroup t_group = timestep_mappers(timestep_blocks_);
+    torch::Tensor kv_all, t_all;
+    if (kv_group.ready(c_embed.device())) kv_all = kv_group.forward(at::silu(c_embed));
+    if (t_group.ready(r_embed.device())) t_all = t_group.forward(r_embed);
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i], [&] { return res_blocks_[i]->forward(x); });
-        x = run_unit(block_hook, *timestep_blocks_[i],
-                     [&] { return timestep_blocks_[i]->forward(x, r_embed); });
-        x = run_unit(block_hook, *attn_blocks_[i],
-                     [&] { return attn_blocks_[i]->forward(x, c_embed); });
+        x = run_unit(block_hook, *timestep_blocks_[i], [&] {
+            return t_all.defined() ? timestep_blocks_[i]->modulate(x, columns(t_all, t_group, i))
+                                   : timestep_blocks_[i]->forward(x, r_embed);
+        });
+        x = run_unit(block_hook, *attn_blocks_[i], [&] {
+            return kv_all.defined()
+                       ? attn_blocks_[i]->forward_mapped(x, columns(kv_all, kv_group, i))
+                       : attn_blocks_[i]->forward(x, c_embed);
+        });
     }
     // [B, c, H, W] -> a, b: [B, c_in, H, W]
     auto ab = out_conv->forward(nn::layer_norm_2d(x)).chunk(2, 1);
@@ -71,6 +113,7 @@ WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options) {
     auto model = build_unwritten<WuerstchenPrior>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
+    if (!options.offload && !options.sequential_offload) model->pack_condition_mappers();
     return model;
 }
 

@@ -40,9 +40,12 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
       text_graphs_(std::make_shared<StepGraphs>()) {
     if (!text_encoder_ || !prior_) invalid("`text_encoder` and `prior` must be loaded modules");
     check_dtype_on_device(kWhere, module_dtype(*prior_), device_);
-    if (offload_mode(kWhere, options_) == OffloadMode::sequential) {
+    const OffloadMode mode = offload_mode(kWhere, options_);
+    if (mode == OffloadMode::sequential) {
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
         pin_module(*prior_);
+    } else if (mode == OffloadMode::none) {
+        prior_->pack_condition_mappers();  // the models stay put: map all blocks at once
     }
     if (!(config_.resolution_multiple > 0) || !std::isfinite(config_.resolution_multiple))
         invalid("`resolution_multiple` must be a positive number");

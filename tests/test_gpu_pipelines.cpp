@@ -8,6 +8,9 @@
 //   tolerances are shared with the CPU (reference_cases.h, kFp16OneStep).
 // - offload (model or sequential) and CUDA graphs: the same kernels on the same inputs, so the
 //   same result (1e-6 in fp32, 1e-3 in fp16).
+// - packed condition mappers (resident pipelines) against per-block mapping (offloading): the
+//   same products grouped differently, whose rounding may differ (1e-5 in fp32, 2e-2 in fp16, the
+//   fp16 parity bound).
 
 #include <torch/cuda.h>
 
@@ -129,6 +132,32 @@ void expect_same_output(const std::string& what, const CombinedOutput& actual,
                           scaled_tol(host(expected.image_embeddings), tol)));
 }
 
+// Replaces each parameter of the prior and the decoder by a copy of its own, which undoes
+// pack_condition_mappers: their blocks then map the conditions one by one, as offloaded ones do.
+void unpack_condition_mappers(CombinedPipeline& pipe) {
+    torch::NoGradGuard no_grad;
+    for (torch::nn::Module* model :
+         {static_cast<torch::nn::Module*>(pipe.prior_pipeline().prior().get()),
+          static_cast<torch::nn::Module*>(pipe.decoder_pipeline().decoder().get())})
+        for (auto& p : model->parameters()) p.set_data(p.detach().clone());
+}
+
+// Resident pipelines map the conditions of all blocks in one product each
+// (pack_condition_mappers); the same as each block mapping its own, up to rounding.
+TEST_F(GpuPipelines, PackedMappersMatchPerBlock) {
+    for (const auto dtype : {torch::kFloat32, torch::kFloat16}) {
+        const std::string what = std::string("packed vs per-block mappers, ") + dtype_label(dtype);
+        auto packed = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
+                                                        on_cuda(dtype));
+        auto per_block = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
+                                                           on_cuda(dtype));
+        unpack_condition_mappers(per_block);
+        expect_same_output(what, packed(test::combined_seed42_options()),
+                           per_block(test::combined_seed42_options()),
+                           dtype == torch::kFloat32 ? 1e-5 : 2e-2);
+    }
+}
+
 // LoadOptions::offload (stage at a time) and sequential_offload (block at a time) keep every
 // weight on the CPU between calls and give the same numbers.
 TEST_F(GpuPipelines, OffloadMatchesResident) {
@@ -138,6 +167,7 @@ TEST_F(GpuPipelines, OffloadMatchesResident) {
                                      " vs resident, " + dtype_label(dtype);
             auto resident = CombinedPipeline::from_pretrained(
                 data_path("tiny-wuerstchen-combined"), on_cuda(dtype));
+            unpack_condition_mappers(resident);  // offloaded blocks map their own conditions
             auto offloaded = CombinedPipeline::from_pretrained(
                 data_path("tiny-wuerstchen-combined"),
                 on_cuda(dtype, /*offload=*/!sequential, /*sequential_offload=*/sequential));

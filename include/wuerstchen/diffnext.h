@@ -38,6 +38,11 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // The factor the spatial size of x must be divisible by: patch_size * 2^(levels - 1).
     int64_t size_multiple() const;
 
+    // As WuerstchenPriorImpl::pack_condition_mappers: every AttnBlock's kv_mapper and every
+    // TimestepBlock's mapper (down levels, then up levels) in one buffer per kind, so forward
+    // maps the text condition and the r-embedding for all blocks in one product each.
+    bool pack_condition_mappers();
+
     // Sequential offload: every block of down_blocks then up_blocks (level samplers included) in
     // execution order; forward calls block_hook around each when it is set.
     std::vector<torch::nn::Module*> offload_units() const;
@@ -54,12 +59,14 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     torch::nn::Sequential clf{nullptr};        // {LN2d, Conv2d 1x1, PixelShuffle}
 
 private:
-    std::vector<torch::Tensor> down_encode(torch::Tensor x, const torch::Tensor& r_embed,
-                                           const torch::Tensor& effnet, const torch::Tensor& clip);
+    struct Conditions;  // what the blocks of one forward read (diffnext.cpp)
+    std::vector<torch::Tensor> down_encode(torch::Tensor x, Conditions& conditions);
     torch::Tensor up_decode(const std::vector<torch::Tensor>& level_outputs,
-                            const torch::Tensor& r_embed, const torch::Tensor& effnet,
-                            const torch::Tensor& clip);
-    torch::Tensor map_effnet(size_t index, const torch::Tensor& effnet, const torch::Tensor& x);
+                            Conditions& conditions);
+    torch::Tensor map_effnet(size_t index, Conditions& conditions, const torch::Tensor& x);
+    // An AttnBlock, TimestepBlock or level sampler.
+    torch::Tensor run_other_block(const std::shared_ptr<torch::nn::Module>& block,
+                                  const torch::Tensor& x, Conditions& conditions);
 
     DiffNeXtConfig config_;
 };

@@ -62,8 +62,12 @@ TimestepBlockImpl::TimestepBlockImpl(int64_t c, int64_t c_timestep) {
 }
 
 torch::Tensor TimestepBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& t) {
-    // t: [B, c_r] -> [B, 2C, 1, 1] -> a, b: [B, C, 1, 1]
-    auto ab = lora_forward(mapper, t).unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+    return modulate(x, lora_forward(mapper, t));  // t: [B, c_r] -> [B, 2C]
+}
+
+torch::Tensor TimestepBlockImpl::modulate(const torch::Tensor& x, const torch::Tensor& mapped) {
+    // [B, 2C] -> [B, 2C, 1, 1] -> a, b: [B, C, 1, 1]
+    auto ab = mapped.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
     // b + x * (1 + a) in one pass over x (upstream: a multiply, then an add).
     return at::addcmul(ab[1], x, 1 + ab[0]);
 }
@@ -181,12 +185,20 @@ AttnBlockImpl::AttnBlockImpl(int64_t c, int64_t c_cond, int64_t nhead, bool self
                                 torch::nn::Sequential(torch::nn::SiLU(), LoraLinear(c_cond, c)));
 }
 
+torch::nn::LinearImpl& AttnBlockImpl::kv_linear() {
+    return *kv_mapper->ptr(1)->as<torch::nn::LinearImpl>();
+}
+
 torch::Tensor AttnBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cond) {
+    return forward_mapped(x, kv_mapper->forward(cond));
+}
+
+torch::Tensor AttnBlockImpl::forward_mapped(const torch::Tensor& x, const torch::Tensor& mapped) {
     const int64_t b = x.size(0);
     const int64_t c = x.size(1);
     const int64_t h = x.size(2);
     const int64_t w = x.size(3);
-    auto kv = kv_mapper->forward(cond);
+    torch::Tensor kv = mapped;
     // [B, C, H, W] -> [B, H*W, C]
     auto norm_x = layer_norm_2d(x).reshape({b, c, h * w}).transpose(1, 2);
     if (self_attn) kv = torch::cat({norm_x, kv}, 1);

@@ -40,6 +40,8 @@ struct TimestepBlockImpl : torch::nn::Module {
     TimestepBlockImpl(int64_t c, int64_t c_timestep);
     // x: [B, C, H, W], t: [B, c_timestep] -> [B, C, H, W]
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
+    // The same with t already mapped: ab = mapper(t), [B, 2C] (any strides).
+    torch::Tensor modulate(const torch::Tensor& x, const torch::Tensor& ab);
     torch::nn::Linear mapper{nullptr};
 };
 TORCH_MODULE(TimestepBlock);
@@ -93,6 +95,10 @@ struct AttnBlockImpl : torch::nn::Module {
     AttnBlockImpl(int64_t c, int64_t c_cond, int64_t nhead, bool self_attn = true);
     // x: [B, C, H, W], cond: [B, M, c_cond] -> [B, C, H, W]
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cond);
+    // The same with cond already mapped: kv = kv_mapper(cond), [B, M, C] (any strides).
+    torch::Tensor forward_mapped(const torch::Tensor& x, const torch::Tensor& kv);
+    // kv_mapper's Linear (index 1, after the SiLU).
+    torch::nn::LinearImpl& kv_linear();
     bool self_attn;
     Attention attention{nullptr};
     torch::nn::Sequential kv_mapper{nullptr};  // {0: SiLU, 1: Linear}

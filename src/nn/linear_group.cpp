@@ -1,0 +1,111 @@
+#include "nn/linear_group.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/utils.h>
+
+#include "wuerstchen/lora.h"
+
+namespace wuerstchen::nn {
+
+namespace {
+
+// Whether layer's forward would add an unmerged LoRA branch (LoraLinearImpl::forward's test).
+bool lora_contributes(const torch::nn::LinearImpl& layer) {
+    const auto* lora = dynamic_cast<const LoraLinearImpl*>(&layer);
+    if (lora == nullptr || !lora->lora_enabled()) return false;
+    for (const auto& a : lora->adapters())
+        if (a.active && !a.merged && a.weight != 0.0) return true;
+    return false;
+}
+
+bool has_shape(const torch::Tensor& t, std::initializer_list<int64_t> sizes) {
+    return t.defined() && t.sizes() == c10::IntArrayRef(sizes);
+}
+
+}  // namespace
+
+LinearGroup::LinearGroup(std::vector<torch::nn::LinearImpl*> layers) : layers_(std::move(layers)) {
+    offsets_.reserve(layers_.size() + 1);
+    offsets_.push_back(0);
+    for (const auto* layer : layers_) {
+        const bool shaped = layer != nullptr && layer->weight.defined() && layer->weight.dim() == 2;
+        offsets_.push_back(offsets_.back() + (shaped ? layer->weight.size(0) : 0));
+    }
+}
+
+bool LinearGroup::packable() const {
+    if (layers_.empty() || layers_[0] == nullptr || !layers_[0]->weight.defined() ||
+        layers_[0]->weight.dim() != 2)
+        return false;
+    const torch::Tensor& w0 = layers_[0]->weight;
+    const int64_t in = w0.size(1);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        const auto* layer = layers_[i];
+        if (layer == nullptr) return false;
+        const torch::Tensor& w = layer->weight;
+        const torch::Tensor& b = layer->bias;
+        if (!has_shape(w, {out_features(i), in}) || !has_shape(b, {out_features(i)})) return false;
+        for (const auto* t : {&w, &b})
+            if (t->scalar_type() != w0.scalar_type() || t->device() != w0.device()) return false;
+        if (lora_contributes(*layer)) return false;
+    }
+    return true;
+}
+
+bool LinearGroup::ready(const torch::Device& device) const {
+    if (!packable() || layers_[0]->weight.device() != device) return false;
+    const torch::Tensor& w0 = layers_[0]->weight;
+    const torch::Tensor& b0 = layers_[0]->bias;
+    const int64_t in = w0.size(1);
+    const int64_t item = w0.element_size();
+    const auto* w_base = static_cast<const char*>(w0.data_ptr());
+    const auto* b_base = static_cast<const char*>(b0.data_ptr());
+    const bool grad = at::GradMode::is_enabled();
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        const torch::Tensor& w = layers_[i]->weight;
+        const torch::Tensor& b = layers_[i]->bias;
+        // Rows offset(i).. of the weight buffer (which w0 starts) and the same of the bias one.
+        if (!w.is_alias_of(w0) || !b.is_alias_of(b0) || !w.is_contiguous() || b.stride(0) != 1)
+            return false;
+        if (static_cast<const char*>(w.data_ptr()) != w_base + offset(i) * in * item ||
+            static_cast<const char*>(b.data_ptr()) != b_base + offset(i) * item)
+            return false;
+        if (grad && (w.requires_grad() || b.requires_grad())) return false;
+    }
+    return true;
+}
+
+bool LinearGroup::pack() {
+    if (!packable()) return false;
+    const torch::Tensor& w0 = layers_[0]->weight;
+    if (ready(w0.device())) return true;
+    // set_data refuses inference tensors: the buffers are made outside InferenceMode.
+    c10::InferenceMode not_inference(/*enabled=*/false);
+    torch::NoGradGuard no_grad;
+    const auto weights = at::empty({total_out(), w0.size(1)}, w0.options());
+    const auto biases = at::empty({total_out()}, w0.options());
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        auto w = weights.narrow(0, offset(i), out_features(i));
+        auto b = biases.narrow(0, offset(i), out_features(i));
+        w.copy_(layers_[i]->weight);
+        b.copy_(layers_[i]->bias);
+        layers_[i]->weight.set_data(w);
+        layers_[i]->bias.set_data(b);
+    }
+    return true;
+}
+
+torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
+    TORCH_CHECK(ready(x.device()), "LinearGroup::forward: the layers are not packed on ",
+                x.device());
+    // Views of the whole buffers from the first layer's rows (ready() placed every layer there).
+    const torch::Tensor& w0 = layers_[0]->weight;
+    const int64_t in = w0.size(1);
+    const auto weight = w0.detach().as_strided({total_out(), in}, {in, 1});
+    const auto bias = layers_[0]->bias.detach().as_strided({total_out()}, {1});
+    return at::linear(x, weight, bias);
+}
+
+}  // namespace wuerstchen::nn

@@ -1,0 +1,54 @@
+#pragma once
+
+// Linear layers of different blocks that read the same input, run as one matrix product.
+//
+// Each attention block of the prior and the decoder maps the same text condition with its own
+// kv_mapper, and each timestep block maps the same r-embedding with its own mapper: per step,
+// 32 to 52 small matrix products (and as many SiLUs) whose launches cost more GPU time than
+// their arithmetic. pack() moves such layers' weights into one buffer, back to back, and their
+// biases into another; each layer's parameters then view their rows of it (same names, shapes
+// and values; no extra memory), and forward() is one product over the whole buffer, whose
+// columns [offset(i), offset(i) + out(i)) are layer i's output.
+//
+// The layers stay ordinary modules: anything that replaces a parameter's tensor (a move to
+// another device or dtype, a LoRA fuse, sequential offload's swaps) unpacks it, and ready() then
+// says no, so the caller maps per layer as before. A group holds no tensors of its own.
+
+#include <torch/nn/modules/linear.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace wuerstchen::nn {
+
+class LinearGroup {
+public:
+    // The layers in output order. They must outlive the group (groups are made per call).
+    explicit LinearGroup(std::vector<torch::nn::LinearImpl*> layers);
+
+    // Packs the layers unless ready() already holds. Does nothing (and returns false) when they
+    // cannot be packed: no layers, differing input sizes, dtypes or devices, a layer without
+    // bias, or an unmerged LoRA adapter that contributes.
+    bool pack();
+
+    // forward() may run for input on `device`: the layers are packed there, no unmerged LoRA
+    // adapter contributes, and no gradient is wanted for their weights.
+    bool ready(const torch::Device& device) const;
+
+    // x: [..., in] -> [..., total_out()]. Only when ready(x.device()).
+    torch::Tensor forward(const torch::Tensor& x) const;
+
+    size_t size() const { return layers_.size(); }
+    int64_t offset(size_t i) const { return offsets_[i]; }
+    int64_t out_features(size_t i) const { return offsets_[i + 1] - offsets_[i]; }
+    int64_t total_out() const { return offsets_.back(); }
+
+private:
+    bool packable() const;
+
+    std::vector<torch::nn::LinearImpl*> layers_;
+    std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
+};
+
+}  // namespace wuerstchen::nn

@@ -1,0 +1,261 @@
+// LinearGroup and the models' pack_condition_mappers: packed layers keep their parameters (names,
+// shapes, values), one product over the packed buffers gives each layer's own output, anything
+// that replaces a packed weight makes the group decline (so the caller maps per layer), and the
+// prior and decoder compute the same with and without packing.
+
+#include <ATen/record_function.h>
+#include <c10/core/InferenceMode.h>
+#include <gtest/gtest.h>
+#include <torch/nn/modules/linear.h>
+
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "nn/blocks.h"
+#include "nn/linear_group.h"
+#include "test_util.h"
+#include "wuerstchen/diffnext.h"
+#include "wuerstchen/lora.h"
+#include "wuerstchen/prior.h"
+#include "wuerstchen/weights.h"
+
+namespace wuerstchen {
+namespace {
+
+using test::all_close;
+
+// Three LoRA-capable layers of one input size, as the blocks hold them.
+struct Layers {
+    Layers() {
+        torch::manual_seed(7);
+        for (int64_t out : {5, 3, 8}) layers.push_back(make_lora_linear(6, out));
+    }
+    std::vector<torch::nn::LinearImpl*> raw() const {
+        std::vector<torch::nn::LinearImpl*> out;
+        for (const auto& l : layers) out.push_back(l.ptr().get());
+        return out;
+    }
+    // Each layer's own forward, joined along the last dimension.
+    torch::Tensor separate(const torch::Tensor& x) const {
+        std::vector<torch::Tensor> parts;
+        for (const auto& l : layers) parts.push_back(lora_forward(l, x));
+        return torch::cat(parts, -1);
+    }
+    std::vector<torch::nn::Linear> layers;
+};
+
+TEST(LinearGroup, PackKeepsParametersAndComputesEachLayer) {
+    Layers l;
+    std::vector<torch::Tensor> before;
+    for (const auto& layer : l.layers)
+        for (const auto& p : layer->parameters()) before.push_back(p.detach().clone());
+    const auto x = torch::randn({2, 4, 6});
+    const auto expected = l.separate(x);
+
+    nn::LinearGroup group(l.raw());
+    EXPECT_EQ(group.size(), 3u);
+    EXPECT_EQ(group.total_out(), 16);
+    EXPECT_EQ(group.offset(1), 5);
+    EXPECT_EQ(group.out_features(2), 8);
+    torch::NoGradGuard no_grad;
+    EXPECT_FALSE(group.ready(torch::kCPU));
+    ASSERT_TRUE(group.pack());
+    EXPECT_TRUE(group.ready(torch::kCPU));
+    EXPECT_TRUE(group.pack());  // already packed: nothing to do
+
+    // Same values and shapes, now rows of one buffer: layer i starts offset(i) rows in.
+    size_t k = 0;
+    for (const auto& layer : l.layers)
+        for (const auto& p : layer->parameters()) EXPECT_TRUE(torch::equal(p, before[k++]));
+    const auto& w0 = l.layers[0]->weight;
+    for (size_t i = 0; i < l.layers.size(); ++i) {
+        EXPECT_TRUE(l.layers[i]->weight.is_alias_of(w0));
+        EXPECT_EQ(l.layers[i]->weight.data_ptr<float>(),
+                  w0.data_ptr<float>() + group.offset(i) * 6);
+        EXPECT_EQ(l.layers[i]->bias.data_ptr<float>(),
+                  l.layers[0]->bias.data_ptr<float>() + group.offset(i));
+    }
+    // One product for all; each layer's own forward still reads its rows.
+    EXPECT_TRUE(all_close("packed group vs separate layers", group.forward(x), expected, 1e-6));
+    EXPECT_TRUE(all_close("separate layers after packing", l.separate(x), expected, 0.0));
+}
+
+TEST(LinearGroup, DeclinesWhatItCannotPack) {
+    torch::NoGradGuard no_grad;
+    EXPECT_FALSE(nn::LinearGroup({}).pack());
+    auto a = make_lora_linear(6, 4);
+    auto other_input = make_lora_linear(5, 4);
+    auto no_bias = make_lora_linear(6, 4, /*bias=*/false);
+    auto half = make_lora_linear(6, 4);
+    half->to(torch::kHalf);
+    for (auto* b : {other_input.get(), no_bias.get(), half.get()}) {
+        const void* where = a->weight.data_ptr();
+        nn::LinearGroup group({a.get(), b});
+        EXPECT_FALSE(group.pack());
+        EXPECT_FALSE(group.ready(torch::kCPU));
+        EXPECT_EQ(a->weight.data_ptr(), where);  // untouched
+    }
+    nn::LinearGroup group({a.get(), nullptr});
+    EXPECT_FALSE(group.pack());
+}
+
+TEST(LinearGroup, ReplacedWeightsUnpackAndRepack) {
+    Layers l;
+    nn::LinearGroup group(l.raw());
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(group.pack());
+    // A move elsewhere (here: a fresh tensor, as Module::to and LoRA fuse make) unpacks.
+    l.layers[1]->weight.set_data(l.layers[1]->weight.clone() * 2);
+    EXPECT_FALSE(group.ready(torch::kCPU));
+    const auto x = torch::randn({3, 6});
+    const auto expected = l.separate(x);
+    ASSERT_TRUE(group.pack());
+    EXPECT_TRUE(group.ready(torch::kCPU));
+    EXPECT_TRUE(all_close("repacked group", group.forward(x), expected, 1e-6));
+    // Not on another device than the weights', and not where gradients are wanted.
+    EXPECT_FALSE(group.ready(torch::Device(torch::kCUDA, 0)));
+    {
+        torch::AutoGradMode grad(true);
+        EXPECT_TRUE(l.layers[0]->weight.requires_grad());  // libtorch's default
+        EXPECT_FALSE(group.ready(torch::kCPU));
+        for (const auto& layer : l.layers)
+            for (auto& p : layer->parameters()) p.set_requires_grad(false);
+        EXPECT_TRUE(group.ready(torch::kCPU));
+    }
+}
+
+TEST(LinearGroup, ContributingLoraAdapterDeclinesUntilFused) {
+    Layers l;
+    nn::LinearGroup group(l.raw());
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(group.pack());
+    auto* lora = dynamic_cast<LoraLinearImpl*>(l.layers[2].get());
+    ASSERT_NE(lora, nullptr);
+    lora->add_adapter("style", torch::randn({2, 6}), torch::randn({8, 2}), /*alpha=*/2.0);
+    EXPECT_FALSE(group.ready(torch::kCPU));  // the branch would be missed
+    EXPECT_FALSE(group.pack());
+    lora->set_lora_enabled(false);
+    EXPECT_TRUE(group.ready(torch::kCPU));
+    lora->set_lora_enabled(true);
+    // Fused: the weight holds the branch (a new tensor); repacked, the group computes it.
+    lora->fuse();
+    const auto x = torch::randn({3, 6});
+    const auto expected = l.separate(x);
+    EXPECT_FALSE(group.ready(torch::kCPU));
+    ASSERT_TRUE(group.pack());
+    EXPECT_TRUE(all_close("group with a fused adapter", group.forward(x), expected, 1e-5));
+}
+
+// Whether the kv mappers of the model's attention blocks sit back to back in one buffer.
+bool kv_mappers_packed(torch::nn::Module& model) {
+    std::vector<torch::Tensor> weights;
+    for (const auto& item : model.named_parameters())
+        if (item.key().find("kv_mapper.1.weight") != std::string::npos)
+            weights.push_back(item.value());
+    if (weights.size() < 2) return false;
+    for (size_t i = 1; i < weights.size(); ++i) {
+        const auto* end =
+            static_cast<const char*>(weights[i - 1].data_ptr()) + weights[i - 1].nbytes();
+        if (!weights[i].is_alias_of(weights[0]) || weights[i].data_ptr() != end) return false;
+    }
+    return true;
+}
+
+// How many times `op` (e.g. "aten::silu") is dispatched on this thread while `run` runs.
+thread_local const char* counted_op = nullptr;
+thread_local int op_count = 0;
+int count_op(const char* op, const std::function<void()>& run) {
+    counted_op = op;
+    op_count = 0;
+    auto on_start = [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+        if (std::strcmp(fn.name(), counted_op) == 0) ++op_count;
+        return nullptr;
+    };
+    const auto handle = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(on_start).scopes({at::RecordScope::FUNCTION}));
+    run();
+    at::removeCallback(handle);
+    return op_count;
+}
+
+TEST(PackedMappers, LoadersPackUnlessOffloading) {
+    const std::string prior_dir = test::data_path("tiny-wuerstchen-prior/prior");
+    const std::string decoder_dir = test::data_path("tiny-wuerstchen/decoder");
+    auto prior = load_prior(prior_dir);
+    auto decoder = load_diffnext(decoder_dir);
+    EXPECT_TRUE(kv_mappers_packed(*prior));
+    EXPECT_TRUE(kv_mappers_packed(*decoder));
+    LoadOptions offload;
+    offload.offload = true;
+    EXPECT_FALSE(kv_mappers_packed(*load_prior(prior_dir, offload)));
+    EXPECT_FALSE(kv_mappers_packed(*load_diffnext(decoder_dir, offload)));
+}
+
+TEST(PackedMappers, PriorSameWithAndWithoutPacking) {
+    const auto ref = test::reference("prior_forward");
+    const std::string dir = test::data_path("tiny-wuerstchen-prior/prior");
+    LoadOptions unpacked;
+    unpacked.offload = true;  // the loaders leave offloaded models unpacked
+    auto packed = load_prior(dir);
+    auto plain = load_prior(dir, unpacked);
+    ASSERT_TRUE(kv_mappers_packed(*packed));
+    ASSERT_FALSE(kv_mappers_packed(*plain));
+    c10::InferenceMode guard;
+    const auto x = test::ref_tensor(ref, "x");
+    const auto r = test::ref_tensor(ref, "r");
+    const auto c = test::ref_tensor(ref, "c");
+    torch::Tensor expected, out;
+    // kv_mapper is SiLU then Linear: per block, a SiLU each; packed, one for all.
+    const int depth = plain->config().depth;
+    EXPECT_EQ(count_op("aten::silu", [&] { expected = plain->forward(x, r, c); }), depth);
+    EXPECT_EQ(count_op("aten::silu", [&] { out = packed->forward(x, r, c); }), 1);
+    // The same products, grouped: equal up to the matrix library's summation order.
+    EXPECT_TRUE(all_close("prior forward, packed vs per block", out, expected,
+                          test::scaled_tol(expected, 1e-6)));
+}
+
+TEST(PackedMappers, DecoderSameWithAndWithoutPacking) {
+    const auto ref = test::reference("decoder_forward");
+    const std::string dir = test::data_path("tiny-wuerstchen/decoder");
+    LoadOptions unpacked;
+    unpacked.offload = true;
+    auto packed = load_diffnext(dir);
+    auto plain = load_diffnext(dir, unpacked);
+    ASSERT_TRUE(kv_mappers_packed(*packed));
+    ASSERT_FALSE(kv_mappers_packed(*plain));
+    c10::InferenceMode guard;
+    const auto x = test::ref_tensor(ref, "x");
+    const auto r = test::ref_tensor(ref, "r");
+    const auto effnet = test::ref_tensor(ref, "effnet");
+    const auto clip = test::ref_tensor(ref, "clip");
+    torch::Tensor expected, out;
+    const int attention_blocks =
+        count_op("aten::silu", [&] { expected = plain->forward(x, r, effnet, clip); });
+    EXPECT_GT(attention_blocks, 1);
+    EXPECT_EQ(count_op("aten::silu", [&] { out = packed->forward(x, r, effnet, clip); }), 1);
+    EXPECT_TRUE(all_close("decoder forward, packed vs per block", out, expected,
+                          test::scaled_tol(expected, 1e-6)));
+}
+
+TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
+    // Packed parameters are views of one buffer, with each layer's name, shape and values.
+    auto prior = load_prior(test::data_path("tiny-wuerstchen-prior/prior"));
+    ASSERT_TRUE(kv_mappers_packed(*prior));
+    LoadOptions unpacked;
+    unpacked.offload = true;
+    auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked);
+    const auto a = prior->named_parameters();
+    const auto b = plain->named_parameters();
+    ASSERT_EQ(a.size(), b.size());
+    for (const auto& item : a) {
+        const auto* other = b.find(item.key());
+        ASSERT_NE(other, nullptr) << item.key();
+        EXPECT_EQ(item.value().sizes(), other->sizes()) << item.key();
+        EXPECT_TRUE(torch::equal(item.value(), *other)) << item.key();
+    }
+}
+
+}  // namespace
+}  // namespace wuerstchen
