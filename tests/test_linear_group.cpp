@@ -16,9 +16,15 @@
 #include "nn/blocks.h"
 #include "nn/linear_group.h"
 #include "test_util.h"
+#include "wuerstchen/clip_text_model.h"
+#include "wuerstchen/clip_tokenizer.h"
+#include "wuerstchen/decoder_pipeline.h"
 #include "wuerstchen/diffnext.h"
 #include "wuerstchen/lora.h"
+#include "wuerstchen/paella_vq.h"
 #include "wuerstchen/prior.h"
+#include "wuerstchen/prior_pipeline.h"
+#include "wuerstchen/scheduler.h"
 #include "wuerstchen/weights.h"
 
 namespace wuerstchen {
@@ -191,6 +197,29 @@ TEST(PackedMappers, LoadersPackUnlessOffloading) {
     offload.offload = true;
     EXPECT_FALSE(kv_mappers_packed(*load_prior(prior_dir, offload)));
     EXPECT_FALSE(kv_mappers_packed(*load_diffnext(decoder_dir, offload)));
+}
+
+TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
+    // Modules a program loaded unpacked (here: the loaders' offload form, which on the CPU runs
+    // resident) get packed by the pipelines that run them.
+    LoadOptions unpacked;
+    unpacked.offload = true;
+    const std::string prior_dir = test::data_path("tiny-wuerstchen-prior");
+    auto prior = load_prior(prior_dir + "/prior", unpacked);
+    ASSERT_FALSE(kv_mappers_packed(*prior));
+    PriorPipeline prior_pipe(CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
+                             load_clip_text_model(prior_dir + "/text_encoder", unpacked), prior,
+                             DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
+    EXPECT_TRUE(kv_mappers_packed(*prior));
+
+    const std::string decoder_dir = test::data_path("tiny-wuerstchen");
+    auto decoder = load_diffnext(decoder_dir + "/decoder", unpacked);
+    ASSERT_FALSE(kv_mappers_packed(*decoder));
+    DecoderComponents parts{CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
+                            load_clip_text_model(decoder_dir + "/text_encoder", unpacked), decoder,
+                            load_paella_vq(decoder_dir + "/vqgan", unpacked)};
+    const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
+    EXPECT_TRUE(kv_mappers_packed(*decoder));
 }
 
 TEST(PackedMappers, PriorSameWithAndWithoutPacking) {
