@@ -29,7 +29,7 @@
 #   variants batch 1 in fp16 with graphs and channels-last (NHWC spares the layout copies around
 #            norms and convolutions: a candidate for the targets), with cuDNN's benchmark mode
 #            (timed algorithm choice per convolution shape, e.g. the depthwise ones), with both;
-#            batch 4 channels-last; batch 1 bf16 with graphs
+#            batch 4 with graphs and channels-last; batch 1 bf16 with graphs
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
 #   memory   batch 1 with --offload and with --sequential-offload

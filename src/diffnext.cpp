@@ -177,6 +177,7 @@ struct WuerstchenDiffNeXtImpl::Conditions {
     size_t t_next = 0, kv_next = 0;
 
     static torch::Tensor take(const torch::Tensor& all, const nn::LinearGroup& group, size_t& i) {
+        TORCH_CHECK(i < group.size(), "WuerstchenDiffNeXt: more blocks than condition mappers");
         const size_t k = i++;
         return all.narrow(-1, group.offset(k), group.out_features(k));
     }

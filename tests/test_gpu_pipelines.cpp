@@ -152,6 +152,16 @@ TEST_F(GpuPipelines, PackedMappersMatchPerBlock) {
         auto per_block = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"),
                                                            on_cuda(dtype));
         unpack_condition_mappers(per_block);
+        for (auto* pipe : {&packed, &per_block}) {
+            const bool expected = pipe == &packed;
+            for (torch::nn::Module* model :
+                 {static_cast<torch::nn::Module*>(pipe->prior_pipeline().prior().get()),
+                  static_cast<torch::nn::Module*>(pipe->decoder_pipeline().decoder().get())}) {
+                EXPECT_EQ(test::stored_back_to_back(*model, "kv_mapper.1.weight"), expected)
+                    << what;
+                EXPECT_EQ(test::stored_back_to_back(*model, ".mapper.weight"), expected) << what;
+            }
+        }
         expect_same_output(what, packed(test::combined_seed42_options()),
                            per_block(test::combined_seed42_options()),
                            dtype == torch::kFloat32 ? 1e-5 : 2e-2);

@@ -8,8 +8,8 @@
 #include <gtest/gtest.h>
 #include <torch/nn/modules/linear.h>
 
-#include <cstring>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -126,6 +126,11 @@ TEST(LinearGroup, ReplacedWeightsUnpackAndRepack) {
         torch::AutoGradMode grad(true);
         EXPECT_TRUE(l.layers[0]->weight.requires_grad());  // libtorch's default
         EXPECT_FALSE(group.ready(torch::kCPU));
+        // Still packed: pack() leaves it as it is.
+        const void* where = l.layers[0]->weight.data_ptr();
+        EXPECT_TRUE(group.packed(torch::kCPU));
+        EXPECT_TRUE(group.pack());
+        EXPECT_EQ(l.layers[0]->weight.data_ptr(), where);
         for (const auto& layer : l.layers)
             for (auto& p : layer->parameters()) p.set_requires_grad(false);
         EXPECT_TRUE(group.ready(torch::kCPU));
@@ -141,7 +146,8 @@ TEST(LinearGroup, ContributingLoraAdapterDeclinesUntilFused) {
     ASSERT_NE(lora, nullptr);
     lora->add_adapter("style", torch::randn({2, 6}), torch::randn({8, 2}), /*alpha=*/2.0);
     EXPECT_FALSE(group.ready(torch::kCPU));  // the branch would be missed
-    EXPECT_FALSE(group.pack());
+    EXPECT_TRUE(group.packed(torch::kCPU));  // the layout stays
+    EXPECT_TRUE(group.pack());
     lora->set_lora_enabled(false);
     EXPECT_TRUE(group.ready(torch::kCPU));
     lora->set_lora_enabled(true);
@@ -154,36 +160,44 @@ TEST(LinearGroup, ContributingLoraAdapterDeclinesUntilFused) {
     EXPECT_TRUE(all_close("group with a fused adapter", group.forward(x), expected, 1e-5));
 }
 
-// Whether the kv mappers of the model's attention blocks sit back to back in one buffer.
-bool kv_mappers_packed(torch::nn::Module& model) {
-    std::vector<torch::Tensor> weights;
-    for (const auto& item : model.named_parameters())
-        if (item.key().find("kv_mapper.1.weight") != std::string::npos)
-            weights.push_back(item.value());
-    if (weights.size() < 2) return false;
-    for (size_t i = 1; i < weights.size(); ++i) {
-        const auto* end =
-            static_cast<const char*>(weights[i - 1].data_ptr()) + weights[i - 1].nbytes();
-        if (!weights[i].is_alias_of(weights[0]) || weights[i].data_ptr() != end) return false;
-    }
-    return true;
+// Whether both kinds of condition mappers are stored packed: the attention blocks' kv_mapper
+// and the timestep blocks' mapper.
+bool mappers_packed(const torch::nn::Module& model) {
+    return test::stored_back_to_back(model, "kv_mapper.1.weight") &&
+           test::stored_back_to_back(model, "kv_mapper.1.bias") &&
+           test::stored_back_to_back(model, ".mapper.weight") &&
+           test::stored_back_to_back(model, ".mapper.bias");
+}
+bool any_mappers_packed(const torch::nn::Module& model) {
+    return test::stored_back_to_back(model, "kv_mapper.1.weight") ||
+           test::stored_back_to_back(model, ".mapper.weight");
 }
 
-// How many times `op` (e.g. "aten::silu") is dispatched on this thread while `run` runs.
-thread_local const char* counted_op = nullptr;
-thread_local int op_count = 0;
-int count_op(const char* op, const std::function<void()>& run) {
-    counted_op = op;
-    op_count = 0;
+// How many times each of `ops` (e.g. "aten::silu") is dispatched on this thread while `run`
+// runs.
+thread_local std::map<std::string, int>* op_counts = nullptr;
+std::map<std::string, int> count_ops(const std::vector<std::string>& ops,
+                                     const std::function<void()>& run) {
+    std::map<std::string, int> counts;
+    for (const auto& op : ops) counts[op] = 0;
+    op_counts = &counts;
     auto on_start = [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-        if (std::strcmp(fn.name(), counted_op) == 0) ++op_count;
+        const auto it = op_counts->find(fn.name());
+        if (it != op_counts->end()) ++it->second;
         return nullptr;
     };
     const auto handle = at::addThreadLocalCallback(
         at::RecordFunctionCallback(on_start).scopes({at::RecordScope::FUNCTION}));
     run();
     at::removeCallback(handle);
-    return op_count;
+    op_counts = nullptr;
+    return counts;
+}
+
+// SiLU, and the matrix products a Linear runs as (mm or addmm, by input rank and version).
+const std::vector<std::string> kCounted = {"aten::silu", "aten::mm", "aten::addmm"};
+int products(const std::map<std::string, int>& counts) {
+    return counts.at("aten::mm") + counts.at("aten::addmm");
 }
 
 TEST(PackedMappers, LoadersPackUnlessOffloading) {
@@ -191,12 +205,12 @@ TEST(PackedMappers, LoadersPackUnlessOffloading) {
     const std::string decoder_dir = test::data_path("tiny-wuerstchen/decoder");
     auto prior = load_prior(prior_dir);
     auto decoder = load_diffnext(decoder_dir);
-    EXPECT_TRUE(kv_mappers_packed(*prior));
-    EXPECT_TRUE(kv_mappers_packed(*decoder));
+    EXPECT_TRUE(mappers_packed(*prior));
+    EXPECT_TRUE(mappers_packed(*decoder));
     LoadOptions offload;
     offload.offload = true;
-    EXPECT_FALSE(kv_mappers_packed(*load_prior(prior_dir, offload)));
-    EXPECT_FALSE(kv_mappers_packed(*load_diffnext(decoder_dir, offload)));
+    EXPECT_FALSE(any_mappers_packed(*load_prior(prior_dir, offload)));
+    EXPECT_FALSE(any_mappers_packed(*load_diffnext(decoder_dir, offload)));
 }
 
 TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
@@ -206,20 +220,20 @@ TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     unpacked.offload = true;
     const std::string prior_dir = test::data_path("tiny-wuerstchen-prior");
     auto prior = load_prior(prior_dir + "/prior", unpacked);
-    ASSERT_FALSE(kv_mappers_packed(*prior));
+    ASSERT_FALSE(any_mappers_packed(*prior));
     PriorPipeline prior_pipe(CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
                              load_clip_text_model(prior_dir + "/text_encoder", unpacked), prior,
                              DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
-    EXPECT_TRUE(kv_mappers_packed(*prior));
+    EXPECT_TRUE(mappers_packed(*prior));
 
     const std::string decoder_dir = test::data_path("tiny-wuerstchen");
     auto decoder = load_diffnext(decoder_dir + "/decoder", unpacked);
-    ASSERT_FALSE(kv_mappers_packed(*decoder));
+    ASSERT_FALSE(any_mappers_packed(*decoder));
     DecoderComponents parts{CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
                             load_clip_text_model(decoder_dir + "/text_encoder", unpacked), decoder,
                             load_paella_vq(decoder_dir + "/vqgan", unpacked)};
     const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
-    EXPECT_TRUE(kv_mappers_packed(*decoder));
+    EXPECT_TRUE(mappers_packed(*decoder));
 }
 
 TEST(PackedMappers, PriorSameWithAndWithoutPacking) {
@@ -229,17 +243,21 @@ TEST(PackedMappers, PriorSameWithAndWithoutPacking) {
     unpacked.offload = true;  // the loaders leave offloaded models unpacked
     auto packed = load_prior(dir);
     auto plain = load_prior(dir, unpacked);
-    ASSERT_TRUE(kv_mappers_packed(*packed));
-    ASSERT_FALSE(kv_mappers_packed(*plain));
+    ASSERT_TRUE(mappers_packed(*packed));
+    ASSERT_FALSE(any_mappers_packed(*plain));
     c10::InferenceMode guard;
     const auto x = test::ref_tensor(ref, "x");
     const auto r = test::ref_tensor(ref, "r");
     const auto c = test::ref_tensor(ref, "c");
     torch::Tensor expected, out;
-    // kv_mapper is SiLU then Linear: per block, a SiLU each; packed, one for all.
+    const auto per_block = count_ops(kCounted, [&] { expected = plain->forward(x, r, c); });
+    const auto grouped = count_ops(kCounted, [&] { out = packed->forward(x, r, c); });
+    // kv_mapper is SiLU then Linear: per block a SiLU each, packed one for all; and one matrix
+    // product for all kv mappers and one for all timestep mappers instead of one per block each.
     const int depth = plain->config().depth;
-    EXPECT_EQ(count_op("aten::silu", [&] { expected = plain->forward(x, r, c); }), depth);
-    EXPECT_EQ(count_op("aten::silu", [&] { out = packed->forward(x, r, c); }), 1);
+    EXPECT_EQ(per_block.at("aten::silu"), depth);
+    EXPECT_EQ(grouped.at("aten::silu"), 1);
+    EXPECT_EQ(products(per_block) - products(grouped), 2 * (depth - 1));
     // The same products, grouped: equal up to the matrix library's summation order.
     EXPECT_TRUE(all_close("prior forward, packed vs per block", out, expected,
                           test::scaled_tol(expected, 1e-6)));
@@ -252,18 +270,25 @@ TEST(PackedMappers, DecoderSameWithAndWithoutPacking) {
     unpacked.offload = true;
     auto packed = load_diffnext(dir);
     auto plain = load_diffnext(dir, unpacked);
-    ASSERT_TRUE(kv_mappers_packed(*packed));
-    ASSERT_FALSE(kv_mappers_packed(*plain));
+    ASSERT_TRUE(mappers_packed(*packed));
+    ASSERT_FALSE(any_mappers_packed(*plain));
     c10::InferenceMode guard;
     const auto x = test::ref_tensor(ref, "x");
     const auto r = test::ref_tensor(ref, "r");
     const auto effnet = test::ref_tensor(ref, "effnet");
     const auto clip = test::ref_tensor(ref, "clip");
     torch::Tensor expected, out;
-    const int attention_blocks =
-        count_op("aten::silu", [&] { expected = plain->forward(x, r, effnet, clip); });
-    EXPECT_GT(attention_blocks, 1);
-    EXPECT_EQ(count_op("aten::silu", [&] { out = packed->forward(x, r, effnet, clip); }), 1);
+    const auto per_block =
+        count_ops(kCounted, [&] { expected = plain->forward(x, r, effnet, clip); });
+    const auto grouped = count_ops(kCounted, [&] { out = packed->forward(x, r, effnet, clip); });
+    const int attention =
+        static_cast<int>(test::parameters_named(*plain, "kv_mapper.1.weight").size());
+    const int timestep = static_cast<int>(test::parameters_named(*plain, ".mapper.weight").size());
+    ASSERT_GT(attention, 1);
+    ASSERT_GT(timestep, 1);
+    EXPECT_EQ(per_block.at("aten::silu"), attention);
+    EXPECT_EQ(grouped.at("aten::silu"), 1);
+    EXPECT_EQ(products(per_block) - products(grouped), (attention - 1) + (timestep - 1));
     EXPECT_TRUE(all_close("decoder forward, packed vs per block", out, expected,
                           test::scaled_tol(expected, 1e-6)));
 }
@@ -271,7 +296,7 @@ TEST(PackedMappers, DecoderSameWithAndWithoutPacking) {
 TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
     // Packed parameters are views of one buffer, with each layer's name, shape and values.
     auto prior = load_prior(test::data_path("tiny-wuerstchen-prior/prior"));
-    ASSERT_TRUE(kv_mappers_packed(*prior));
+    ASSERT_TRUE(mappers_packed(*prior));
     LoadOptions unpacked;
     unpacked.offload = true;
     auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked);

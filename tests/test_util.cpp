@@ -10,7 +10,9 @@
 
 namespace wuerstchen::test {
 
-std::string data_path(const std::string& rel) { return std::string(WUERSTCHEN_TEST_DATA) + "/" + rel; }
+std::string data_path(const std::string& rel) {
+    return std::string(WUERSTCHEN_TEST_DATA) + "/" + rel;
+}
 
 std::string shared_path(const std::string& rel) {
 #ifdef WUERSTCHEN_SHARED_DIR
@@ -78,6 +80,29 @@ void write_file(const std::string& path, const std::string& bytes) {
     std::ofstream out(path, std::ios::binary);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
+                                            const std::string& suffix) {
+    std::vector<torch::Tensor> out;
+    for (const auto& item : module.named_parameters()) {
+        const std::string& name = item.key();
+        if (name.size() >= suffix.size() &&
+            name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+            out.push_back(item.value());
+    }
+    return out;
+}
+
+bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix) {
+    const auto tensors = parameters_named(module, suffix);
+    if (tensors.size() < 2) return false;
+    for (size_t i = 1; i < tensors.size(); ++i) {
+        const auto* end =
+            static_cast<const char*>(tensors[i - 1].data_ptr()) + tensors[i - 1].nbytes();
+        if (!tensors[i].is_alias_of(tensors[0]) || tensors[i].data_ptr() != end) return false;
+    }
+    return true;
 }
 
 }  // namespace wuerstchen::test

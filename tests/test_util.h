@@ -5,9 +5,11 @@
 
 #include <ATen/Context.h>
 #include <gtest/gtest.h>
+#include <torch/nn/module.h>
 #include <torch/types.h>
 
 #include <string>
+#include <vector>
 
 #include "wuerstchen/safetensors.h"
 
@@ -63,6 +65,14 @@ std::string make_temp_dir(const std::string& prefix);
 // the dynamic linker binds callers to, and which crashed when called on libtorch 2.11.
 void remove_tree(const std::string& path);
 void write_file(const std::string& path, const std::string& bytes);
+
+// The parameters of `module` whose names end with `suffix` (e.g. "kv_mapper.1.weight"), in
+// registration order.
+std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
+                                            const std::string& suffix);
+// Whether those (at least two) are stored back to back in one buffer, in that order: the layout
+// of pack_condition_mappers (nn::LinearGroup::pack).
+bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix);
 
 }  // namespace wuerstchen::test
 

@@ -24,10 +24,11 @@ std::vector<FlagSpec> concat(std::vector<std::vector<FlagSpec>> groups);
 // --decoder-steps, --decoder-guidance.
 std::vector<FlagSpec> decoder_flags();
 // The flags load_options reads: --device, --dtype, --offload, --sequential-offload,
-// --cuda-graphs, --channels-last, --threads.
+// --cuda-graphs, --channels-last, --cudnn-benchmark, --threads.
 std::vector<FlagSpec> load_flags();
 // LoadOptions from load_flags(); UsageError for a bad value or CUDA asked for but absent.
-// Also sets libtorch's CPU thread count (--threads).
+// Also sets libtorch's CPU thread count (--threads) and cuDNN's benchmark mode
+// (--cudnn-benchmark), both process-wide.
 LoadOptions load_options(const Args& args);
 // 'default' (kDefaultStageCTimesteps) or a comma-separated list of numbers.
 std::vector<double> parse_timesteps(const std::string& flag, const std::string& text);

@@ -42,11 +42,11 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // Stores the weights of the blocks' condition mappers (every AttnBlock's kv_mapper, every
     // TimestepBlock's mapper) back to back, one buffer per kind, so that forward maps the text
     // condition and the r-embedding for all blocks in one matrix product each instead of one per
-    // block. The parameters keep their names, shapes and values, and no memory is added. The
-    // loaders and pipelines call it (except for sequential offload). Anything that later
-    // replaces those weights (a move to another device, a LoRA fuse) undoes it; forward then
-    // maps per block, as it does while an unfused LoRA adapter on a mapper contributes. Returns
-    // whether both kinds are packed.
+    // block. The parameters keep their names, shapes and values, and no weight memory is added.
+    // The loaders and pipelines call it unless offloading. Anything that later replaces those
+    // weights (a move to another device, a LoRA fuse) undoes it; forward then maps per block, as
+    // it does while an unfused LoRA adapter on a mapper contributes. Returns whether both kinds
+    // are packed (a no-op when they already are).
     bool pack_condition_mappers();
 
     // Sequential offload: the blocks (ResBlock, TimestepBlock, AttnBlock per depth) in execution

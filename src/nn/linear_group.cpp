@@ -49,12 +49,21 @@ bool LinearGroup::packable() const {
         if (!has_shape(w, {out_features(i), in}) || !has_shape(b, {out_features(i)})) return false;
         for (const auto* t : {&w, &b})
             if (t->scalar_type() != w0.scalar_type() || t->device() != w0.device()) return false;
-        if (lora_contributes(*layer)) return false;
     }
     return true;
 }
 
 bool LinearGroup::ready(const torch::Device& device) const {
+    if (!packed(device)) return false;
+    const bool grad = at::GradMode::is_enabled();
+    for (const auto* layer : layers_) {
+        if (lora_contributes(*layer)) return false;
+        if (grad && (layer->weight.requires_grad() || layer->bias.requires_grad())) return false;
+    }
+    return true;
+}
+
+bool LinearGroup::packed(const torch::Device& device) const {
     if (!packable() || layers_[0]->weight.device() != device) return false;
     const torch::Tensor& w0 = layers_[0]->weight;
     const torch::Tensor& b0 = layers_[0]->bias;
@@ -62,7 +71,6 @@ bool LinearGroup::ready(const torch::Device& device) const {
     const int64_t item = w0.element_size();
     const auto* w_base = static_cast<const char*>(w0.data_ptr());
     const auto* b_base = static_cast<const char*>(b0.data_ptr());
-    const bool grad = at::GradMode::is_enabled();
     for (size_t i = 0; i < layers_.size(); ++i) {
         const torch::Tensor& w = layers_[i]->weight;
         const torch::Tensor& b = layers_[i]->bias;
@@ -72,7 +80,6 @@ bool LinearGroup::ready(const torch::Device& device) const {
         if (static_cast<const char*>(w.data_ptr()) != w_base + offset(i) * in * item ||
             static_cast<const char*>(b.data_ptr()) != b_base + offset(i) * item)
             return false;
-        if (grad && (w.requires_grad() || b.requires_grad())) return false;
     }
     return true;
 }
@@ -80,7 +87,7 @@ bool LinearGroup::ready(const torch::Device& device) const {
 bool LinearGroup::pack() {
     if (!packable()) return false;
     const torch::Tensor& w0 = layers_[0]->weight;
-    if (ready(w0.device())) return true;
+    if (packed(w0.device())) return true;
     // set_data refuses inference tensors: the buffers are made outside InferenceMode.
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;

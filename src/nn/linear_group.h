@@ -27,13 +27,17 @@ public:
     // The layers in output order. They must outlive the group (groups are made per call).
     explicit LinearGroup(std::vector<torch::nn::LinearImpl*> layers);
 
-    // Packs the layers unless ready() already holds. Does nothing (and returns false) when they
-    // cannot be packed: no layers, differing input sizes, dtypes or devices, a layer without
-    // bias, or an unmerged LoRA adapter that contributes.
+    // Packs the layers unless packed() already holds; returns packed(). Does nothing (and
+    // returns false) when they cannot be packed: no layers, differing input sizes, dtypes or
+    // devices, or a layer without bias.
     bool pack();
 
-    // forward() may run for input on `device`: the layers are packed there, no unmerged LoRA
-    // adapter contributes, and no gradient is wanted for their weights.
+    // The layers' weights and biases are the rows of one buffer each, in order (pack()'s
+    // layout), on `device`.
+    bool packed(const torch::Device& device) const;
+
+    // forward() may run for input on `device`: packed(device), no unmerged LoRA adapter
+    // contributes, and no gradient is wanted for the weights.
     bool ready(const torch::Device& device) const;
 
     // x: [..., in] -> [..., total_out()]. Only when ready(x.device()).
@@ -45,7 +49,7 @@ public:
     int64_t total_out() const { return offsets_.back(); }
 
 private:
-    bool packable() const;
+    bool packable() const;  // one input size, dtype and device; every layer has a bias
 
     std::vector<torch::nn::LinearImpl*> layers_;
     std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
