@@ -28,12 +28,12 @@
 #            first, hence this early)
 #   variants batch 1 in fp16 with graphs and channels-last (NHWC spares the layout copies around
 #            norms and convolutions: a candidate for the targets), with cuDNN's benchmark mode
-#            (timed algorithm choice per convolution shape, e.g. the depthwise ones), with both;
-#            batch 4 with graphs and channels-last; batch 1 bf16 with graphs
+#            (timed algorithm choice per convolution shape, e.g. the depthwise ones), with both
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
 #   memory   batch 1 with --offload and with --sequential-offload
-#   eager    batch 1 without graphs (the before of the graphs' after)
+#   extras   batch 4 with graphs and channels-last, batch 1 bf16 with graphs, and batch 1 without
+#            graphs (the before of the graphs' after)
 #   summary  scripts/bench-summary.py --targets over the bench JSON files: one table (stage
 #            times, peak memory per stage) and the issue's bounds, in summary.txt
 # A failed step is reported and the next one still runs; the exit status says whether all passed.
@@ -112,7 +112,7 @@ pack() {  # copies what there is so far into $OUT, if the caller gave one
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
-[ $# -gt 0 ] || set -- build smoke headline profile variants tests memory eager summary
+[ $# -gt 0 ] || set -- build smoke headline profile variants tests memory extras summary
 for phase in "$@"; do
     if [ "$built" = 0 ] && [ "$phase" != summary ]; then
         echo "== $phase: skipped (the build or the smoke run failed)"
@@ -143,8 +143,10 @@ for phase in "$@"; do
             step "cuda cases of the cpu suite" 90 ctest --test-dir "$BUILD" -R '\.Cuda' -j 4 \
                 --output-on-failure >> "$RESULTS/gpu-tests.log" 2>&1
             ;;
-        eager)
+        extras)
             env_sh
+            bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
+            bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             bench b1-fp16-eager 90 --dtype fp16
             ;;
         memory)
@@ -167,8 +169,6 @@ for phase in "$@"; do
             bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
             bench b1-fp16-graphs-bm 90 --dtype fp16 --cuda-graphs --cudnn-benchmark
             bench b1-fp16-graphs-cl-bm 90 --dtype fp16 --cuda-graphs --channels-last --cudnn-benchmark
-            bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
-            bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             ;;
         summary)
             # Its exit status says whether every bound held; the phase itself only reports.
@@ -177,8 +177,8 @@ for phase in "$@"; do
             cat "$RESULTS/summary.txt"
             ;;
         *)
-            echo "unknown phase '$phase' (build, smoke, headline, tests, eager, memory, profile," \
-                "variants, summary)" >&2
+            echo "unknown phase '$phase' (build, smoke, headline, profile, variants, tests, memory," \
+                "extras, summary)" >&2
             exit 2
             ;;
     esac
