@@ -200,6 +200,13 @@ int products(const std::map<std::string, int>& counts) {
     return counts.at("aten::mm") + counts.at("aten::addmm");
 }
 
+// The loaders leave offloaded models unpacked.
+LoadOptions unpacked() {
+    LoadOptions o;
+    o.offload = true;
+    return o;
+}
+
 TEST(PackedMappers, LoadersPackUnlessOffloading) {
     const std::string prior_dir = test::data_path("tiny-wuerstchen-prior/prior");
     const std::string decoder_dir = test::data_path("tiny-wuerstchen/decoder");
@@ -207,99 +214,85 @@ TEST(PackedMappers, LoadersPackUnlessOffloading) {
     auto decoder = load_diffnext(decoder_dir);
     EXPECT_TRUE(mappers_packed(*prior));
     EXPECT_TRUE(mappers_packed(*decoder));
-    LoadOptions offload;
-    offload.offload = true;
-    EXPECT_FALSE(any_mappers_packed(*load_prior(prior_dir, offload)));
-    EXPECT_FALSE(any_mappers_packed(*load_diffnext(decoder_dir, offload)));
+    EXPECT_FALSE(any_mappers_packed(*load_prior(prior_dir, unpacked())));
+    EXPECT_FALSE(any_mappers_packed(*load_diffnext(decoder_dir, unpacked())));
 }
 
 TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     // Modules a program loaded unpacked (here: the loaders' offload form, which on the CPU runs
     // resident) get packed by the pipelines that run them.
-    LoadOptions unpacked;
-    unpacked.offload = true;
     const std::string prior_dir = test::data_path("tiny-wuerstchen-prior");
-    auto prior = load_prior(prior_dir + "/prior", unpacked);
+    auto prior = load_prior(prior_dir + "/prior", unpacked());
     ASSERT_FALSE(any_mappers_packed(*prior));
     PriorPipeline prior_pipe(CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
-                             load_clip_text_model(prior_dir + "/text_encoder", unpacked), prior,
+                             load_clip_text_model(prior_dir + "/text_encoder", unpacked()), prior,
                              DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
     EXPECT_TRUE(mappers_packed(*prior));
 
     const std::string decoder_dir = test::data_path("tiny-wuerstchen");
-    auto decoder = load_diffnext(decoder_dir + "/decoder", unpacked);
+    auto decoder = load_diffnext(decoder_dir + "/decoder", unpacked());
     ASSERT_FALSE(any_mappers_packed(*decoder));
     DecoderComponents parts{CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
-                            load_clip_text_model(decoder_dir + "/text_encoder", unpacked), decoder,
-                            load_paella_vq(decoder_dir + "/vqgan", unpacked)};
+                            load_clip_text_model(decoder_dir + "/text_encoder", unpacked()),
+                            decoder, load_paella_vq(decoder_dir + "/vqgan", unpacked())};
     const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
     EXPECT_TRUE(mappers_packed(*decoder));
+}
+
+// Runs forward(model) on the per-block and the packed model: per block a SiLU and a matrix
+// product for each kv_mapper (SiLU, then Linear) and a product for each timestep mapper; packed,
+// one SiLU and one product per kind. The outputs are the same products, grouped: equal up to the
+// matrix library's summation order.
+template <class Model, class Forward>
+void expect_same_in_fewer_ops(const std::string& what, Model& plain, Model& packed,
+                              Forward forward) {
+    ASSERT_TRUE(mappers_packed(*packed)) << what;
+    ASSERT_FALSE(any_mappers_packed(*plain)) << what;
+    const int attention =
+        static_cast<int>(test::parameters_named(*plain, "kv_mapper.1.weight").size());
+    const int timestep = static_cast<int>(test::parameters_named(*plain, ".mapper.weight").size());
+    ASSERT_GT(attention, 1) << what;
+    ASSERT_GT(timestep, 1) << what;
+    c10::InferenceMode guard;
+    torch::Tensor expected, out;
+    const auto per_block = count_ops(kCounted, [&] { expected = forward(plain); });
+    const auto grouped = count_ops(kCounted, [&] { out = forward(packed); });
+    EXPECT_EQ(per_block.at("aten::silu"), attention) << what;
+    EXPECT_EQ(grouped.at("aten::silu"), 1) << what;
+    EXPECT_EQ(products(per_block) - products(grouped), (attention - 1) + (timestep - 1)) << what;
+    EXPECT_TRUE(
+        all_close(what + ", packed vs per block", out, expected, test::scaled_tol(expected, 1e-6)));
 }
 
 TEST(PackedMappers, PriorSameWithAndWithoutPacking) {
     const auto ref = test::reference("prior_forward");
     const std::string dir = test::data_path("tiny-wuerstchen-prior/prior");
-    LoadOptions unpacked;
-    unpacked.offload = true;  // the loaders leave offloaded models unpacked
     auto packed = load_prior(dir);
-    auto plain = load_prior(dir, unpacked);
-    ASSERT_TRUE(mappers_packed(*packed));
-    ASSERT_FALSE(any_mappers_packed(*plain));
-    c10::InferenceMode guard;
-    const auto x = test::ref_tensor(ref, "x");
-    const auto r = test::ref_tensor(ref, "r");
-    const auto c = test::ref_tensor(ref, "c");
-    torch::Tensor expected, out;
-    const auto per_block = count_ops(kCounted, [&] { expected = plain->forward(x, r, c); });
-    const auto grouped = count_ops(kCounted, [&] { out = packed->forward(x, r, c); });
-    // kv_mapper is SiLU then Linear: per block a SiLU each, packed one for all; and one matrix
-    // product for all kv mappers and one for all timestep mappers instead of one per block each.
-    const int depth = plain->config().depth;
-    EXPECT_EQ(per_block.at("aten::silu"), depth);
-    EXPECT_EQ(grouped.at("aten::silu"), 1);
-    EXPECT_EQ(products(per_block) - products(grouped), 2 * (depth - 1));
-    // The same products, grouped: equal up to the matrix library's summation order.
-    EXPECT_TRUE(all_close("prior forward, packed vs per block", out, expected,
-                          test::scaled_tol(expected, 1e-6)));
+    auto plain = load_prior(dir, unpacked());
+    EXPECT_EQ(test::parameters_named(*plain, ".mapper.weight").size(),
+              static_cast<size_t>(plain->config().depth));
+    expect_same_in_fewer_ops("prior forward", plain, packed, [&](WuerstchenPrior& model) {
+        return model->forward(test::ref_tensor(ref, "x"), test::ref_tensor(ref, "r"),
+                              test::ref_tensor(ref, "c"));
+    });
 }
 
 TEST(PackedMappers, DecoderSameWithAndWithoutPacking) {
     const auto ref = test::reference("decoder_forward");
     const std::string dir = test::data_path("tiny-wuerstchen/decoder");
-    LoadOptions unpacked;
-    unpacked.offload = true;
     auto packed = load_diffnext(dir);
-    auto plain = load_diffnext(dir, unpacked);
-    ASSERT_TRUE(mappers_packed(*packed));
-    ASSERT_FALSE(any_mappers_packed(*plain));
-    c10::InferenceMode guard;
-    const auto x = test::ref_tensor(ref, "x");
-    const auto r = test::ref_tensor(ref, "r");
-    const auto effnet = test::ref_tensor(ref, "effnet");
-    const auto clip = test::ref_tensor(ref, "clip");
-    torch::Tensor expected, out;
-    const auto per_block =
-        count_ops(kCounted, [&] { expected = plain->forward(x, r, effnet, clip); });
-    const auto grouped = count_ops(kCounted, [&] { out = packed->forward(x, r, effnet, clip); });
-    const int attention =
-        static_cast<int>(test::parameters_named(*plain, "kv_mapper.1.weight").size());
-    const int timestep = static_cast<int>(test::parameters_named(*plain, ".mapper.weight").size());
-    ASSERT_GT(attention, 1);
-    ASSERT_GT(timestep, 1);
-    EXPECT_EQ(per_block.at("aten::silu"), attention);
-    EXPECT_EQ(grouped.at("aten::silu"), 1);
-    EXPECT_EQ(products(per_block) - products(grouped), (attention - 1) + (timestep - 1));
-    EXPECT_TRUE(all_close("decoder forward, packed vs per block", out, expected,
-                          test::scaled_tol(expected, 1e-6)));
+    auto plain = load_diffnext(dir, unpacked());
+    expect_same_in_fewer_ops("decoder forward", plain, packed, [&](WuerstchenDiffNeXt& model) {
+        return model->forward(test::ref_tensor(ref, "x"), test::ref_tensor(ref, "r"),
+                              test::ref_tensor(ref, "effnet"), test::ref_tensor(ref, "clip"));
+    });
 }
 
 TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
     // Packed parameters are views of one buffer, with each layer's name, shape and values.
     auto prior = load_prior(test::data_path("tiny-wuerstchen-prior/prior"));
     ASSERT_TRUE(mappers_packed(*prior));
-    LoadOptions unpacked;
-    unpacked.offload = true;
-    auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked);
+    auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked());
     const auto a = prior->named_parameters();
     const auto b = plain->named_parameters();
     ASSERT_EQ(a.size(), b.size());
