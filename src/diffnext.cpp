@@ -6,13 +6,11 @@
 
 #include <map>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "nn/blocks.h"
 #include "nn/init.h"
-#include "nn/linear_group.h"
 #include "wuerstchen/error.h"
 
 namespace wuerstchen {
@@ -175,38 +173,10 @@ struct WuerstchenDiffNeXtImpl::Conditions {
     nn::LinearGroup t_group, kv_group;
     torch::Tensor t_all, kv_all;
     size_t t_next = 0, kv_next = 0;
-
-    static torch::Tensor take(const torch::Tensor& all, const nn::LinearGroup& group, size_t& i) {
-        TORCH_CHECK(i < group.size(), "WuerstchenDiffNeXt: more blocks than condition mappers");
-        const size_t k = i++;
-        return all.narrow(-1, group.offset(k), group.out_features(k));
-    }
 };
 
-namespace {
-
-// The Linear layers that map the condition of the blocks of one type (TimestepBlockImpl:
-// mapper, AttnBlockImpl: kv_mapper's), in execution order.
-template <class Block>
-nn::LinearGroup condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
-    std::vector<torch::nn::LinearImpl*> layers;
-    for (auto* module : blocks) {
-        if (auto* block = dynamic_cast<Block*>(module)) {
-            if constexpr (std::is_same_v<Block, nn::AttnBlockImpl>)
-                layers.push_back(&block->kv_linear());
-            else
-                layers.push_back(block->mapper.get());
-        }
-    }
-    return nn::LinearGroup(std::move(layers));
-}
-
-}  // namespace
-
 bool WuerstchenDiffNeXtImpl::pack_condition_mappers() {
-    const auto blocks = offload_units();  // every block, in execution order
-    const bool kv = condition_mappers<nn::AttnBlockImpl>(blocks).pack();
-    return condition_mappers<nn::TimestepBlockImpl>(blocks).pack() && kv;
+    return nn::pack_condition_mappers(offload_units());
 }
 
 torch::Tensor WuerstchenDiffNeXtImpl::map_effnet(size_t index, Conditions& k,
@@ -228,12 +198,11 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
         if (!k.clip.defined())
             throw InvalidArgument("WuerstchenDiffNeXt: clip is required by the attention blocks");
         if (k.kv_all.defined())
-            return attn->forward_mapped(x, Conditions::take(k.kv_all, k.kv_group, k.kv_next));
+            return attn->forward_mapped(x, k.kv_group.columns(k.kv_all, k.kv_next++));
         return attn->forward(x, k.clip);
     }
     if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
-        if (k.t_all.defined())
-            return ts->modulate(x, Conditions::take(k.t_all, k.t_group, k.t_next));
+        if (k.t_all.defined()) return ts->modulate(x, k.t_group.columns(k.t_all, k.t_next++));
         return ts->forward(x, k.r_embed);
     }
     return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
@@ -307,8 +276,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
         throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
 
     const auto blocks = offload_units();  // every block, in execution order
-    Conditions k(condition_mappers<nn::TimestepBlockImpl>(blocks),
-                 condition_mappers<nn::AttnBlockImpl>(blocks));
+    Conditions k(nn::timestep_mappers(blocks), nn::kv_mappers(blocks));
     k.r_embed = nn::r_embedding(r, config_.c_r);
     k.clip = clip.defined() ? gen_c_embeddings(clip) : clip;
     k.effnet = effnet;

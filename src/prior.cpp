@@ -6,7 +6,6 @@
 
 #include "nn/blocks.h"
 #include "nn/init.h"
-#include "nn/linear_group.h"
 #include "wuerstchen/lora.h"
 
 namespace wuerstchen {
@@ -40,32 +39,8 @@ torch::Tensor WuerstchenPriorImpl::gen_r_embedding(const torch::Tensor& r) const
     return nn::r_embedding(r, config_.c_r);
 }
 
-namespace {
-
-// The condition mappers of the blocks, in execution order (see pack_condition_mappers).
-nn::LinearGroup kv_mappers(const std::vector<std::shared_ptr<nn::AttnBlockImpl>>& blocks) {
-    std::vector<torch::nn::LinearImpl*> layers;
-    for (const auto& block : blocks) layers.push_back(&block->kv_linear());
-    return nn::LinearGroup(std::move(layers));
-}
-
-nn::LinearGroup timestep_mappers(
-    const std::vector<std::shared_ptr<nn::TimestepBlockImpl>>& blocks) {
-    std::vector<torch::nn::LinearImpl*> layers;
-    for (const auto& block : blocks) layers.push_back(block->mapper.get());
-    return nn::LinearGroup(std::move(layers));
-}
-
-// Columns of layer i of `group` in its output `all`.
-torch::Tensor columns(const torch::Tensor& all, const nn::LinearGroup& group, size_t i) {
-    return all.narrow(-1, group.offset(i), group.out_features(i));
-}
-
-}  // namespace
-
 bool WuerstchenPriorImpl::pack_condition_mappers() {
-    const bool kv = kv_mappers(attn_blocks_).pack();
-    return timestep_mappers(timestep_blocks_).pack() && kv;
+    return nn::pack_condition_mappers(offload_units());
 }
 
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
@@ -75,20 +50,21 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     auto r_embed = gen_r_embedding(r);       // [B] -> [B, c_r]
     // Every block's mapping of the condition and of r_embed in one product each, when packed
     // (kv_mapper is SiLU then Linear); else each block maps its own.
-    const nn::LinearGroup kv_group = kv_mappers(attn_blocks_);
-    const nn::LinearGroup t_group = timestep_mappers(timestep_blocks_);
+    const auto blocks = offload_units();
+    const nn::LinearGroup kv_group = nn::kv_mappers(blocks);
+    const nn::LinearGroup t_group = nn::timestep_mappers(blocks);
     torch::Tensor kv_all, t_all;
     if (kv_group.ready(c_embed.device())) kv_all = kv_group.forward(at::silu(c_embed));
     if (t_group.ready(r_embed.device())) t_all = t_group.forward(r_embed);
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i], [&] { return res_blocks_[i]->forward(x); });
         x = run_unit(block_hook, *timestep_blocks_[i], [&] {
-            return t_all.defined() ? timestep_blocks_[i]->modulate(x, columns(t_all, t_group, i))
+            return t_all.defined() ? timestep_blocks_[i]->modulate(x, t_group.columns(t_all, i))
                                    : timestep_blocks_[i]->forward(x, r_embed);
         });
         x = run_unit(block_hook, *attn_blocks_[i], [&] {
             return kv_all.defined()
-                       ? attn_blocks_[i]->forward_mapped(x, columns(kv_all, kv_group, i))
+                       ? attn_blocks_[i]->forward_mapped(x, kv_group.columns(kv_all, i))
                        : attn_blocks_[i]->forward(x, c_embed);
         });
     }

@@ -207,6 +207,35 @@ torch::Tensor AttnBlockImpl::forward_mapped(const torch::Tensor& x, const torch:
     return x + attn;
 }
 
+// ---------------------------------------------------------------------------- condition mappers
+
+namespace {
+
+// The Linear layer that maps the condition of each block of type Block, in order.
+template <class Block, class Layer>
+LinearGroup mappers_of(const std::vector<torch::nn::Module*>& blocks, Layer layer) {
+    std::vector<torch::nn::LinearImpl*> layers;
+    for (auto* module : blocks)
+        if (auto* block = dynamic_cast<Block*>(module)) layers.push_back(layer(*block));
+    return LinearGroup(std::move(layers));
+}
+
+}  // namespace
+
+LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks) {
+    return mappers_of<AttnBlockImpl>(blocks, [](AttnBlockImpl& b) { return &b.kv_linear(); });
+}
+
+LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks) {
+    return mappers_of<TimestepBlockImpl>(blocks,
+                                         [](TimestepBlockImpl& b) { return b.mapper.get(); });
+}
+
+bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
+    const bool kv = kv_mappers(blocks).pack();
+    return timestep_mappers(blocks).pack() && kv;
+}
+
 // ---------------------------------------------------------------------------- ConvTranspose2d
 
 namespace {

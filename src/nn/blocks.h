@@ -12,6 +12,9 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <vector>
+
+#include "nn/linear_group.h"
 #include "wuerstchen/lora.h"
 
 namespace wuerstchen::nn {
@@ -104,6 +107,14 @@ struct AttnBlockImpl : torch::nn::Module {
     torch::nn::Sequential kv_mapper{nullptr};  // {0: SiLU, 1: Linear}
 };
 TORCH_MODULE(AttnBlock);
+
+// The condition mappers among a model's blocks (given in execution order, e.g. its
+// offload_units()): every AttnBlock's kv_mapper Linear, every TimestepBlock's mapper, in that
+// order. Each kind reads one input for all its blocks (the text condition, the r-embedding).
+LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
+LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
+// Packs both kinds (the models' pack_condition_mappers); whether both are packed.
+bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
 
 // torch::nn::ConvTranspose2d (same parameters and keys) that computes in float32 for half /
 // bfloat16 input on the CPU: libtorch 1.13 hands a bf16 transposed convolution on the CPU to

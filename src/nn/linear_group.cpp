@@ -104,6 +104,11 @@ bool LinearGroup::pack() {
     return true;
 }
 
+torch::Tensor LinearGroup::columns(const torch::Tensor& all, size_t i) const {
+    TORCH_CHECK(i < size(), "LinearGroup::columns: layer ", i, " of ", size());
+    return all.narrow(-1, offset(i), out_features(i));
+}
+
 torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
     TORCH_CHECK(ready(x.device()), "LinearGroup::forward: the layers are not packed on ",
                 x.device());

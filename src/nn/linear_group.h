@@ -42,6 +42,8 @@ public:
 
     // x: [..., in] -> [..., total_out()]. Only when ready(x.device()).
     torch::Tensor forward(const torch::Tensor& x) const;
+    // Layer i's output within forward()'s: its columns of `all` (a view).
+    torch::Tensor columns(const torch::Tensor& all, size_t i) const;
 
     size_t size() const { return layers_.size(); }
     int64_t offset(size_t i) const { return offsets_[i]; }
