@@ -293,15 +293,8 @@ TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
     auto prior = load_prior(test::data_path("tiny-wuerstchen-prior/prior"));
     ASSERT_TRUE(mappers_packed(*prior));
     auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked());
-    const auto a = prior->named_parameters();
-    const auto b = plain->named_parameters();
-    ASSERT_EQ(a.size(), b.size());
-    for (const auto& item : a) {
-        const auto* other = b.find(item.key());
-        ASSERT_NE(other, nullptr) << item.key();
-        EXPECT_EQ(item.value().sizes(), other->sizes()) << item.key();
-        EXPECT_TRUE(torch::equal(item.value(), *other)) << item.key();
-    }
+    test::expect_same_structure(*plain, *prior);
+    test::expect_same_values(*plain, *prior);
 }
 
 }  // namespace

@@ -27,48 +27,6 @@
 namespace wuerstchen {
 namespace {
 
-std::string printed(const torch::nn::Module& module) {
-    std::ostringstream out;
-    out << module;
-    return out.str();
-}
-
-// Same module tree (types and options as printed), parameter and buffer names, shapes and
-// dtypes; buffers (not touched by the guard) also equal in value.
-void expect_same_structure(const torch::nn::Module& ordinary, const torch::nn::Module& unwritten) {
-    EXPECT_EQ(printed(ordinary), printed(unwritten));
-    const auto a = ordinary.named_parameters();
-    const auto b = unwritten.named_parameters();
-    ASSERT_EQ(a.size(), b.size());
-    for (size_t i = 0; i < a.size(); ++i) {
-        EXPECT_EQ(a[i].key(), b[i].key());
-        EXPECT_EQ(a[i].value().sizes(), b[i].value().sizes()) << a[i].key();
-        EXPECT_EQ(a[i].value().scalar_type(), b[i].value().scalar_type()) << a[i].key();
-        EXPECT_EQ(a[i].value().defined(), b[i].value().defined()) << a[i].key();
-    }
-    const auto ab = ordinary.named_buffers();
-    const auto bb = unwritten.named_buffers();
-    ASSERT_EQ(ab.size(), bb.size());
-    for (size_t i = 0; i < ab.size(); ++i) {
-        EXPECT_EQ(ab[i].key(), bb[i].key());
-        EXPECT_TRUE(torch::equal(ab[i].value(), bb[i].value())) << ab[i].key();
-    }
-}
-
-// Every parameter and buffer bit-equal.
-void expect_same_values(const torch::nn::Module& a, const torch::nn::Module& b) {
-    const auto pa = a.named_parameters();
-    const auto pb = b.named_parameters();
-    ASSERT_EQ(pa.size(), pb.size());
-    for (size_t i = 0; i < pa.size(); ++i)
-        EXPECT_TRUE(torch::equal(pa[i].value(), pb[i].value())) << pa[i].key();
-    const auto ba = a.named_buffers();
-    const auto bb = b.named_buffers();
-    ASSERT_EQ(ba.size(), bb.size());
-    for (size_t i = 0; i < ba.size(); ++i)
-        EXPECT_TRUE(torch::equal(ba[i].value(), bb[i].value())) << ba[i].key();
-}
-
 template <typename Holder, typename Config>
 void check_model(const std::string& folder, const std::string& stem,
                  Holder (*load)(const std::string&, const LoadOptions&)) {
@@ -76,7 +34,7 @@ void check_model(const std::string& folder, const std::string& stem,
     const auto config = Config::from_file(dir + "/config.json");
     Holder ordinary(config);
     Holder unwritten = build_unwritten<Holder>(config);
-    expect_same_structure(*ordinary, *unwritten);
+    test::expect_same_structure(*ordinary, *unwritten);
 
     // The loader (which builds unwritten) against the ordinary build loaded the same way.
     LoadOptions options;
@@ -84,7 +42,7 @@ void check_model(const std::string& folder, const std::string& stem,
     prepare_module(*ordinary, options);
     load_weights(*ordinary, find_weight_files(dir, stem), options);
     Holder loaded = load(dir, options);
-    expect_same_values(*ordinary, *loaded);
+    test::expect_same_values(*ordinary, *loaded);
 }
 
 TEST(UninitializedParameters, ScopedNestedAndPerThread) {
@@ -121,11 +79,11 @@ TEST(UninitializedParameters, OrdinaryBuildKeepsLibtorchInitialization) {
     nn::CpuSafeConvTranspose2d up(8, 4, /*kernel_size=*/2, /*stride=*/2);
     auto embedding = nn::embedding(30, 5);
 
-    expect_same_values(*reference_linear, *linear);
-    expect_same_values(*reference_lora, *lora);
-    expect_same_values(*reference_conv, *conv);
-    expect_same_values(*reference_up, *up);
-    expect_same_values(*reference_embedding, *embedding);
+    test::expect_same_values(*reference_linear, *linear);
+    test::expect_same_values(*reference_lora, *lora);
+    test::expect_same_values(*reference_conv, *conv);
+    test::expect_same_values(*reference_up, *up);
+    test::expect_same_values(*reference_embedding, *embedding);
     EXPECT_GT(reference_linear->weight.abs().max().item<float>(), 0.0f);
 }
 

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 
 namespace wuerstchen::test {
 
@@ -103,6 +104,49 @@ bool stored_back_to_back(const torch::nn::Module& module, const std::string& suf
         if (!tensors[i].is_alias_of(tensors[0]) || tensors[i].data_ptr() != end) return false;
     }
     return true;
+}
+
+namespace {
+
+std::string printed(const torch::nn::Module& module) {
+    std::ostringstream out;
+    out << module;
+    return out.str();
+}
+
+}  // namespace
+
+void expect_same_structure(const torch::nn::Module& ordinary, const torch::nn::Module& unwritten) {
+    EXPECT_EQ(printed(ordinary), printed(unwritten));
+    const auto a = ordinary.named_parameters();
+    const auto b = unwritten.named_parameters();
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+        EXPECT_EQ(a[i].key(), b[i].key());
+        EXPECT_EQ(a[i].value().sizes(), b[i].value().sizes()) << a[i].key();
+        EXPECT_EQ(a[i].value().scalar_type(), b[i].value().scalar_type()) << a[i].key();
+        EXPECT_EQ(a[i].value().defined(), b[i].value().defined()) << a[i].key();
+    }
+    const auto ab = ordinary.named_buffers();
+    const auto bb = unwritten.named_buffers();
+    ASSERT_EQ(ab.size(), bb.size());
+    for (size_t i = 0; i < ab.size(); ++i) {
+        EXPECT_EQ(ab[i].key(), bb[i].key());
+        EXPECT_TRUE(torch::equal(ab[i].value(), bb[i].value())) << ab[i].key();
+    }
+}
+
+void expect_same_values(const torch::nn::Module& a, const torch::nn::Module& b) {
+    const auto pa = a.named_parameters();
+    const auto pb = b.named_parameters();
+    ASSERT_EQ(pa.size(), pb.size());
+    for (size_t i = 0; i < pa.size(); ++i)
+        EXPECT_TRUE(torch::equal(pa[i].value(), pb[i].value())) << pa[i].key();
+    const auto ba = a.named_buffers();
+    const auto bb = b.named_buffers();
+    ASSERT_EQ(ba.size(), bb.size());
+    for (size_t i = 0; i < ba.size(); ++i)
+        EXPECT_TRUE(torch::equal(ba[i].value(), bb[i].value())) << ba[i].key();
 }
 
 }  // namespace wuerstchen::test

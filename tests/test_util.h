@@ -66,6 +66,11 @@ std::string make_temp_dir(const std::string& prefix);
 void remove_tree(const std::string& path);
 void write_file(const std::string& path, const std::string& bytes);
 
+// Same module tree (types and options as printed), parameter and buffer names, shapes and
+// dtypes, in the same order; buffers also equal in value.
+void expect_same_structure(const torch::nn::Module& a, const torch::nn::Module& b);
+// Every parameter and buffer bit-equal (same order).
+void expect_same_values(const torch::nn::Module& a, const torch::nn::Module& b);
 // The parameters of `module` whose names end with `suffix` (e.g. "kv_mapper.1.weight"), in
 // registration order.
 std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
