@@ -14,6 +14,7 @@
 #include <tuple>
 #include <utility>
 
+#include "nn/functional.h"
 #include "nn/init.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/pipeline_common.h"
@@ -500,7 +501,7 @@ void LoraLinearImpl::place(LoraAdapter& a) const {
 }
 
 torch::Tensor LoraLinearImpl::forward(const torch::Tensor& input) {
-    auto out = torch::nn::LinearImpl::forward(input);
+    auto out = nn::linear_forward(input, weight, bias);
     if (!enabled_) return out;
     for (auto& a : adapters_) {
         if (!a.active || a.merged || a.weight == 0.0) continue;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "nn/blocks.h"
+#include "nn/functional.h"
 #include "nn/init.h"
 #include "wuerstchen/error.h"
 
@@ -97,9 +98,9 @@ struct MixingResidualBlockImpl : torch::nn::Module {
                 // [k, C, n, W] -> [k, n, W, C] for the Linears; the result goes back into x.
                 t = nn::layer_norm_last(x.permute({0, 2, 3, 1}), 1e-6);
                 at::addcmul_out(t, g[4], t, scale3);
-                t = at::linear(t, fc1->weight, fc1->bias);
+                t = nn::linear_forward(t, fc1->weight, fc1->bias);
                 at::gelu_(t);
-                t = at::linear(t, fc2->weight, fc2->bias).permute({0, 3, 1, 2});
+                t = nn::linear_forward(t, fc2->weight, fc2->bias).permute({0, 3, 1, 2});
                 x.addcmul_(t, g[5]);
             }
         }

@@ -3,7 +3,6 @@
 // that replaces a packed weight makes the group decline (so the caller maps per layer), and the
 // prior and decoder compute the same with and without packing.
 
-#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
 #include <torch/nn/modules/linear.h>
@@ -31,6 +30,7 @@ namespace wuerstchen {
 namespace {
 
 using test::all_close;
+using test::count_ops;
 
 // Three LoRA-capable layers of one input size, as the blocks hold them.
 struct Layers {
@@ -171,27 +171,6 @@ bool mappers_packed(const torch::nn::Module& model) {
 bool any_mappers_packed(const torch::nn::Module& model) {
     return test::stored_back_to_back(model, "kv_mapper.1.weight") ||
            test::stored_back_to_back(model, ".mapper.weight");
-}
-
-// How many times each of `ops` (e.g. "aten::silu") is dispatched on this thread while `run`
-// runs.
-thread_local std::map<std::string, int>* op_counts = nullptr;
-std::map<std::string, int> count_ops(const std::vector<std::string>& ops,
-                                     const std::function<void()>& run) {
-    std::map<std::string, int> counts;
-    for (const auto& op : ops) counts[op] = 0;
-    op_counts = &counts;
-    auto on_start = [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-        const auto it = op_counts->find(fn.name());
-        if (it != op_counts->end()) ++it->second;
-        return nullptr;
-    };
-    const auto handle = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(on_start).scopes({at::RecordScope::FUNCTION}));
-    run();
-    at::removeCallback(handle);
-    op_counts = nullptr;
-    return counts;
 }
 
 // SiLU, and the matrix products a Linear runs as (mm or addmm, by input rank and version).

@@ -1,5 +1,6 @@
 #include "test_util.h"
 
+#include <ATen/record_function.h>
 #include <ftw.h>
 #include <sys/stat.h>
 
@@ -147,6 +148,34 @@ void expect_same_values(const torch::nn::Module& a, const torch::nn::Module& b) 
     ASSERT_EQ(ba.size(), bb.size());
     for (size_t i = 0; i < ba.size(); ++i)
         EXPECT_TRUE(torch::equal(ba[i].value(), bb[i].value())) << ba[i].key();
+}
+
+namespace {
+thread_local std::map<std::string, int>* op_counts = nullptr;
+}  // namespace
+
+std::map<std::string, int> count_ops(const std::vector<std::string>& ops,
+                                     const std::function<void()>& run) {
+    std::map<std::string, int> counts;
+    for (const auto& op : ops) counts[op] = 0;
+    op_counts = &counts;
+    auto on_start = [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+        const auto it = op_counts->find(fn.name());
+        if (it != op_counts->end()) ++it->second;
+        return nullptr;
+    };
+    const auto handle = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(on_start).scopes({at::RecordScope::FUNCTION}));
+    try {
+        run();
+    } catch (...) {
+        at::removeCallback(handle);
+        op_counts = nullptr;
+        throw;
+    }
+    at::removeCallback(handle);
+    op_counts = nullptr;
+    return counts;
 }
 
 }  // namespace wuerstchen::test

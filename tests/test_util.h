@@ -8,6 +8,8 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -78,6 +80,11 @@ std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
 // Whether those (at least two) are stored back to back in one buffer, in that order: the layout
 // of pack_condition_mappers (nn::LinearGroup::pack).
 bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix);
+
+// How many times each of `ops` (ATen names, e.g. "aten::silu") is dispatched on this thread
+// while `run` runs (nested calls included).
+std::map<std::string, int> count_ops(const std::vector<std::string>& ops,
+                                     const std::function<void()>& run);
 
 }  // namespace wuerstchen::test
 

@@ -1,0 +1,18 @@
+#pragma once
+
+// Stateless forms of the layers' arithmetic, shared by the modules.
+
+#include <torch/types.h>
+
+namespace wuerstchen::nn {
+
+// y = x W^T + b for x: [..., in], W: [out, in], b: [out] or undefined -> [..., out].
+//
+// With a bias, the leading dimensions are folded into one (a view where they allow it) and the
+// product runs as one addmm, so the bias is added inside the matrix product (cuBLASLt's bias
+// epilogue on CUDA). libtorch's C++ torch::nn::Linear instead runs a matmul and then a separate
+// pass over the output to add the bias whenever x has more than two dimensions.
+torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight,
+                             const torch::Tensor& bias);
+
+}  // namespace wuerstchen::nn

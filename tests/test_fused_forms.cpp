@@ -1,0 +1,73 @@
+// The layers' fused forms against their plain arithmetic: nn::linear_forward (bias inside the
+// matrix product). Each case checks the value and that the work ran as the fewer ops it
+// promises.
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "nn/functional.h"
+#include "test_util.h"
+#include "wuerstchen/lora.h"
+
+namespace wuerstchen {
+namespace {
+
+using test::all_close;
+using test::count_ops;
+
+const std::vector<std::string> kLinearOps = {"aten::addmm", "aten::mm", "aten::bmm", "aten::add_",
+                                             "aten::add"};
+
+TEST(LinearForward, BiasInsideOneProductForAnyRank) {
+    torch::manual_seed(3);
+    const auto weight = torch::randn({5, 6});
+    const auto bias = torch::randn({5});
+    const std::vector<std::pair<std::string, torch::Tensor>> inputs = {
+        {"2-D", torch::randn({4, 6})},
+        {"3-D", torch::randn({2, 3, 6})},
+        {"4-D NHWC view of NCHW (not contiguous)",
+         torch::randn({2, 6, 3, 4}).permute({0, 2, 3, 1})},
+        {"4-D without rows", torch::randn({0, 3, 4, 6})},
+    };
+    for (const auto& [what, x] : inputs) {
+        const auto expected = at::linear(x, weight, bias);
+        torch::Tensor out;
+        const auto ops = count_ops(kLinearOps, [&] { out = nn::linear_forward(x, weight, bias); });
+        EXPECT_EQ(out.sizes(), expected.sizes()) << what;
+        if (expected.numel() > 0) EXPECT_TRUE(all_close(what, out, expected, 1e-5));
+        EXPECT_EQ(ops.at("aten::addmm"), 1) << what;
+        EXPECT_EQ(ops.at("aten::mm") + ops.at("aten::bmm"), 0) << what;
+        EXPECT_EQ(ops.at("aten::add_") + ops.at("aten::add"), 0)
+            << what << ": a separate bias pass";
+    }
+    // Without a bias: libtorch's linear, unchanged.
+    const auto x = torch::randn({2, 3, 6});
+    EXPECT_TRUE(all_close("no bias", nn::linear_forward(x, weight, {}), at::linear(x, weight), 0));
+}
+
+TEST(LinearForward, ShapeMismatchIsAnError) {
+    const auto weight = torch::randn({5, 6});
+    EXPECT_THROW(nn::linear_forward(torch::randn({2, 3, 7}), weight, torch::randn({5})),
+                 c10::Error);
+}
+
+TEST(LinearForward, LoraLinearAddsItsBiasInTheProduct) {
+    // The blocks' Linears (LoraLinear) on NHWC activations: one product, no bias pass (libtorch's
+    // torch::nn::Linear runs a matmul and then adds the bias over the whole output).
+    torch::manual_seed(5);
+    auto layer = make_lora_linear(6, 24);
+    const auto x = torch::randn({2, 4, 4, 6});
+    c10::InferenceMode guard;
+    torch::Tensor out;
+    const auto ops = count_ops(kLinearOps, [&] { out = lora_forward(layer, x); });
+    EXPECT_TRUE(all_close("LoraLinear", out, at::linear(x, layer->weight, layer->bias), 1e-5));
+    EXPECT_EQ(ops.at("aten::addmm"), 1);
+    EXPECT_EQ(ops.at("aten::add_") + ops.at("aten::add"), 0);
+}
+
+}  // namespace
+}  // namespace wuerstchen
