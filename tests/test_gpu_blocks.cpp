@@ -1,0 +1,53 @@
+// Block arithmetic that only CUDA runs (label gpu; skipped without CUDA).
+//
+// GlobalResponseNorm in half precision on CUDA: one pass, beta + x * f with the factor
+// f = 1 + gamma * s rounded to half first. Checked against the same sum in float64 from the same
+// half-precision inputs: within the factor's rounding (2^-11 |x f|) plus the output's
+// (2^-11 |result|), per element.
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+
+#include <cmath>
+#include <iostream>
+
+#include "nn/blocks.h"
+
+namespace wuerstchen {
+namespace {
+
+TEST(GpuBlocks, GlobalResponseNormHalfWithinRounding) {
+    if (!torch::cuda::is_available())
+        GTEST_SKIP() << "CUDA is not available: GPU block test skipped";
+    torch::manual_seed(13);
+    const int64_t c = 96;
+    nn::GlobalResponseNorm grn(c);
+    {
+        torch::NoGradGuard no_grad;
+        grn->gamma.copy_(torch::randn({1, 1, 1, c}) * 0.1);
+        grn->beta.copy_(torch::randn({1, 1, 1, c}));
+    }
+    grn->to(torch::Device(torch::kCUDA), torch::kHalf);
+    const auto x = torch::randn({2, 5, 7, c}).to(torch::Device(torch::kCUDA), torch::kHalf);
+    c10::InferenceMode guard;
+    const auto out = grn->forward(x);
+    ASSERT_EQ(out.scalar_type(), torch::kHalf);
+    ASSERT_EQ(out.sizes(), x.sizes());
+    // The factor's inputs as the module makes them (half-precision norm and scale), the rest
+    // in float64.
+    const auto agg = at::norm(x, 2, {1, 2}, true);
+    const auto scale = (grn->gamma * (agg / (agg.mean({-1}, true) + 1e-6))).to(torch::kFloat64);
+    const auto x64 = x.to(torch::kFloat64);
+    const auto exact = grn->beta.to(torch::kFloat64) + x64 * (scale + 1);
+    const double half_eps = std::ldexp(1.0, -11);
+    const auto bound = half_eps * ((x64 * (scale + 1)).abs() + exact.abs()) + std::ldexp(1.0, -24);
+    const double worst = ((out.to(torch::kFloat64) - exact).abs() / bound).max().item<double>();
+    std::cout << "GRN half on CUDA vs float64: max error " << worst
+              << " of the rounding bound (factor + output)\n";
+    EXPECT_LE(worst, 1.001);  // second-order terms
+}
+
+}  // namespace
+}  // namespace wuerstchen
