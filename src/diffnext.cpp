@@ -168,8 +168,9 @@ struct WuerstchenDiffNeXtImpl::Conditions {
     torch::Tensor effnet;   // [B, effnet_embd, h, w]
     // The effnet embedding resized to each level's size (a down level and its up level share it).
     std::map<std::pair<int64_t, int64_t>, torch::Tensor> resized;
-    // When packed: every TimestepBlock's mapping of r_embed ([B, sum of 2C]) and every
-    // AttnBlock's kv_mapper of clip ([B, L, sum of C]) in execution order, taken in turn.
+    // When packed: every TimestepBlock's mapping of r_embed ([B, sum of 2C], 1 added to each
+    // scale by add_one_to_scales) and every AttnBlock's kv_mapper of clip ([B, L, sum of C]) in
+    // execution order, taken in turn.
     nn::LinearGroup t_group, kv_group;
     torch::Tensor t_all, kv_all;
     size_t t_next = 0, kv_next = 0;
@@ -202,7 +203,8 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
         return attn->forward(x, k.clip);
     }
     if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
-        if (k.t_all.defined()) return ts->modulate(x, k.t_group.columns(k.t_all, k.t_next++));
+        if (k.t_all.defined())
+            return ts->modulate_scaled(x, k.t_group.columns(k.t_all, k.t_next++));
         return ts->forward(x, k.r_embed);
     }
     return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
@@ -282,7 +284,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     k.effnet = effnet;
     // Every block's mapping of r_embed and of the condition in one product each, when packed
     // (kv_mapper is SiLU then Linear); else each block maps its own.
-    if (k.t_group.ready(k.r_embed.device())) k.t_all = k.t_group.forward(k.r_embed);
+    if (k.t_group.ready(k.r_embed.device())) {
+        k.t_all = k.t_group.forward(k.r_embed);
+        nn::add_one_to_scales(k.t_group, k.t_all);
+    }
     if (k.clip.defined() && k.kv_group.ready(k.clip.device()))
         k.kv_all = k.kv_group.forward(at::silu(k.clip));
 

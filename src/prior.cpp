@@ -55,12 +55,16 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     const nn::LinearGroup t_group = nn::timestep_mappers(blocks);
     torch::Tensor kv_all, t_all;
     if (kv_group.ready(c_embed.device())) kv_all = kv_group.forward(at::silu(c_embed));
-    if (t_group.ready(r_embed.device())) t_all = t_group.forward(r_embed);
+    if (t_group.ready(r_embed.device())) {
+        t_all = t_group.forward(r_embed);
+        nn::add_one_to_scales(t_group, t_all);
+    }
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i], [&] { return res_blocks_[i]->forward(x); });
         x = run_unit(block_hook, *timestep_blocks_[i], [&] {
-            return t_all.defined() ? timestep_blocks_[i]->modulate(x, t_group.columns(t_all, i))
-                                   : timestep_blocks_[i]->forward(x, r_embed);
+            return t_all.defined()
+                       ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t_all, i))
+                       : timestep_blocks_[i]->forward(x, r_embed);
         });
         x = run_unit(block_hook, *attn_blocks_[i], [&] {
             return kv_all.defined()

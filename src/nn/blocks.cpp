@@ -72,6 +72,12 @@ torch::Tensor TimestepBlockImpl::modulate(const torch::Tensor& x, const torch::T
     return at::addcmul(ab[1], x, 1 + ab[0]);
 }
 
+torch::Tensor TimestepBlockImpl::modulate_scaled(const torch::Tensor& x,
+                                                 const torch::Tensor& factors) {
+    auto ab = factors.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);  // 1 + a, b: [B, C, 1, 1]
+    return at::addcmul(ab[1], x, ab[0]);
+}
+
 // ---------------------------------------------------------------------------- GlobalResponseNorm
 
 GlobalResponseNormImpl::GlobalResponseNormImpl(int64_t dim) {
@@ -237,6 +243,25 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks) {
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
     const bool kv = kv_mappers(blocks).pack();
     return timestep_mappers(blocks).pack() && kv;
+}
+
+void add_one_to_scales(const LinearGroup& group, torch::Tensor& all) {
+    TORCH_CHECK(all.dim() == 2 && all.size(1) == group.total_out(),
+                "add_one_to_scales: expected [B, ", group.total_out(), "], got ", all.sizes());
+    for (size_t i = 0; i < group.size();) {
+        // Layers i .. j-1 are equally wide and back to back: [B, n, 2C], a = [..., :C].
+        const int64_t width = group.out_features(i);
+        TORCH_CHECK(width % 2 == 0, "add_one_to_scales: layer ", i, " has ", width,
+                    " outputs, not [a, b] halves");
+        size_t j = i + 1;
+        while (j < group.size() && group.out_features(j) == width) ++j;
+        const auto n = static_cast<int64_t>(j - i);
+        all.narrow(1, group.offset(i), n * width)
+            .view({all.size(0), n, width})
+            .narrow(2, 0, width / 2)
+            .add_(1);
+        i = j;
+    }
 }
 
 // ---------------------------------------------------------------------------- ConvTranspose2d

@@ -45,6 +45,8 @@ struct TimestepBlockImpl : torch::nn::Module {
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& t);
     // The same with t already mapped: ab = mapper(t), [B, 2C] (any strides).
     torch::Tensor modulate(const torch::Tensor& x, const torch::Tensor& ab);
+    // The same with 1 already added to a: [1 + a, b], [B, 2C] (add_one_to_scales).
+    torch::Tensor modulate_scaled(const torch::Tensor& x, const torch::Tensor& factors);
     torch::nn::Linear mapper{nullptr};
 };
 TORCH_MODULE(TimestepBlock);
@@ -115,6 +117,10 @@ LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Packs both kinds (the models' pack_condition_mappers); whether both are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
+// `all` = timestep_mappers(...).forward(r_embed), [B, total_out()]: adds 1 to every layer's
+// first half of columns (its a of [a, b]) in place, one op per run of equally wide layers
+// instead of one per block; each layer's columns are then modulate_scaled's factors.
+void add_one_to_scales(const LinearGroup& group, torch::Tensor& all);
 
 // torch::nn::ConvTranspose2d (same parameters and keys) that computes in float32 for half /
 // bfloat16 input on the CPU: libtorch 1.13 hands a bf16 transposed convolution on the CPU to
