@@ -16,6 +16,7 @@
 #if defined(WUERSTCHEN_WITH_CUDA) && \
     (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5))
 #define WUERSTCHEN_CUDA_GRAPHS 1
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
@@ -61,6 +62,27 @@ private:
     cudaStream_t stream_ = nullptr;
 };
 
+// The capture stream of `device`, shared by every cache, with the lock that makes its captures
+// one at a time. Created on first use and kept for the life of the process (never destroyed: no
+// CUDA call at exit).
+//
+// Graphs captured on it by one thread share that thread's cuBLAS workspace for the stream, so
+// two of them must not replay at the same time on different streams: each replay waits for the
+// previous one (`replayed`, recorded after it), which costs nothing when the calls are on one
+// stream anyway.
+struct CaptureStream {
+    std::mutex mutex;
+    std::unique_ptr<OwnedStream> stream;
+    at::cuda::CUDAEvent replayed;
+};
+
+CaptureStream& capture_stream(c10::DeviceIndex device) {
+    static std::mutex streams_mutex;
+    static auto* streams = new std::map<c10::DeviceIndex, CaptureStream>();
+    const std::lock_guard<std::mutex> lock(streams_mutex);
+    return (*streams)[device];  // map nodes stay put as others are added
+}
+
 }  // namespace
 #endif
 
@@ -73,8 +95,6 @@ struct StepGraphs::Impl {
 #endif
     };
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
-    // Declared before the graphs: destroyed after them.
-    std::unique_ptr<OwnedStream> stream;
     // One memory pool for the graphs of this cache (they never run concurrently).
     std::optional<PoolId> pool;
 #endif
@@ -197,8 +217,10 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
     const std::string sig = signature(inputs, key);
     auto found = impl_->entries.find(sig);
     if (found == impl_->entries.end()) {
-        if (!impl_->stream || impl_->stream->device() != device.index())
-            impl_->stream = std::make_unique<OwnedStream>(device.index());
+        CaptureStream& capture = capture_stream(device.index());
+        const std::lock_guard<std::mutex> one_capture_at_a_time(capture.mutex);
+        if (!capture.stream) capture.stream = std::make_unique<OwnedStream>(device.index());
+        const OwnedStream& stream = *capture.stream;
         if (!impl_->pool) impl_->pool = at::cuda::graph_pool_handle();
         Impl::Entry entry;
         for (const auto& t : inputs) entry.inputs.push_back(t.clone());
@@ -207,7 +229,7 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
         // capture), then the capture. The warm-up's cached blocks are released before it.
         c10::cuda::device_synchronize();
         {
-            const c10::cuda::CUDAStreamGuard on_capture_stream(impl_->stream->get());
+            const c10::cuda::CUDAStreamGuard on_capture_stream(stream.get());
             step(entry.inputs);
             c10::cuda::device_synchronize();
             c10::cuda::CUDACachingAllocator::emptyCache();
@@ -221,7 +243,7 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
                 stage = CaptureStage::ending;
                 entry.graph->capture_end();
             } catch (...) {
-                abandon_capture(entry.graph, stage, *impl_->stream, *impl_->pool);
+                abandon_capture(entry.graph, stage, stream, *impl_->pool);
                 impl_->clear();
                 impl_->failed = true;
                 throw;
@@ -232,7 +254,14 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
     }
     Impl::Entry& e = found->second;
     for (size_t i = 0; i < inputs.size(); ++i) e.inputs[i].copy_(inputs[i]);
-    e.graph->replay();
+    {
+        CaptureStream& capture = capture_stream(device.index());
+        const std::lock_guard<std::mutex> one_replay_at_a_time(capture.mutex);
+        const auto current = c10::cuda::getCurrentCUDAStream(device.index());
+        capture.replayed.block(current);
+        e.graph->replay();
+        capture.replayed.record(current);
+    }
     return e.output.clone();
 #else
     (void)key;

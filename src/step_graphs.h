@@ -7,11 +7,14 @@
 // A graph replays raw device pointers: its inputs are copied into the graph's own tensors on
 // every replay, and the weights it reads must stay where they were at capture. The pipelines
 // therefore key the cache on weights_fingerprint() (parameter storage and LoRA state) and do not
-// use graphs while offloading. Capture (first use of a signature), on a stream of the cache's
-// own in thread-local capture mode: one eager warm-up run (lazy cuBLAS / cuDNN set-up happens
-// outside the capture), the capture, then one replay. Graphs of one cache share one memory pool
-// (they never run concurrently). A capture that fails (the step throws) is ended cleanly, the
-// error is passed on and the cache runs eagerly from then on.
+// use graphs while offloading. Capture (first use of a signature), in thread-local capture mode
+// on one capture stream per device that all caches share, one capture at a time: one eager
+// warm-up run (lazy cuBLAS / cuDNN set-up happens outside the capture), the capture, then one
+// replay. (cuBLAS keeps a workspace per stream for the life of the process, 32 MiB on an H100:
+// a stream per cache would hold one per pipeline and text encoder; graphs sharing a workspace
+// therefore replay one after another, also when called on different streams.) Graphs of one
+// cache share one memory pool (they never run concurrently). A capture that fails (the step throws)
+// is ended cleanly, the error is passed on and the cache runs eagerly from then on.
 //
 // Needs a CUDA build of libtorch 2.5 or later; otherwise, or with inputs off CUDA, run() calls
 // the step. Copies of a pipeline share one cache; its captures and replays are serialised.
