@@ -152,6 +152,24 @@ torch::Tensor DecoderPipeline::decode_latents(const torch::Tensor& latents) {
     });
 }
 
+namespace {
+
+// x on the host in float32. From CUDA: converted on the device, then copied into page-locked
+// memory (libtorch's host allocator keeps such blocks for reuse). A copy that also converts goes
+// through a pageable host buffer instead: for one 1024x1024 half image on an H100 machine that
+// took 2.8 ms (2.2 GB/s), a tenth of the VQGAN decode.
+torch::Tensor to_host_float32(const torch::Tensor& x) {
+    if (!x.is_cuda()) return x.to(torch::kCPU, torch::kFloat32);
+    const auto on_device = x.to(torch::kFloat32).contiguous();
+    auto host = at::empty(
+        on_device.sizes(),
+        torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCPU).pinned_memory(true));
+    host.copy_(on_device);  // returns when the copy has landed
+    return host;
+}
+
+}  // namespace
+
 torch::Tensor DecoderPipeline::decode_latents_impl(const torch::Tensor& latents) {
     // decode(latents * scale_factor).clamp(0, 1), on the host in float32
     const StageScope on(*vqgan_, options_.device, offload_mode(kWhere, options_));
@@ -159,7 +177,7 @@ torch::Tensor DecoderPipeline::decode_latents_impl(const torch::Tensor& latents)
     const auto scaled = in_memory_format(
         (latents * vqgan_->scale_factor()).to(module_device(*vqgan_), module_dtype(*vqgan_)),
         options_);
-    return vqgan_->decode(scaled).clamp(0, 1).to(torch::kCPU, torch::kFloat32);
+    return to_host_float32(vqgan_->decode(scaled).clamp(0, 1));
 }
 
 DecoderOutput DecoderPipeline::operator()(const DecoderOptions& options) {
