@@ -26,14 +26,16 @@
 #            CUDA kernels in profile.json, and scripts/profile-summary.py's split of the GPU time
 #            by stage, block type and ATen op in profile-summary.txt (what the speed work needs
 #            first, hence this early)
-#   variants batch 1 in fp16 with graphs and channels-last (NHWC spares the layout copies around
-#            norms and convolutions: a candidate for the targets), with cuDNN's benchmark mode
-#            (timed algorithm choice per convolution shape, e.g. the depthwise ones), with both
+#   variants batch 1 and batch 4 in fp16 with graphs and channels-last (NHWC spares the layout
+#            copies around norms and convolutions: a candidate for the CUDA default)
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
 #   memory   batch 1 with --offload and with --sequential-offload
-#   extras   batch 4 with graphs and channels-last, batch 1 bf16 with graphs, and batch 1 without
-#            graphs (the before of the graphs' after)
+#   extras   batch 1 bf16 with graphs, and batch 1 without graphs (the before of the graphs'
+#            after)
+#   cudnn    batch 1 with cuDNN's benchmark mode (timed algorithm choice per convolution shape),
+#            without and with channels-last; not in the default list (on the H100 it saved
+#            nothing at batch 1 and doubled the first run)
 #   summary  scripts/bench-summary.py --targets over the bench JSON files: one table (stage
 #            times, peak memory per stage) and the issue's bounds, in summary.txt
 # A failed step is reported and the next one still runs; the exit status says whether all passed.
@@ -145,7 +147,6 @@ for phase in "$@"; do
             ;;
         extras)
             env_sh
-            bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
             bench b1-bf16-graphs 90 --dtype bf16 --cuda-graphs
             bench b1-fp16-eager 90 --dtype fp16
             ;;
@@ -167,6 +168,10 @@ for phase in "$@"; do
         variants)
             env_sh
             bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
+            bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
+            ;;
+        cudnn)
+            env_sh
             bench b1-fp16-graphs-bm 90 --dtype fp16 --cuda-graphs --cudnn-benchmark
             bench b1-fp16-graphs-cl-bm 90 --dtype fp16 --cuda-graphs --channels-last --cudnn-benchmark
             ;;
@@ -178,7 +183,7 @@ for phase in "$@"; do
             ;;
         *)
             echo "unknown phase '$phase' (build, smoke, headline, profile, variants, tests, memory," \
-                "extras, summary)" >&2
+                "extras, cudnn, summary)" >&2
             exit 2
             ;;
     esac
