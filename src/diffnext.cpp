@@ -169,10 +169,11 @@ struct WuerstchenDiffNeXtImpl::Conditions {
     // The effnet embedding resized to each level's size (a down level and its up level share it).
     std::map<std::pair<int64_t, int64_t>, torch::Tensor> resized;
     // When packed: every TimestepBlock's mapping of r_embed ([B, sum of 2C], 1 added to each
-    // scale by add_one_to_scales) and every AttnBlock's kv_mapper of clip ([B, L, sum of C]) in
-    // execution order, taken in turn.
+    // scale by add_one_to_scales) and every AttnBlock's kv_mapper of clip (one [B, L, C] each,
+    // contiguous by kv_group.split, for the attention's join) in execution order, taken in turn.
     nn::LinearGroup t_group, kv_group;
-    torch::Tensor t_all, kv_all;
+    torch::Tensor t_all;
+    std::vector<torch::Tensor> kv_all;
     size_t t_next = 0, kv_next = 0;
 };
 
@@ -198,8 +199,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
     if (auto* attn = block->as<nn::AttnBlockImpl>()) {
         if (!k.clip.defined())
             throw InvalidArgument("WuerstchenDiffNeXt: clip is required by the attention blocks");
-        if (k.kv_all.defined())
-            return attn->forward_mapped(x, k.kv_group.columns(k.kv_all, k.kv_next++));
+        if (!k.kv_all.empty()) return attn->forward_mapped(x, k.kv_all.at(k.kv_next++));
         return attn->forward(x, k.clip);
     }
     if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
@@ -289,7 +289,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
         nn::add_one_to_scales(k.t_group, k.t_all);
     }
     if (k.clip.defined() && k.kv_group.ready(k.clip.device()))
-        k.kv_all = k.kv_group.forward(at::silu(k.clip));
+        k.kv_all = k.kv_group.split(k.kv_group.forward(at::silu(k.clip)));
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]
     const auto level_outputs = down_encode(h, k);

@@ -4,6 +4,8 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
 
+#include <vector>
+
 #include "nn/blocks.h"
 #include "nn/init.h"
 #include "wuerstchen/lora.h"
@@ -53,8 +55,10 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     const auto blocks = offload_units();
     const nn::LinearGroup kv_group = nn::kv_mappers(blocks);
     const nn::LinearGroup t_group = nn::timestep_mappers(blocks);
-    torch::Tensor kv_all, t_all;
-    if (kv_group.ready(c_embed.device())) kv_all = kv_group.forward(at::silu(c_embed));
+    std::vector<torch::Tensor> kv_all;  // contiguous per block: the attention's join is faster
+    torch::Tensor t_all;
+    if (kv_group.ready(c_embed.device()))
+        kv_all = kv_group.split(kv_group.forward(at::silu(c_embed)));
     if (t_group.ready(r_embed.device())) {
         t_all = t_group.forward(r_embed);
         nn::add_one_to_scales(t_group, t_all);
@@ -67,9 +71,8 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
                        : timestep_blocks_[i]->forward(x, r_embed);
         });
         x = run_unit(block_hook, *attn_blocks_[i], [&] {
-            return kv_all.defined()
-                       ? attn_blocks_[i]->forward_mapped(x, kv_group.columns(kv_all, i))
-                       : attn_blocks_[i]->forward(x, c_embed);
+            return !kv_all.empty() ? attn_blocks_[i]->forward_mapped(x, kv_all[i])
+                                   : attn_blocks_[i]->forward(x, c_embed);
         });
     }
     // [B, c, H, W] -> a, b: [B, c_in, H, W]

@@ -88,6 +88,29 @@ TEST(LinearGroup, PackKeepsParametersAndComputesEachLayer) {
     EXPECT_TRUE(all_close("separate layers after packing", l.separate(x), expected, 0.0));
 }
 
+TEST(LinearGroup, SplitGivesEachLayerContiguous) {
+    // Widths 4, 4, 7, 4: runs of equal width are copied together.
+    torch::manual_seed(9);
+    std::vector<torch::nn::Linear> layers;
+    for (int64_t out : {4, 4, 7, 4}) layers.push_back(make_lora_linear(6, out));
+    std::vector<torch::nn::LinearImpl*> raw;
+    for (const auto& layer : layers) raw.push_back(layer.ptr().get());
+    nn::LinearGroup group(raw);
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(group.pack());
+    const auto all = group.forward(torch::randn({2, 3, 6}));
+    const auto parts = group.split(all);
+    ASSERT_EQ(parts.size(), group.size());
+    for (size_t i = 0; i < parts.size(); ++i) {
+        const auto view = group.columns(all, i);
+        EXPECT_FALSE(view.is_contiguous()) << i;
+        EXPECT_TRUE(parts[i].is_contiguous()) << i;
+        EXPECT_EQ(parts[i].sizes(), view.sizes()) << i;
+        EXPECT_TRUE(torch::equal(parts[i], view)) << i;
+    }
+    EXPECT_THROW(group.split(torch::zeros({2, group.total_out() - 1})), c10::Error);
+}
+
 TEST(LinearGroup, DeclinesWhatItCannotPack) {
     torch::NoGradGuard no_grad;
     EXPECT_FALSE(nn::LinearGroup({}).pack());
