@@ -5,6 +5,7 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/utils.h>
 
+#include "nn/functional.h"
 #include "wuerstchen/lora.h"
 
 namespace wuerstchen::nn {
@@ -138,7 +139,7 @@ torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
     const int64_t in = w0.size(1);
     const auto weight = w0.detach().as_strided({total_out(), in}, {in, 1});
     const auto bias = layers_[0]->bias.detach().as_strided({total_out()}, {1});
-    return at::linear(x, weight, bias);
+    return linear_forward(x, weight, bias);
 }
 
 }  // namespace wuerstchen::nn
