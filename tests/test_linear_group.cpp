@@ -1,7 +1,8 @@
 // LinearGroup and the models' pack_condition_mappers: packed layers keep their parameters (names,
 // shapes, values), one product over the packed buffers gives each layer's own output, anything
-// that replaces a packed weight makes the group decline (so the caller maps per layer), and the
-// prior and decoder compute the same with and without packing.
+// that replaces a packed weight makes the group decline (so the caller maps per layer), split()
+// and add_one_to_scales() work per run of equally wide layers, and the prior and decoder compute
+// the same with and without packing.
 
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
@@ -10,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nn/blocks.h"
@@ -32,11 +34,13 @@ namespace {
 using test::all_close;
 using test::count_ops;
 
-// Three LoRA-capable layers of one input size, as the blocks hold them.
+// LoRA-capable layers of one input size, as the blocks hold them (by default three, of widths 5,
+// 3 and 8, input 6).
 struct Layers {
-    Layers() {
-        torch::manual_seed(7);
-        for (int64_t out : {5, 3, 8}) layers.push_back(make_lora_linear(6, out));
+    explicit Layers(const std::vector<int64_t>& widths = {5, 3, 8}, int64_t in = 6,
+                    uint64_t seed = 7) {
+        torch::manual_seed(seed);
+        for (int64_t out : widths) layers.push_back(make_lora_linear(in, out));
     }
     std::vector<torch::nn::LinearImpl*> raw() const {
         std::vector<torch::nn::LinearImpl*> out;
@@ -90,12 +94,10 @@ TEST(LinearGroup, PackKeepsParametersAndComputesEachLayer) {
 
 TEST(LinearGroup, SplitGivesEachLayerContiguous) {
     // Widths 4, 4, 7, 4: runs of equal width are copied together.
-    torch::manual_seed(9);
-    std::vector<torch::nn::Linear> layers;
-    for (int64_t out : {4, 4, 7, 4}) layers.push_back(make_lora_linear(6, out));
-    std::vector<torch::nn::LinearImpl*> raw;
-    for (const auto& layer : layers) raw.push_back(layer.ptr().get());
-    nn::LinearGroup group(raw);
+    const Layers l({4, 4, 7, 4}, 6, 9);
+    nn::LinearGroup group(l.raw());
+    const std::vector<std::pair<size_t, size_t>> runs = {{0, 2}, {2, 1}, {3, 1}};
+    EXPECT_EQ(group.equal_width_runs(), runs);
     torch::NoGradGuard no_grad;
     ASSERT_TRUE(group.pack());
     const auto all = group.forward(torch::randn({2, 3, 6}));
@@ -297,6 +299,38 @@ TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
     auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked());
     test::expect_same_structure(*plain, *prior);
     test::expect_same_values(*plain, *prior);
+}
+
+TEST(PackedMappers, AddOneToScalesOneOpPerRunOfEqualWidths) {
+    // Timestep mappers of widths 2C = 8, 8, 12, 8: three runs of equal width.
+    const Layers l({8, 8, 12, 8}, 3, 11);
+    nn::LinearGroup group(l.raw());
+    ASSERT_TRUE(group.pack());
+    c10::InferenceMode guard;
+    const auto r = torch::randn({2, 3});
+    auto all = group.forward(r);
+    const auto mapped = all.clone();
+    // One scalar add_ dispatches as one or more nested add_ records, by version.
+    auto scratch = torch::zeros({2});
+    const int per_op = count_ops({"aten::add_"}, [&] { scratch.add_(1); }).at("aten::add_");
+    ASSERT_GE(per_op, 1);
+    const auto ops = count_ops({"aten::add_"}, [&] { nn::add_one_to_scales(group, all); });
+    EXPECT_EQ(ops.at("aten::add_"), 3 * per_op);
+    const auto x = torch::randn({2, 4, 3, 3});
+    for (size_t i = 0; i < group.size(); ++i) {
+        const int64_t c = group.out_features(i) / 2;
+        const auto before = group.columns(mapped, i);
+        const auto after = group.columns(all, i);
+        const std::string what = "layer " + std::to_string(i);
+        EXPECT_TRUE(torch::equal(after.narrow(1, 0, c), before.narrow(1, 0, c) + 1)) << what;
+        EXPECT_TRUE(torch::equal(after.narrow(1, c, c), before.narrow(1, c, c))) << what;
+        const auto xi = x.narrow(1, 0, 1).expand({2, c, 3, 3}).contiguous();
+        nn::TimestepBlock block(c, 3);
+        EXPECT_TRUE(torch::equal(block->modulate_scaled(xi, after), block->modulate(xi, before)))
+            << what;
+    }
+    auto wrong = torch::zeros({2, group.total_out() + 1});
+    EXPECT_THROW(nn::add_one_to_scales(group, wrong), c10::Error);
 }
 
 }  // namespace

@@ -248,19 +248,16 @@ bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
 void add_one_to_scales(const LinearGroup& group, torch::Tensor& all) {
     TORCH_CHECK(all.dim() == 2 && all.size(1) == group.total_out(),
                 "add_one_to_scales: expected [B, ", group.total_out(), "], got ", all.sizes());
-    for (size_t i = 0; i < group.size();) {
-        // Layers i .. j-1 are equally wide and back to back: [B, n, 2C], a = [..., :C].
-        const int64_t width = group.out_features(i);
-        TORCH_CHECK(width % 2 == 0, "add_one_to_scales: layer ", i, " has ", width,
+    for (const auto& [first, count] : group.equal_width_runs()) {
+        // A run of equally wide layers, back to back: [B, n, 2C], a = [..., :C].
+        const int64_t width = group.out_features(first);
+        TORCH_CHECK(width % 2 == 0, "add_one_to_scales: layer ", first, " has ", width,
                     " outputs, not [a, b] halves");
-        size_t j = i + 1;
-        while (j < group.size() && group.out_features(j) == width) ++j;
-        const auto n = static_cast<int64_t>(j - i);
-        all.narrow(1, group.offset(i), n * width)
+        const auto n = static_cast<int64_t>(count);
+        all.narrow(1, group.offset(first), n * width)
             .view({all.size(0), n, width})
             .narrow(2, 0, width / 2)
             .add_(1);
-        i = j;
     }
 }
 

@@ -110,23 +110,32 @@ torch::Tensor LinearGroup::columns(const torch::Tensor& all, size_t i) const {
     return all.narrow(-1, offset(i), out_features(i));
 }
 
+std::vector<std::pair<size_t, size_t>> LinearGroup::equal_width_runs() const {
+    std::vector<std::pair<size_t, size_t>> runs;
+    for (size_t i = 0; i < size();) {
+        size_t j = i + 1;
+        while (j < size() && out_features(j) == out_features(i)) ++j;
+        runs.emplace_back(i, j - i);
+        i = j;
+    }
+    return runs;
+}
+
 std::vector<torch::Tensor> LinearGroup::split(const torch::Tensor& all) const {
     TORCH_CHECK(all.dim() >= 1 && all.size(-1) == total_out(),
                 "LinearGroup::split: expected [..., ", total_out(), "], got ", all.sizes());
     std::vector<torch::Tensor> parts;
     parts.reserve(size());
-    for (size_t i = 0; i < size();) {
-        size_t j = i + 1;
-        while (j < size() && out_features(j) == out_features(i)) ++j;
-        // Layers i .. j-1: [..., n * w] -> [..., n, w] -> [n, ..., w], one copy.
-        const auto n = static_cast<int64_t>(j - i);
+    for (const auto& [first, count] : equal_width_runs()) {
+        // [..., n * w] -> [..., n, w] -> [n, ..., w], one copy.
+        const auto n = static_cast<int64_t>(count);
+        const int64_t width = out_features(first);
         std::vector<int64_t> sizes = all.sizes().vec();
         sizes.back() = n;
-        sizes.push_back(out_features(i));
+        sizes.push_back(width);
         const auto run =
-            all.narrow(-1, offset(i), n * out_features(i)).view(sizes).movedim(-2, 0).contiguous();
+            all.narrow(-1, offset(first), n * width).view(sizes).movedim(-2, 0).contiguous();
         for (const auto& part : run.unbind(0)) parts.push_back(part);
-        i = j;
     }
     return parts;
 }

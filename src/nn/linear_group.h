@@ -18,6 +18,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace wuerstchen::nn {
@@ -49,6 +50,10 @@ public:
     // torch::cat that takes it to libtorch's generic CUDA kernel (9.6 us for the prior's
     // attention join on an H100) instead of its vectorized one.
     std::vector<torch::Tensor> split(const torch::Tensor& all) const;
+
+    // Runs of consecutive layers of equal out_features, in order: {first layer, count}. Their
+    // outputs sit back to back in forward()'s, so a run's columns view as [..., count, width].
+    std::vector<std::pair<size_t, size_t>> equal_width_runs() const;
 
     size_t size() const { return layers_.size(); }
     int64_t offset(size_t i) const { return offsets_[i]; }
