@@ -204,13 +204,6 @@ int products(const std::map<std::string, int>& counts) {
     return counts.at("aten::mm") + counts.at("aten::addmm");
 }
 
-// The loaders leave offloaded models unpacked.
-LoadOptions unpacked() {
-    LoadOptions o;
-    o.offload = true;
-    return o;
-}
-
 TEST(PackedMappers, LoadersPackUnlessOffloading) {
     const std::string prior_dir = test::data_path("tiny-wuerstchen-prior/prior");
     const std::string decoder_dir = test::data_path("tiny-wuerstchen/decoder");
@@ -218,27 +211,29 @@ TEST(PackedMappers, LoadersPackUnlessOffloading) {
     auto decoder = load_diffnext(decoder_dir);
     EXPECT_TRUE(mappers_packed(*prior));
     EXPECT_TRUE(mappers_packed(*decoder));
-    EXPECT_FALSE(any_mappers_packed(*load_prior(prior_dir, unpacked())));
-    EXPECT_FALSE(any_mappers_packed(*load_diffnext(decoder_dir, unpacked())));
+    EXPECT_FALSE(any_mappers_packed(*load_prior(prior_dir, test::unpacked_load())));
+    EXPECT_FALSE(any_mappers_packed(*load_diffnext(decoder_dir, test::unpacked_load())));
 }
 
 TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     // Modules a program loaded unpacked (here: the loaders' offload form, which on the CPU runs
     // resident) get packed by the pipelines that run them.
     const std::string prior_dir = test::data_path("tiny-wuerstchen-prior");
-    auto prior = load_prior(prior_dir + "/prior", unpacked());
+    auto prior = load_prior(prior_dir + "/prior", test::unpacked_load());
     ASSERT_FALSE(any_mappers_packed(*prior));
-    PriorPipeline prior_pipe(CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
-                             load_clip_text_model(prior_dir + "/text_encoder", unpacked()), prior,
-                             DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
+    PriorPipeline prior_pipe(
+        CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
+        load_clip_text_model(prior_dir + "/text_encoder", test::unpacked_load()), prior,
+        DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
     EXPECT_TRUE(mappers_packed(*prior));
 
     const std::string decoder_dir = test::data_path("tiny-wuerstchen");
-    auto decoder = load_diffnext(decoder_dir + "/decoder", unpacked());
+    auto decoder = load_diffnext(decoder_dir + "/decoder", test::unpacked_load());
     ASSERT_FALSE(any_mappers_packed(*decoder));
-    DecoderComponents parts{CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
-                            load_clip_text_model(decoder_dir + "/text_encoder", unpacked()),
-                            decoder, load_paella_vq(decoder_dir + "/vqgan", unpacked())};
+    DecoderComponents parts{
+        CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
+        load_clip_text_model(decoder_dir + "/text_encoder", test::unpacked_load()), decoder,
+        load_paella_vq(decoder_dir + "/vqgan", test::unpacked_load())};
     const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
     EXPECT_TRUE(mappers_packed(*decoder));
 }
@@ -272,7 +267,7 @@ TEST(PackedMappers, PriorSameWithAndWithoutPacking) {
     const auto ref = test::reference("prior_forward");
     const std::string dir = test::data_path("tiny-wuerstchen-prior/prior");
     auto packed = load_prior(dir);
-    auto plain = load_prior(dir, unpacked());
+    auto plain = load_prior(dir, test::unpacked_load());
     EXPECT_EQ(test::parameters_named(*plain, ".mapper.weight").size(),
               static_cast<size_t>(plain->config().depth));
     expect_same_in_fewer_ops("prior forward", plain, packed, [&](WuerstchenPrior& model) {
@@ -285,7 +280,7 @@ TEST(PackedMappers, DecoderSameWithAndWithoutPacking) {
     const auto ref = test::reference("decoder_forward");
     const std::string dir = test::data_path("tiny-wuerstchen/decoder");
     auto packed = load_diffnext(dir);
-    auto plain = load_diffnext(dir, unpacked());
+    auto plain = load_diffnext(dir, test::unpacked_load());
     expect_same_in_fewer_ops("decoder forward", plain, packed, [&](WuerstchenDiffNeXt& model) {
         return model->forward(test::ref_tensor(ref, "x"), test::ref_tensor(ref, "r"),
                               test::ref_tensor(ref, "effnet"), test::ref_tensor(ref, "clip"));
@@ -296,7 +291,7 @@ TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
     // Packed parameters are views of one buffer, with each layer's name, shape and values.
     auto prior = load_prior(test::data_path("tiny-wuerstchen-prior/prior"));
     ASSERT_TRUE(mappers_packed(*prior));
-    auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), unpacked());
+    auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), test::unpacked_load());
     test::expect_same_structure(*plain, *prior);
     test::expect_same_values(*plain, *prior);
 }

@@ -101,16 +101,11 @@ void check_sequential(Holder& model, const std::string& what, Forward forward) {
     EXPECT_EQ(storage_of(*model), before) << what << ": weights not restored";
 }
 
-// Loaded as for offloading: the condition mappers stay unpacked, so each block maps its own
-// condition from its unit's copy (packed ones would be read where they are).
-LoadOptions as_offloaded() {
-    LoadOptions o;
-    o.offload = true;
-    return o;
-}
-
+// The models are loaded as for offloading (test::unpacked_load): the condition mappers stay
+// unpacked, so each block maps its own condition from its unit's copy (packed ones would be read
+// where they are).
 TEST(SequentialOffload, PriorForwardUnchangedAndRestored) {
-    auto prior = load_prior(data_path("tiny-wuerstchen-prior/prior"), as_offloaded());
+    auto prior = load_prior(data_path("tiny-wuerstchen-prior/prior"), test::unpacked_load());
     const auto& cfg = prior->config();
     EXPECT_EQ(prior->offload_units().size(), static_cast<size_t>(3 * cfg.depth));
     const auto x = torch::randn({2, cfg.c_in, 6, 6});
@@ -120,7 +115,7 @@ TEST(SequentialOffload, PriorForwardUnchangedAndRestored) {
 }
 
 TEST(SequentialOffload, DecoderForwardUnchangedAndRestored) {
-    auto decoder = load_diffnext(data_path("tiny-wuerstchen/decoder"), as_offloaded());
+    auto decoder = load_diffnext(data_path("tiny-wuerstchen/decoder"), test::unpacked_load());
     const auto& cfg = decoder->config();
     size_t blocks = 0;
     for (const auto& levels : {decoder->down_blocks, decoder->up_blocks})

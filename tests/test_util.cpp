@@ -150,31 +150,50 @@ void expect_same_values(const torch::nn::Module& a, const torch::nn::Module& b) 
         EXPECT_TRUE(torch::equal(ba[i].value(), bb[i].value())) << ba[i].key();
 }
 
+LoadOptions unpacked_load() {
+    LoadOptions o;
+    o.offload = true;
+    return o;
+}
+
 namespace {
+
 thread_local std::map<std::string, int>* op_counts = nullptr;
+
+// Counts into `counts` while alive.
+class OpCounter {
+public:
+    explicit OpCounter(std::map<std::string, int>& counts) {
+        op_counts = &counts;
+        auto on_start = [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+            const auto it = op_counts->find(fn.name());
+            if (it != op_counts->end()) ++it->second;
+            return nullptr;
+        };
+        handle_ = at::addThreadLocalCallback(
+            at::RecordFunctionCallback(on_start).scopes({at::RecordScope::FUNCTION}));
+    }
+    ~OpCounter() {
+        at::removeCallback(handle_);
+        op_counts = nullptr;
+    }
+    OpCounter(const OpCounter&) = delete;
+    OpCounter& operator=(const OpCounter&) = delete;
+
+private:
+    at::CallbackHandle handle_;
+};
+
 }  // namespace
 
 std::map<std::string, int> count_ops(const std::vector<std::string>& ops,
                                      const std::function<void()>& run) {
     std::map<std::string, int> counts;
     for (const auto& op : ops) counts[op] = 0;
-    op_counts = &counts;
-    auto on_start = [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-        const auto it = op_counts->find(fn.name());
-        if (it != op_counts->end()) ++it->second;
-        return nullptr;
-    };
-    const auto handle = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(on_start).scopes({at::RecordScope::FUNCTION}));
-    try {
+    {
+        const OpCounter counting(counts);
         run();
-    } catch (...) {
-        at::removeCallback(handle);
-        op_counts = nullptr;
-        throw;
     }
-    at::removeCallback(handle);
-    op_counts = nullptr;
     return counts;
 }
 

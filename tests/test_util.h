@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "wuerstchen/safetensors.h"
+#include "wuerstchen/weights.h"
 
 namespace wuerstchen::test {
 
@@ -80,6 +81,10 @@ std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
 // Whether those (at least two) are stored back to back in one buffer, in that order: the layout
 // of pack_condition_mappers (nn::LinearGroup::pack).
 bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix);
+
+// LoadOptions as for model offload, on the default device: the loaders then leave the models'
+// condition mappers unpacked (each block maps its own condition).
+LoadOptions unpacked_load();
 
 // How many times each of `ops` (ATen names, e.g. "aten::silu") is dispatched on this thread
 // while `run` runs (nested calls included).
