@@ -82,7 +82,9 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
         pin_module(*decoder_);
         pin_module(*vqgan_);
     } else if (mode == OffloadMode::none) {
-        decoder_->pack_condition_mappers();  // the models stay put: map all blocks at once
+        // The models stay put: map all blocks' conditions at once, project q, k, v together.
+        decoder_->pack_condition_mappers();
+        decoder_->pack_attention_projections();
     }
     if (!(std::isfinite(latent_dim_scale_) && latent_dim_scale_ > 0))
         throw InvalidArgument("DecoderPipeline: `latent_dim_scale` must be a positive number");

@@ -181,6 +181,10 @@ bool WuerstchenDiffNeXtImpl::pack_condition_mappers() {
     return nn::pack_condition_mappers(offload_units());
 }
 
+bool WuerstchenDiffNeXtImpl::pack_attention_projections() {
+    return nn::pack_attention_projections(offload_units());
+}
+
 torch::Tensor WuerstchenDiffNeXtImpl::map_effnet(size_t index, Conditions& k,
                                                  const torch::Tensor& x) {
     // Upstream: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
@@ -314,7 +318,10 @@ WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& opti
     auto model = build_unwritten<WuerstchenDiffNeXt>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
-    if (!options.offload && !options.sequential_offload) model->pack_condition_mappers();
+    if (!options.offload && !options.sequential_offload) {
+        model->pack_condition_mappers();
+        model->pack_attention_projections();
+    }
     return model;
 }
 

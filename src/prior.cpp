@@ -45,6 +45,10 @@ bool WuerstchenPriorImpl::pack_condition_mappers() {
     return nn::pack_condition_mappers(offload_units());
 }
 
+bool WuerstchenPriorImpl::pack_attention_projections() {
+    return nn::pack_attention_projections(offload_units());
+}
+
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
                                            const torch::Tensor& c) {
     auto x = projection->forward(x_in);      // [B, c_in, H, W] -> [B, c, H, W]
@@ -96,7 +100,10 @@ WuerstchenPrior load_prior(const std::string& dir, const LoadOptions& options) {
     auto model = build_unwritten<WuerstchenPrior>(config);
     load_weights(*model, find_weight_files(dir, "diffusion_pytorch_model"), options);
     prepare_module(*model, options);
-    if (!options.offload && !options.sequential_offload) model->pack_condition_mappers();
+    if (!options.offload && !options.sequential_offload) {
+        model->pack_condition_mappers();
+        model->pack_attention_projections();
+    }
     return model;
 }
 

@@ -45,7 +45,9 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
         pin_module(*prior_);
     } else if (mode == OffloadMode::none) {
-        prior_->pack_condition_mappers();  // the models stay put: map all blocks at once
+        // The models stay put: map all blocks' conditions at once, project q, k, v together.
+        prior_->pack_condition_mappers();
+        prior_->pack_attention_projections();
     }
     if (!(config_.resolution_multiple > 0) || !std::isfinite(config_.resolution_multiple))
         invalid("`resolution_multiple` must be a positive number");

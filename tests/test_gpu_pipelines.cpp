@@ -133,7 +133,8 @@ void expect_same_output(const std::string& what, const CombinedOutput& actual,
 }
 
 // Replaces each parameter of the prior and the decoder by a copy of its own, which undoes
-// pack_condition_mappers: their blocks then map the conditions one by one, as offloaded ones do.
+// pack_condition_mappers and pack_attention_projections: their blocks then map the conditions
+// one by one and project q, k, v separately, as offloaded ones do.
 void unpack_condition_mappers(CombinedPipeline& pipe) {
     torch::NoGradGuard no_grad;
     for (torch::nn::Module* model :
@@ -143,7 +144,8 @@ void unpack_condition_mappers(CombinedPipeline& pipe) {
 }
 
 // Resident pipelines map the conditions of all blocks in one product each
-// (pack_condition_mappers); the same as each block mapping its own, up to rounding.
+// (pack_condition_mappers) and project each attention's q, k, v in one
+// (pack_attention_projections); the same as separate products, up to rounding.
 TEST_F(GpuPipelines, PackedMappersMatchPerBlock) {
     for (const auto dtype : {torch::kFloat32, torch::kFloat16}) {
         const std::string what = std::string("packed vs per-block mappers, ") + dtype_label(dtype);
@@ -160,6 +162,9 @@ TEST_F(GpuPipelines, PackedMappersMatchPerBlock) {
                 EXPECT_EQ(test::stored_back_to_back(*model, "kv_mapper.1.weight"), expected)
                     << what;
                 EXPECT_EQ(test::stored_back_to_back(*model, ".mapper.weight"), expected) << what;
+                const auto layout = test::attention_projection_layout(*model);
+                EXPECT_GT(layout.attention, 0) << what;
+                EXPECT_EQ(layout.packed, expected ? layout.attention : 0) << what;
             }
         }
         expect_same_output(what, packed(test::combined_seed42_options()),

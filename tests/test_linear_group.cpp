@@ -1,8 +1,9 @@
-// LinearGroup and the models' pack_condition_mappers: packed layers keep their parameters (names,
-// shapes, values), one product over the packed buffers gives each layer's own output, anything
-// that replaces a packed weight makes the group decline (so the caller maps per layer), split()
-// and add_one_to_scales() work per run of equally wide layers, and the prior and decoder compute
-// the same with and without packing.
+// LinearGroup and the models' pack_condition_mappers and pack_attention_projections: packed layers
+// keep their parameters (names, shapes, values), one product over the packed buffers gives each
+// layer's own output, anything that replaces a packed weight makes the group decline (so the
+// caller maps per layer), split() and add_one_to_scales() work per run of equally wide layers, an
+// attention block projects q, k and v in one product, and the prior and decoder compute the same
+// with and without packing.
 
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
@@ -197,6 +198,14 @@ bool any_mappers_packed(const torch::nn::Module& model) {
     return test::stored_back_to_back(model, "kv_mapper.1.weight") ||
            test::stored_back_to_back(model, ".mapper.weight");
 }
+// Whether every attention block's to_q, to_k, to_v are packed (there being some), or none.
+bool projections_packed(const torch::nn::Module& model) {
+    const auto layout = test::attention_projection_layout(model);
+    return layout.attention > 0 && layout.packed == layout.attention;
+}
+bool any_projections_packed(const torch::nn::Module& model) {
+    return test::attention_projection_layout(model).packed > 0;
+}
 
 // SiLU, and the matrix products a Linear runs as (mm or addmm, by input rank and version).
 const std::vector<std::string> kCounted = {"aten::silu", "aten::mm", "aten::addmm"};
@@ -211,8 +220,17 @@ TEST(PackedMappers, LoadersPackUnlessOffloading) {
     auto decoder = load_diffnext(decoder_dir);
     EXPECT_TRUE(mappers_packed(*prior));
     EXPECT_TRUE(mappers_packed(*decoder));
-    EXPECT_FALSE(any_mappers_packed(*load_prior(prior_dir, test::unpacked_load())));
-    EXPECT_FALSE(any_mappers_packed(*load_diffnext(decoder_dir, test::unpacked_load())));
+    EXPECT_TRUE(projections_packed(*prior));
+    EXPECT_TRUE(projections_packed(*decoder));
+    EXPECT_EQ(test::attention_projection_layout(*prior).attention, prior->config().depth);
+    auto plain_prior = load_prior(prior_dir, test::unpacked_load());
+    auto plain_decoder = load_diffnext(decoder_dir, test::unpacked_load());
+    for (const torch::nn::Module* plain :
+         {static_cast<const torch::nn::Module*>(plain_prior.get()),
+          static_cast<const torch::nn::Module*>(plain_decoder.get())}) {
+        EXPECT_FALSE(any_mappers_packed(*plain));
+        EXPECT_FALSE(any_projections_packed(*plain));
+    }
 }
 
 TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
@@ -221,32 +239,39 @@ TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     const std::string prior_dir = test::data_path("tiny-wuerstchen-prior");
     auto prior = load_prior(prior_dir + "/prior", test::unpacked_load());
     ASSERT_FALSE(any_mappers_packed(*prior));
+    ASSERT_FALSE(any_projections_packed(*prior));
     PriorPipeline prior_pipe(
         CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
         load_clip_text_model(prior_dir + "/text_encoder", test::unpacked_load()), prior,
         DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
     EXPECT_TRUE(mappers_packed(*prior));
+    EXPECT_TRUE(projections_packed(*prior));
 
     const std::string decoder_dir = test::data_path("tiny-wuerstchen");
     auto decoder = load_diffnext(decoder_dir + "/decoder", test::unpacked_load());
     ASSERT_FALSE(any_mappers_packed(*decoder));
+    ASSERT_FALSE(any_projections_packed(*decoder));
     DecoderComponents parts{
         CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
         load_clip_text_model(decoder_dir + "/text_encoder", test::unpacked_load()), decoder,
         load_paella_vq(decoder_dir + "/vqgan", test::unpacked_load())};
     const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
     EXPECT_TRUE(mappers_packed(*decoder));
+    EXPECT_TRUE(projections_packed(*decoder));
 }
 
 // Runs forward(model) on the per-block and the packed model: per block a SiLU and a matrix
-// product for each kv_mapper (SiLU, then Linear) and a product for each timestep mapper; packed,
-// one SiLU and one product per kind. The outputs are the same products, grouped: equal up to the
-// matrix library's summation order.
+// product for each kv_mapper (SiLU, then Linear), a product for each timestep mapper and three
+// for each attention's q, k, v; packed, one SiLU and one product per kind of mapper and one per
+// attention. The outputs are the same products, grouped: equal up to the matrix library's
+// summation order.
 template <class Model, class Forward>
 void expect_same_in_fewer_ops(const std::string& what, Model& plain, Model& packed,
                               Forward forward) {
     ASSERT_TRUE(mappers_packed(*packed)) << what;
+    ASSERT_TRUE(projections_packed(*packed)) << what;
     ASSERT_FALSE(any_mappers_packed(*plain)) << what;
+    ASSERT_FALSE(any_projections_packed(*plain)) << what;
     const int attention =
         static_cast<int>(test::parameters_named(*plain, "kv_mapper.1.weight").size());
     const int timestep = static_cast<int>(test::parameters_named(*plain, ".mapper.weight").size());
@@ -258,7 +283,9 @@ void expect_same_in_fewer_ops(const std::string& what, Model& plain, Model& pack
     const auto grouped = count_ops(kCounted, [&] { out = forward(packed); });
     EXPECT_EQ(per_block.at("aten::silu"), attention) << what;
     EXPECT_EQ(grouped.at("aten::silu"), 1) << what;
-    EXPECT_EQ(products(per_block) - products(grouped), (attention - 1) + (timestep - 1)) << what;
+    EXPECT_EQ(products(per_block) - products(grouped),
+              (attention - 1) + (timestep - 1) + 2 * attention)
+        << what;
     EXPECT_TRUE(
         all_close(what + ", packed vs per block", out, expected, test::scaled_tol(expected, 1e-6)));
 }
@@ -291,9 +318,69 @@ TEST(PackedMappers, ParametersEqualTheUnpackedModel) {
     // Packed parameters are views of one buffer, with each layer's name, shape and values.
     auto prior = load_prior(test::data_path("tiny-wuerstchen-prior/prior"));
     ASSERT_TRUE(mappers_packed(*prior));
+    ASSERT_TRUE(projections_packed(*prior));
     auto plain = load_prior(test::data_path("tiny-wuerstchen-prior/prior"), test::unpacked_load());
     test::expect_same_structure(*plain, *prior);
     test::expect_same_values(*plain, *prior);
+}
+
+// A self-attention block (c 8, c_cond 6, 2 heads) with random weights from `seed`.
+nn::AttnBlock random_attn_block(uint64_t seed, bool self_attn = true) {
+    nn::AttnBlock block(8, 6, 2, self_attn);
+    torch::manual_seed(seed);
+    torch::NoGradGuard no_grad;
+    for (auto& p : block->parameters()) p.copy_(torch::randn(p.sizes()) * 0.3);
+    return block;
+}
+
+TEST(PackedProjections, OneProductForQueriesKeysAndValues) {
+    auto plain = random_attn_block(5);
+    auto packed = random_attn_block(5);
+    EXPECT_TRUE(nn::pack_attention_projections({packed.get()}));
+    EXPECT_TRUE(projections_packed(*packed));
+    EXPECT_FALSE(any_projections_packed(*plain));
+    test::expect_same_values(*plain, *packed);
+    torch::manual_seed(6);
+    const auto x = torch::randn({2, 8, 3, 4});
+    const auto cond = torch::randn({2, 5, 6});
+    c10::InferenceMode guard;
+    torch::Tensor expected, out;
+    const auto separate = count_ops(kCounted, [&] { expected = plain->forward(x, cond); });
+    const auto joint = count_ops(kCounted, [&] { out = packed->forward(x, cond); });
+    EXPECT_EQ(products(separate) - products(joint), 2);  // q, k, v: one product instead of three
+    EXPECT_TRUE(all_close("packed vs separate projections", out, expected,
+                          test::scaled_tol(expected, 1e-6)));
+}
+
+TEST(PackedProjections, ContributingLoraAdapterProjectsSeparately) {
+    auto plain = random_attn_block(7);
+    auto packed = random_attn_block(7);
+    ASSERT_TRUE(nn::pack_attention_projections({packed.get()}));
+    torch::manual_seed(8);
+    const auto down = torch::randn({2, 8});
+    const auto up = torch::randn({8, 2});
+    for (auto* block : {plain.get(), packed.get()}) {
+        auto* to_k = dynamic_cast<LoraLinearImpl*>(block->attention->to_k.get());
+        ASSERT_NE(to_k, nullptr);
+        to_k->add_adapter("style", down, up, /*alpha=*/2.0);
+    }
+    EXPECT_FALSE(packed->attention->projections().ready(torch::kCPU));  // the branch counts
+    EXPECT_TRUE(projections_packed(*packed));                           // the layout stays
+    const auto x = torch::randn({2, 8, 3, 4});
+    const auto cond = torch::randn({2, 5, 6});
+    c10::InferenceMode guard;
+    torch::Tensor expected, out;
+    const auto separate = count_ops(kCounted, [&] { expected = plain->forward(x, cond); });
+    const auto declined = count_ops(kCounted, [&] { out = packed->forward(x, cond); });
+    EXPECT_EQ(products(declined), products(separate));
+    EXPECT_TRUE(all_close("packed block with a LoRA adapter on to_k", out, expected, 0.0));
+}
+
+TEST(PackedProjections, CrossAttentionIsLeftAlone) {
+    // Its queries read other rows than its keys and values: nothing to share.
+    auto cross = random_attn_block(9, /*self_attn=*/false);
+    EXPECT_TRUE(nn::pack_attention_projections({cross.get()}));
+    EXPECT_FALSE(any_projections_packed(*cross));
 }
 
 TEST(PackedMappers, AddOneToScalesOneOpPerRunOfEqualWidths) {

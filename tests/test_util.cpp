@@ -96,15 +96,48 @@ std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
     return out;
 }
 
-bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix) {
-    const auto tensors = parameters_named(module, suffix);
-    if (tensors.size() < 2) return false;
+namespace {
+
+// Whether the tensors are stored back to back in one buffer, in this order.
+bool back_to_back(const std::vector<torch::Tensor>& tensors) {
     for (size_t i = 1; i < tensors.size(); ++i) {
         const auto* end =
             static_cast<const char*>(tensors[i - 1].data_ptr()) + tensors[i - 1].nbytes();
         if (!tensors[i].is_alias_of(tensors[0]) || tensors[i].data_ptr() != end) return false;
     }
     return true;
+}
+
+}  // namespace
+
+bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix) {
+    const auto tensors = parameters_named(module, suffix);
+    return tensors.size() >= 2 && back_to_back(tensors);
+}
+
+ProjectionLayout attention_projection_layout(const torch::nn::Module& module) {
+    const auto params = module.named_parameters();
+    const std::string q_weight = "to_q.weight";
+    ProjectionLayout layout;
+    for (const auto& item : params) {
+        const std::string& name = item.key();
+        if (name.size() < q_weight.size() ||
+            name.compare(name.size() - q_weight.size(), q_weight.size(), q_weight) != 0)
+            continue;
+        const std::string prefix = name.substr(0, name.size() - q_weight.size());
+        std::vector<torch::Tensor> weights, biases;
+        for (const std::string proj : {"to_q", "to_k", "to_v"}) {
+            const auto* w = params.find(prefix + proj + ".weight");
+            const auto* b = params.find(prefix + proj + ".bias");
+            if (w == nullptr || b == nullptr) break;
+            weights.push_back(*w);
+            biases.push_back(*b);
+        }
+        if (weights.size() != 3) continue;  // not an attention module
+        ++layout.attention;
+        layout.packed += back_to_back(weights) && back_to_back(biases) ? 1 : 0;
+    }
+    return layout;
 }
 
 namespace {

@@ -82,6 +82,15 @@ std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
 // of pack_condition_mappers (nn::LinearGroup::pack).
 bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix);
 
+// The attention modules of `module` (those with to_q, to_k and to_v) and how many of them store
+// the three weights back to back in one buffer, and the three biases in another: the layout of
+// pack_attention_projections.
+struct ProjectionLayout {
+    int attention = 0;
+    int packed = 0;
+};
+ProjectionLayout attention_projection_layout(const torch::nn::Module& module);
+
 // LoadOptions as for model offload, on the default device: the loaders then leave the models'
 // condition mappers unpacked (each block maps its own condition).
 LoadOptions unpacked_load();

@@ -104,9 +104,10 @@ public:
     static DecoderPipeline from_components(DecoderComponents components,
                                            const LoadOptions& options = {});
 
-    // Without offloading, constructing a pipeline packs the decoder's condition mappers
-    // (WuerstchenDiffNeXtImpl::pack_condition_mappers) unless they are packed already: it must
-    // not overlap calls of another pipeline that shares the decoder.
+    // Without offloading, constructing a pipeline packs the decoder's condition mappers and
+    // attention projections (WuerstchenDiffNeXtImpl::pack_condition_mappers,
+    // pack_attention_projections) unless they are packed already: it must not overlap calls of
+    // another pipeline that shares the decoder.
 
     // Runs the pipeline under c10::InferenceMode. Throws InvalidArgument naming the argument for
     // bad input, Cancelled when the callback returns false, OutOfMemoryError when memory runs

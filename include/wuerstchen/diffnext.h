@@ -42,6 +42,9 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // TimestepBlock's mapper (down levels, then up levels) in one buffer per kind, so forward
     // maps the text condition and the r-embedding for all blocks in one product each.
     bool pack_condition_mappers();
+    // As WuerstchenPriorImpl::pack_attention_projections: each AttnBlock's to_q, to_k and to_v
+    // in one buffer, projected in one product.
+    bool pack_attention_projections();
 
     // Sequential offload: every block of down_blocks then up_blocks (level samplers included) in
     // execution order; forward calls block_hook around each when it is set.

@@ -48,6 +48,10 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // it does while an unfused LoRA adapter on a mapper contributes. Returns whether both kinds
     // are packed (a no-op when they already are).
     bool pack_condition_mappers();
+    // The same for each attention block's to_q, to_k and to_v: one buffer per block, so that its
+    // forward projects queries, keys and values in one matrix product instead of three (with the
+    // same conditions as above). Returns whether every block's are packed.
+    bool pack_attention_projections();
 
     // Sequential offload: the blocks (ResBlock, TimestepBlock, AttnBlock per depth) in execution
     // order; forward calls block_hook around each when it is set.

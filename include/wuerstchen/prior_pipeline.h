@@ -97,9 +97,10 @@ public:
     static PriorPipeline from_components(const std::string& dir, const std::string& prefix,
                                          const LoadOptions& options = {});
 
-    // Without offloading, constructing a pipeline packs the prior's condition mappers
-    // (WuerstchenPriorImpl::pack_condition_mappers) unless they are packed already: it must not
-    // overlap calls of another pipeline that shares the prior.
+    // Without offloading, constructing a pipeline packs the prior's condition mappers and
+    // attention projections (WuerstchenPriorImpl::pack_condition_mappers,
+    // pack_attention_projections) unless they are packed already: it must not overlap calls of
+    // another pipeline that shares the prior.
 
     // Runs the denoising loop. Throws InvalidArgument (naming the argument) for bad options and
     // Cancelled when the callback returns false, OutOfMemoryError when memory runs out; the

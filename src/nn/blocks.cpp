@@ -145,6 +145,10 @@ AttentionImpl::AttentionImpl(int64_t query_dim, int64_t heads_, int64_t dim_head
     to_out = register_module("to_out", torch::nn::Sequential(LoraLinear(inner, query_dim)));
 }
 
+LinearGroup AttentionImpl::projections() const {
+    return LinearGroup({to_q.ptr().get(), to_k.ptr().get(), to_v.ptr().get()});
+}
+
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& context) {
     const int64_t b = x.size(0);
     const int64_t n = x.size(1);
@@ -153,6 +157,28 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     auto q = lora_forward(to_q, x).view({b, n, heads, dim_head}).transpose(1, 2);
     auto k = lora_forward(to_k, context).view({b, m, heads, dim_head}).transpose(1, 2);
     auto v = lora_forward(to_v, context).view({b, m, heads, dim_head}).transpose(1, 2);
+    return attend(q, k, v);
+}
+
+torch::Tensor AttentionImpl::forward_self(const torch::Tensor& x, const torch::Tensor& context) {
+    const LinearGroup group = projections();
+    if (!group.ready(context.device())) return forward(x, context);
+    const int64_t b = x.size(0);
+    const int64_t n = x.size(1);
+    const int64_t m = context.size(1);
+    // [B, M, C] -> [B, M, 3 * heads*dim_head]; each projection is a column view of it, q also
+    // only its first N rows (the rows of x). Views: the attention reads strided heads anyway.
+    const auto qkv = group.forward(context);
+    auto q = group.columns(qkv, 0).narrow(1, 0, n).view({b, n, heads, dim_head}).transpose(1, 2);
+    auto k = group.columns(qkv, 1).view({b, m, heads, dim_head}).transpose(1, 2);
+    auto v = group.columns(qkv, 2).view({b, m, heads, dim_head}).transpose(1, 2);
+    return attend(q, k, v);
+}
+
+torch::Tensor AttentionImpl::attend(const torch::Tensor& q, const torch::Tensor& k,
+                                    const torch::Tensor& v) {
+    const int64_t b = q.size(0);
+    const int64_t n = q.size(2);
     // AttnProcessor: softmax(q k^T * dim_head^-0.5) v, softmax in the input dtype.
 #if TORCH_VERSION_MAJOR >= 2
     auto out = at::scaled_dot_product_attention(q, k, v);  // default scale = dim_head^-0.5
@@ -162,21 +188,22 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     // 1024x1024 has 4096 queries: 0.7 GB of float32 scores at once). Every row is computed as
     // on the whole matrix.
     constexpr int64_t kScoreBytes = int64_t{64} << 20;
+    const int64_t m = k.size(2);
     const double scale = 1.0 / std::sqrt(static_cast<double>(dim_head));
     const auto kt = k.transpose(-1, -2);
     const int64_t row_bytes = b * heads * m * static_cast<int64_t>(q.element_size());
-    auto attend = [&](const torch::Tensor& queries) {
+    auto attend_rows = [&](const torch::Tensor& queries) {
         return at::matmul(at::softmax(at::matmul(queries, kt) * scale, -1), v);
     };
     // Equal chunks, as few as the budget allows; empty shapes in one go.
     const int64_t rows = balanced_part(n, row_bytes > 0 ? kScoreBytes / row_bytes : n);
     torch::Tensor out;
     if (rows >= n) {
-        out = attend(q);
+        out = attend_rows(q);
     } else {
         std::vector<torch::Tensor> parts;
         for (int64_t i = 0; i < n; i += rows)
-            parts.push_back(attend(q.narrow(2, i, std::min(rows, n - i))));
+            parts.push_back(attend_rows(q.narrow(2, i, std::min(rows, n - i))));
         out = at::cat(parts, 2);
     }
 #endif
@@ -212,7 +239,9 @@ torch::Tensor AttnBlockImpl::forward_mapped(const torch::Tensor& x, const torch:
     auto norm_x = layer_norm_2d(x).reshape({b, c, h * w}).transpose(1, 2);
     if (self_attn) kv = torch::cat({norm_x, kv}, 1);
     // [B, H*W, C] -> [B, C, H, W]
-    auto attn = attention->forward(norm_x, kv).transpose(1, 2).reshape({b, c, h, w});
+    auto attn = (self_attn ? attention->forward_self(norm_x, kv) : attention->forward(norm_x, kv))
+                    .transpose(1, 2)
+                    .reshape({b, c, h, w});
     return x + attn;
 }
 
@@ -243,6 +272,16 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks) {
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
     const bool kv = kv_mappers(blocks).pack();
     return timestep_mappers(blocks).pack() && kv;
+}
+
+bool pack_attention_projections(const std::vector<torch::nn::Module*>& blocks) {
+    bool all = true;
+    for (auto* module : blocks) {
+        auto* block = dynamic_cast<AttnBlockImpl*>(module);
+        if (block != nullptr && block->self_attn)
+            all = block->attention->projections().pack() && all;
+    }
+    return all;
 }
 
 void add_one_to_scales(const LinearGroup& group, torch::Tensor& all) {

@@ -87,10 +87,21 @@ struct AttentionImpl : torch::nn::Module {
     AttentionImpl(int64_t query_dim, int64_t heads, int64_t dim_head);
     // x: [B, N, C], context: [B, M, C] -> [B, N, C]
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context);
+    // The same where context's first N rows are x (self-attention over [x ; more]). When
+    // projections() is ready, q, k and v come from one product over context (q from its first
+    // N rows), instead of three.
+    torch::Tensor forward_self(const torch::Tensor& x, const torch::Tensor& context);
+    // to_q, to_k, to_v as one group (pack_attention_projections packs it).
+    LinearGroup projections() const;
     int64_t heads;
     int64_t dim_head;
     torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
     torch::nn::Sequential to_out{nullptr};  // {0: Linear}
+
+private:
+    // softmax(q k^T / sqrt(dim_head)) v, then to_out: q [B, heads, N, dim_head], k and v
+    // [B, heads, M, dim_head] -> [B, N, heads * dim_head].
+    torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
 };
 TORCH_MODULE(Attention);
 
@@ -117,6 +128,10 @@ LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Packs both kinds (the models' pack_condition_mappers); whether both are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
+// Packs each self-attention AttnBlock's to_q, to_k and to_v (AttentionImpl::projections) among
+// the blocks (the models' pack_attention_projections); whether every one is packed (true when
+// there are none).
+bool pack_attention_projections(const std::vector<torch::nn::Module*>& blocks);
 // `all` = timestep_mappers(...).forward(r_embed), [B, total_out()]: adds 1 to every layer's
 // first half of columns (its a of [a, b]) in place, one op per run of equally wide layers
 // instead of one per block; each layer's columns are then modulate_scaled's factors.
