@@ -366,22 +366,20 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         };
         const auto graph_key =
             graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
-        const std::vector<float>& ts = scheduler.timestep_values();
-        for (size_t i = 0; i + 1 < ts.size(); ++i) {
-            // ratio = t.expand(B).to(dtype), built on the device (no host round trip)
-            const auto ratio =
-                at::full({rows}, ts[i], torch::TensorOptions().dtype(torch::kFloat32).device(device))
-                    .to(dtype);
+        // Every step's timestep and schedule factors at once, on the device.
+        const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device);
+        for (int i = 0; i < plan.steps(); ++i) {
+            // ratio = t.expand(B).to(dtype), on the device (no host round trip)
+            const auto ratio = plan.timestep(i, rows);
             const std::vector<torch::Tensor> inputs = {latents, ratio, effnet, text};
             const torch::Tensor predicted =
                 graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
-            // The host-side timestep: the tensor overload would read it back from the device.
-            latents = scheduler.step(predicted, static_cast<double>(ts[i]), latents,
-                                     draws.next(shape));
+            latents = scheduler.step(predicted, plan, i, latents, draws.next(shape));
 
             if (opt.callback) {
                 torch::Tensor shown = latents;
-                if (!opt.callback(static_cast<int>(i), static_cast<double>(ts[i]), shown))
+                const double t = plan.points[static_cast<size_t>(i)];
+                if (!opt.callback(i, t, shown))
                     throw Cancelled("DecoderPipeline: cancelled by the step callback after step " +
                                     std::to_string(i));
                 if (!shown.is_same(latents)) {

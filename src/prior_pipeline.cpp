@@ -286,16 +286,15 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
     const auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
-    const std::vector<float>& ts = scheduler.timestep_values();
-    for (int i = 0; i + 1 < static_cast<int>(ts.size()); ++i) {
-        const float t = ts[static_cast<size_t>(i)];
+    // Every step's timestep and schedule factors at once, on the device.
+    const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device_);
+    for (int i = 0; i < plan.steps(); ++i) {
+        const float t = plan.points[static_cast<size_t>(i)];
         // ratio = t.expand(latents.size(0)).to(dtype)
-        auto ratio = torch::full({latents.size(0)}, t,
-                                 torch::TensorOptions().dtype(torch::kFloat32).device(device_))
-                         .to(dtype);
+        const auto ratio = plan.timestep(i, latents.size(0));
         const std::vector<torch::Tensor> inputs = {latents, ratio, text_states};
         torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
-        latents = scheduler.step(pred, static_cast<double>(t), latents, draws.next(latent_shape));
+        latents = scheduler.step(pred, plan, i, latents, draws.next(latent_shape));
 
         if (o.callback) {
             const bool keep_going = o.callback(i, static_cast<double>(t), latents);

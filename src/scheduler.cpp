@@ -150,6 +150,14 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, d
 torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, double t,
                                             const torch::Tensor& sample,
                                             const torch::Tensor& noise) const {
+    check_noise(model_output, sample, noise);
+    const float prev = previous_timestep(t);
+    return step_impl(model_output, batch_timestep(t, model_output, sample), prev, sample, nullptr,
+                     noise);
+}
+
+void DDPMWuerstchenScheduler::check_noise(const torch::Tensor& model_output,
+                                          const torch::Tensor& sample, const torch::Tensor& noise) {
     if (!noise.defined() || noise.sizes() != sample.sizes())
         throw InvalidArgument("DDPMWuerstchenScheduler::step: `noise` must have the sample's "
                               "shape " + c10::str(sample.sizes()) + ", got " +
@@ -157,12 +165,11 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, d
     // A draw in another dtype is not the model dtype's draw (torch's CPU sampler differs per
     // dtype): no silent cast.
     if (noise.scalar_type() != model_output.scalar_type())
-        throw InvalidArgument("DDPMWuerstchenScheduler::step: `noise` must be drawn in the model "
-                              "output's dtype " + std::string(c10::toString(model_output.scalar_type())) +
-                              ", got " + c10::toString(noise.scalar_type()));
-    const float prev = previous_timestep(t);
-    return step_impl(model_output, batch_timestep(t, model_output, sample), prev, sample, nullptr,
-                     noise);
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::step: `noise` must be drawn in the model "
+            "output's dtype " +
+            std::string(c10::toString(model_output.scalar_type())) + ", got " +
+            c10::toString(noise.scalar_type()));
 }
 
 torch::Tensor DDPMWuerstchenScheduler::step_impl(const torch::Tensor& model_output,
@@ -193,6 +200,66 @@ torch::Tensor DDPMWuerstchenScheduler::step_impl(const torch::Tensor& model_outp
     // pred = mu + std * (prev_t != 0).float(); prev_t is known on the host: no device sync.
     auto pred = mu + sigma_noise * (prev_t != 0.0f ? 1.0 : 0.0);
     return pred.to(dtype);
+}
+
+torch::Tensor SchedulerStepPlan::timestep(int i, int64_t batch) const {
+    return timesteps.narrow(0, i, 1).expand({batch});
+}
+
+SchedulerStepPlan DDPMWuerstchenScheduler::plan_steps(torch::ScalarType dtype,
+                                                      torch::Device device) const {
+    if (timesteps_.size() < 2)
+        throw InvalidArgument("DDPMWuerstchenScheduler::plan_steps: call set_timesteps first");
+    SchedulerStepPlan plan;
+    plan.points = timesteps_;
+    plan.dtype = dtype;
+    plan.device = device;
+    const auto n = static_cast<int64_t>(timesteps_.size()) - 1;
+    // The points on the device in one copy; t as step_impl gets it (float32, then the model's
+    // dtype), the step targets as it makes them (float32).
+    const auto points =
+        torch::tensor(timesteps_, torch::TensorOptions().dtype(torch::kFloat32)).to(device);
+    plan.timesteps = points.narrow(0, 0, n).to(dtype);
+    // As step_impl, op for op, on all steps at once.
+    const auto alpha_cumprod_t = alpha_cumprod(plan.timesteps);
+    const auto alpha_cumprod_prev = alpha_cumprod(points.narrow(0, 1, n));
+    const auto alpha = alpha_cumprod_t / alpha_cumprod_prev;
+    plan.inv_sqrt_alpha = alpha.reciprocal().sqrt();
+    plan.one_minus_alpha = 1 - alpha;
+    plan.sqrt_one_minus_alpha_cumprod = (1 - alpha_cumprod_t).sqrt();
+    plan.sigma = ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t)).sqrt();
+    return plan;
+}
+
+torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output,
+                                            const SchedulerStepPlan& plan, int i,
+                                            const torch::Tensor& sample,
+                                            const torch::Tensor& noise) const {
+    if (plan.points != timesteps_)
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::step: the plan was made for another schedule");
+    if (i < 0 || i >= plan.steps())
+        throw InvalidArgument("DDPMWuerstchenScheduler::step: step " + std::to_string(i) +
+                              " is outside the plan's " + std::to_string(plan.steps()) + " steps");
+    if (model_output.scalar_type() != plan.dtype || model_output.device() != plan.device)
+        throw InvalidArgument("DDPMWuerstchenScheduler::step: `model_output` must be " +
+                              std::string(c10::toString(plan.dtype)) + " on " + plan.device.str() +
+                              " as the plan, got " + c10::toString(model_output.scalar_type()) +
+                              " on " + model_output.device().str());
+    check_noise(model_output, sample, noise);
+    // Step i's factors as [1, ..., 1] views, broadcast over the batch (step_impl: [B, 1, ...]).
+    const auto view = batch_view(1, sample);
+    const auto at_step = [&](const torch::Tensor& factor) {
+        return factor.narrow(0, i, 1).view(view);
+    };
+    auto mu =
+        at_step(plan.inv_sqrt_alpha) * (sample - at_step(plan.one_minus_alpha) * model_output /
+                                                     at_step(plan.sqrt_one_minus_alpha_cumprod));
+    auto sigma_noise = at_step(plan.sigma) * noise.to(plan.device, plan.dtype);
+    // step_impl multiplies by 1.0 before the last step, which changes no value.
+    auto pred =
+        plan.points[static_cast<size_t>(i) + 1] != 0.0f ? mu + sigma_noise : mu + sigma_noise * 0.0;
+    return pred.to(plan.dtype);
 }
 
 torch::Tensor DDPMWuerstchenScheduler::add_noise(const torch::Tensor& original_samples,

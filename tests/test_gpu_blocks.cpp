@@ -1,4 +1,7 @@
-// Block arithmetic that only CUDA runs (label gpu; skipped without CUDA).
+// Block and scheduler arithmetic that only CUDA runs (label gpu; skipped without CUDA).
+//
+// The scheduler's step plan (every step's timestep factors made at once) gives the per-step
+// form's values bit for bit on CUDA: each element runs the same float32 ops.
 //
 // GlobalResponseNorm in half precision on CUDA: one pass, beta + x * f with the factor
 // f = (d + gamma * n) / d (n the spatial L2 norms, d their mean + 1e-6) made in half first, two
@@ -14,6 +17,7 @@
 #include <iostream>
 
 #include "nn/blocks.h"
+#include "wuerstchen/scheduler.h"
 
 namespace wuerstchen {
 namespace {
@@ -49,6 +53,32 @@ TEST(GpuBlocks, GlobalResponseNormHalfWithinRounding) {
     std::cout << "GRN half on CUDA vs float64: max error " << worst
               << " of the rounding bound (factor + output)\n";
     EXPECT_LE(worst, 1.001);  // second-order terms
+}
+
+TEST(GpuScheduler, StepPlanBitForBit) {
+    if (!torch::cuda::is_available())
+        GTEST_SKIP() << "CUDA is not available: GPU scheduler test skipped";
+    const torch::Device cuda(torch::kCUDA);
+    torch::manual_seed(5);
+    c10::InferenceMode guard;
+    for (const auto dtype : {torch::kFloat32, torch::kHalf}) {
+        DDPMWuerstchenScheduler sched;
+        sched.set_timesteps(kDefaultStageCTimesteps);
+        const auto plan = sched.plan_steps(dtype, cuda);
+        const auto sample = torch::randn({2, 16, 24, 24}).to(cuda, dtype);
+        const auto model_output = torch::randn({2, 16, 24, 24}).to(cuda, dtype);
+        for (int i = 0; i < plan.steps(); ++i) {
+            const float t = sched.timestep_values()[static_cast<size_t>(i)];
+            const auto noise = torch::randn({2, 16, 24, 24}).to(cuda, dtype);
+            EXPECT_TRUE(
+                torch::equal(plan.timestep(i, 2),
+                             torch::full({2}, t, torch::TensorOptions().device(cuda)).to(dtype)))
+                << "step " << i;
+            EXPECT_TRUE(torch::equal(sched.step(model_output, plan, i, sample, noise),
+                                     sched.step(model_output, t, sample, noise)))
+                << c10::toString(dtype) << " step " << i;
+        }
+    }
 }
 
 }  // namespace

@@ -1,11 +1,16 @@
-// DDPMWuerstchenScheduler against diffusers (tests/data/references/scheduler.safetensors).
+// DDPMWuerstchenScheduler against diffusers (tests/data/references/scheduler.safetensors), and
+// its step plan (every step's timestep factors at once) against the per-step form.
 
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
-#include <thread>
+#include <iostream>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
 
 #include "step_noise.h"
 #include "test_util.h"
@@ -172,6 +177,99 @@ TEST(Scheduler, AddNoise) {
     auto a = sched.alpha_cumprod(t);
     auto out = sched.add_noise(x0, noise, t);
     EXPECT_TRUE(all_close("add_noise", out.flatten(), a.sqrt(), 1e-7));
+}
+
+// Every step of a plan against the per-step form with the same noise: schedules of 12 steps and
+// the stage-C default, scaler 1 and 2, float32 and bfloat16 models.
+TEST(SchedulerStepPlan, MatchesPerStep) {
+    struct Case {
+        std::string what;
+        SchedulerConfig config;
+        bool stage_c;
+        torch::ScalarType dtype;
+    };
+    SchedulerConfig scaled;
+    scaled.scaler = 2.0;
+    const std::vector<Case> cases = {
+        {"12 steps, float32", {}, false, torch::kFloat32},
+        {"stage C default, float32", {}, true, torch::kFloat32},
+        {"12 steps, scaler 2, float32", scaled, false, torch::kFloat32},
+        {"stage C default, bfloat16", {}, true, torch::kBFloat16},
+    };
+    torch::manual_seed(3);
+    c10::InferenceMode guard;
+    double worst = 0.0;
+    for (const auto& c : cases) {
+        DDPMWuerstchenScheduler sched(c.config);
+        if (c.stage_c)
+            sched.set_timesteps(kDefaultStageCTimesteps);
+        else
+            sched.set_timesteps(12);
+        const auto plan = sched.plan_steps(c.dtype, torch::kCPU);
+        ASSERT_EQ(plan.steps(), sched.num_steps()) << c.what;
+        const auto sample = torch::randn({3, 4, 5, 6}).to(c.dtype);
+        const auto model_output = torch::randn({3, 4, 5, 6}).to(c.dtype);
+        for (int i = 0; i < plan.steps(); ++i) {
+            const std::string what = c.what + ", step " + std::to_string(i);
+            const float t = sched.timestep_values()[static_cast<size_t>(i)];
+            // The pipelines' ratio: t.expand(B).to(dtype).
+            EXPECT_TRUE(torch::equal(plan.timestep(i, 3), torch::full({3}, t).to(c.dtype))) << what;
+            const auto noise = torch::randn({3, 4, 5, 6}).to(c.dtype);
+            const auto expected = sched.step(model_output, t, sample, noise);
+            const auto out = sched.step(model_output, plan, i, sample, noise);
+            ASSERT_EQ(out.scalar_type(), c.dtype) << what;
+            ASSERT_EQ(out.sizes(), sample.sizes()) << what;
+            // The same float32 ops per element; only the CPU's vectorised cosine may differ from
+            // its scalar one in the last bit, which can move a bfloat16 result by one step.
+            const double tol = c.dtype == torch::kFloat32 ? 1e-5 : 2e-2;
+            const auto err = (out.to(torch::kFloat64) - expected.to(torch::kFloat64)).abs();
+            const double rel =
+                (err / (expected.to(torch::kFloat64).abs() + 1.0)).max().item<double>();
+            worst = std::max(worst, c.dtype == torch::kFloat32 ? rel : 0.0);
+            EXPECT_LE(rel, tol) << what;
+        }
+    }
+    std::cout << "[ parity   ] step plan vs per-step (float32): max relative error " << worst
+              << " (tolerance 1e-05)\n";
+}
+
+TEST(SchedulerStepPlan, StepRunsNoScheduleMath) {
+    // The per-step form evaluates the cosine schedule twice per call (about fifty small ops in
+    // all); a planned step only combines the tensors.
+    const std::vector<std::string> schedule_ops = {"aten::cos", "aten::pow", "aten::clamp",
+                                                   "aten::sqrt", "aten::reciprocal",
+                                                   "aten::full"};
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(12);
+    const auto plan = sched.plan_steps(torch::kFloat32, torch::kCPU);
+    const auto x = torch::randn({2, 4, 3, 3});
+    c10::InferenceMode guard;
+    const float t = sched.timestep_values()[5];
+    const auto per_step = test::count_ops(schedule_ops, [&] { sched.step(x, t, x, x); });
+    const auto planned = test::count_ops(schedule_ops, [&] { sched.step(x, plan, 5, x, x); });
+    for (const auto& op : schedule_ops) {
+        EXPECT_EQ(planned.at(op), 0) << op;
+        EXPECT_GT(per_step.at(op), 0) << op;
+    }
+}
+
+TEST(SchedulerStepPlan, RejectsAnotherScheduleStepOrDtype) {
+    DDPMWuerstchenScheduler sched;
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.plan_steps(torch::kFloat32, torch::kCPU), InvalidArgument,
+                                "set_timesteps");
+    sched.set_timesteps(4);
+    const auto plan = sched.plan_steps(torch::kFloat32, torch::kCPU);
+    const auto x = torch::zeros({1, 2, 2, 2});
+    c10::InferenceMode guard;
+    EXPECT_EQ(sched.step(x, plan, 3, x, x).sizes(), x.sizes());
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, plan, 4, x, x), InvalidArgument, "step 4", "4 steps");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, plan, -1, x, x), InvalidArgument, "step -1");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x.to(torch::kDouble), plan, 0, x, x), InvalidArgument,
+                                "`model_output`", "Float");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, plan, 0, x, x.narrow(0, 0, 0)), InvalidArgument,
+                                "`noise`", "shape");
+    sched.set_timesteps(5);
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, plan, 0, x, x), InvalidArgument, "another schedule");
 }
 
 TEST(Scheduler, RejectsBadTimesteps) {

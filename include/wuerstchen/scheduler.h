@@ -15,6 +15,23 @@
 
 namespace wuerstchen {
 
+// What DDPMWuerstchenScheduler::plan_steps makes: for every step of a schedule, the factors that
+// step() computes per call from the timestep alone, as float32 tensors [steps] on one device,
+// and the model's timestep input. Read-only; made per pipeline call.
+struct SchedulerStepPlan {
+    std::vector<float> points;                  // the schedule it was made for (timestep_values())
+    torch::ScalarType dtype = torch::kFloat32;  // the model's dtype
+    torch::Device device = torch::kCPU;
+    torch::Tensor timesteps;       // [steps]: points[i] in the model's dtype (the model's input)
+    torch::Tensor inv_sqrt_alpha;  // 1 / alpha, then sqrt; alpha = ᾱ(t) / ᾱ(t_prev)
+    torch::Tensor one_minus_alpha;
+    torch::Tensor sqrt_one_minus_alpha_cumprod;  // sqrt(1 - ᾱ(t))
+    torch::Tensor sigma;  // sqrt((1 - alpha) (1 - ᾱ(t_prev)) / (1 - ᾱ(t)))
+    int steps() const { return points.empty() ? 0 : static_cast<int>(points.size()) - 1; }
+    // points[i] in the model's dtype expanded to [batch] on the device: the pipelines' `ratio`.
+    torch::Tensor timestep(int i, int64_t batch) const;
+};
+
 // diffusers' DEFAULT_STAGE_C_TIMESTEPS: linspace(1, 2/3, 20) + linspace(2/3, 0, 11)[1:],
 // 30 points (29 steps).
 extern const std::vector<double> kDefaultStageCTimesteps;
@@ -64,6 +81,20 @@ public:
     torch::Tensor step(const torch::Tensor& model_output, double t, const torch::Tensor& sample,
                        const torch::Tensor& noise) const;
 
+    // Every step's timestep factors at once (a few ops over all steps instead of about forty
+    // tiny ones per step: on a GPU each is a kernel launch). step(model_output, plan, i, ...) is
+    // then step i of the current schedule, from point i to point i + 1, with the same values as
+    // step(model_output, points[i], ...): on CUDA bit for bit (each element runs the same
+    // float32 ops), on the CPU up to a last-bit difference of the vectorised cosine. `dtype` is
+    // the model's (the timestep is rounded to it first, as the pipelines pass it). Throws
+    // InvalidArgument before set_timesteps.
+    SchedulerStepPlan plan_steps(torch::ScalarType dtype, torch::Device device) const;
+    // Step i (0 <= i < plan.steps()) of `plan`, which must be this schedule's, with the given
+    // noise as the noise overload above; model_output in the plan's dtype, on its device.
+    // Throws InvalidArgument otherwise.
+    torch::Tensor step(const torch::Tensor& model_output, const SchedulerStepPlan& plan, int i,
+                       const torch::Tensor& sample, const torch::Tensor& noise) const;
+
     // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B].
     torch::Tensor add_noise(const torch::Tensor& original_samples, const torch::Tensor& noise,
                             const torch::Tensor& t) const;
@@ -73,6 +104,9 @@ public:
 
 private:
     size_t nearest_index(double t) const;
+    // step()'s checks of `noise` against sample and model_output.
+    static void check_noise(const torch::Tensor& model_output, const torch::Tensor& sample,
+                            const torch::Tensor& noise);
     // Draws the noise from `generator` unless `noise` is defined.
     torch::Tensor step_impl(const torch::Tensor& model_output, const torch::Tensor& t, float prev_t,
                             const torch::Tensor& sample, at::Generator* generator,
