@@ -4,10 +4,14 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
 
+#include <iterator>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "nn/blocks.h"
 #include "nn/init.h"
+#include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
 
 namespace wuerstchen {
@@ -49,20 +53,56 @@ bool WuerstchenPriorImpl::pack_attention_projections() {
     return nn::pack_attention_projections(offload_units());
 }
 
+std::vector<torch::Tensor> PriorCondition::tensors() const {
+    std::vector<torch::Tensor> out{c_embed};
+    out.insert(out.end(), kv.begin(), kv.end());
+    return out;
+}
+
+PriorCondition PriorCondition::from_tensors(std::vector<torch::Tensor> tensors) {
+    PriorCondition condition;
+    if (tensors.empty()) return condition;
+    condition.c_embed = std::move(tensors[0]);
+    condition.kv.assign(std::make_move_iterator(tensors.begin() + 1),
+                        std::make_move_iterator(tensors.end()));
+    return condition;
+}
+
+PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c) {
+    if (!c.defined() || c.dim() != 3 || c.size(2) != config_.c_cond)
+        throw InvalidArgument("WuerstchenPrior: c must be [B, L, " +
+                              std::to_string(config_.c_cond) + "], got " +
+                              (c.defined() ? c10::str(c.sizes()) : std::string("undefined")));
+    PriorCondition condition;
+    condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
+    // Every block's mapping in one product when packed (kv_mapper is SiLU then Linear), each
+    // contiguous (the attention's join is faster); else each block maps its own.
+    const nn::LinearGroup kv_group = nn::kv_mappers(offload_units());
+    if (kv_group.ready(condition.c_embed.device()))
+        condition.kv = kv_group.split(kv_group.forward(at::silu(condition.c_embed)));
+    return condition;
+}
+
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
                                            const torch::Tensor& c) {
-    auto x = projection->forward(x_in);      // [B, c_in, H, W] -> [B, c, H, W]
-    auto c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
-    auto r_embed = gen_r_embedding(r);       // [B] -> [B, c_r]
-    // Every block's mapping of the condition and of r_embed in one product each, when packed
-    // (kv_mapper is SiLU then Linear); else each block maps its own.
-    const auto blocks = offload_units();
-    const nn::LinearGroup kv_group = nn::kv_mappers(blocks);
-    const nn::LinearGroup t_group = nn::timestep_mappers(blocks);
-    std::vector<torch::Tensor> kv_all;  // contiguous per block: the attention's join is faster
+    return forward(x_in, r, map_condition(c));
+}
+
+torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
+                                           const PriorCondition& condition) {
+    const torch::Tensor& c_embed = condition.c_embed;
+    const std::vector<torch::Tensor>& kv_all = condition.kv;
+    if (!c_embed.defined() || c_embed.dim() != 3 || c_embed.size(0) != x_in.size(0) ||
+        (!kv_all.empty() && kv_all.size() != attn_blocks_.size()))
+        throw InvalidArgument(
+            "WuerstchenPrior: the condition must be map_condition's for a batch of " +
+            std::to_string(x_in.size(0)));
+    auto x = projection->forward(x_in);  // [B, c_in, H, W] -> [B, c, H, W]
+    auto r_embed = gen_r_embedding(r);   // [B] -> [B, c_r]
+    // Every block's mapping of r_embed in one product, when packed; else each block maps its
+    // own.
+    const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
     torch::Tensor t_all;
-    if (kv_group.ready(c_embed.device()))
-        kv_all = kv_group.split(kv_group.forward(at::silu(c_embed)));
     if (t_group.ready(r_embed.device())) {
         t_all = t_group.forward(r_embed);
         nn::add_one_to_scales(t_group, t_all);

@@ -275,14 +275,16 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     const auto on_device = stage_scope(prior_, device_, mode);
     // One denoising step: the prior on [latents ; latents] for guidance (one batched forward),
     // mixed as lerp(uncond, text, guidance_scale).
+    // The text condition as the blocks read it, mapped once for all steps.
+    const std::vector<torch::Tensor> condition = prior_->map_condition(text_states).tensors();
     const double guidance = o.guidance_scale;
     const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
         const auto x = in_memory_format(in[0], options_);
         const auto& ratio = in[1];
-        const auto& states = in[2];
-        if (!cfg) return prior_->forward(x, ratio, states);
+        const auto mapped = PriorCondition::from_tensors({in.begin() + 2, in.end()});
+        if (!cfg) return prior_->forward(x, ratio, mapped);
         auto chunks =
-            prior_->forward(torch::cat({x, x}), torch::cat({ratio, ratio}), states).chunk(2);
+            prior_->forward(torch::cat({x, x}), torch::cat({ratio, ratio}), mapped).chunk(2);
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
     const auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
@@ -292,8 +294,10 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
         const float t = plan.points[static_cast<size_t>(i)];
         // ratio = t.expand(latents.size(0)).to(dtype)
         const auto ratio = plan.timestep(i, latents.size(0));
-        const std::vector<torch::Tensor> inputs = {latents, ratio, text_states};
-        torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
+        std::vector<torch::Tensor> inputs = {latents, ratio};
+        inputs.insert(inputs.end(), condition.begin(), condition.end());
+        torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise, condition.size())
+                                       : denoise(inputs);
         latents = scheduler.step(pred, plan, i, latents, draws.next(latent_shape));
 
         if (o.callback) {

@@ -90,6 +90,10 @@ struct StepGraphs::Impl {
     struct Entry {
         std::vector<torch::Tensor> inputs;  // the graph's input buffers
         torch::Tensor output;               // the graph's output buffer
+        // For each constant input, the tensor last copied into its buffer. Weak: kept from
+        // dying would keep a finished call's tensors alive; a weak reference also keeps the
+        // object's address from being reused while it is held.
+        std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> copied;
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
         std::unique_ptr<at::cuda::CUDAGraph> graph;
 #endif
@@ -205,7 +209,9 @@ void abandon_capture(std::unique_ptr<at::cuda::CUDAGraph>& graph, CaptureStage s
 #endif
 
 torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const std::string& key,
-                              const Step& step) {
+                              const Step& step, size_t constants) {
+    TORCH_CHECK(constants <= inputs.size(), "StepGraphs::run: ", constants, " constants among ",
+                inputs.size(), " inputs");
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
     if (inputs.empty() || !inputs[0].is_cuda()) return step(inputs);
     const std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -224,6 +230,8 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
         if (!impl_->pool) impl_->pool = at::cuda::graph_pool_handle();
         Impl::Entry entry;
         for (const auto& t : inputs) entry.inputs.push_back(t.clone());
+        for (size_t i = inputs.size() - constants; i < inputs.size(); ++i)
+            entry.copied.emplace_back(inputs[i].getIntrusivePtr());
         // As torch.cuda.graph: synchronise (orders the capture stream after all work so far),
         // one eager warm-up on the capture stream (lazy cuBLAS / cuDNN set-up stays outside the
         // capture), then the capture. The warm-up's cached blocks are released before it.
@@ -253,7 +261,15 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
         found = impl_->entries.emplace(sig, std::move(entry)).first;
     }
     Impl::Entry& e = found->second;
-    for (size_t i = 0; i < inputs.size(); ++i) e.inputs[i].copy_(inputs[i]);
+    const size_t first_constant = inputs.size() - constants;
+    for (size_t i = 0; i < first_constant; ++i) e.inputs[i].copy_(inputs[i]);
+    for (size_t i = first_constant; i < inputs.size(); ++i) {
+        auto& copied = e.copied[i - first_constant];
+        if (copied.lock().get() == inputs[i].unsafeGetTensorImpl()) continue;
+        e.inputs[i].copy_(inputs[i]);
+        copied = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+            inputs[i].getIntrusivePtr());
+    }
     {
         CaptureStream& capture = capture_stream(device.index());
         const std::lock_guard<std::mutex> one_replay_at_a_time(capture.mutex);

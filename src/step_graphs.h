@@ -49,8 +49,13 @@ public:
     // captured on first use. The result is a fresh tensor (not the graph's output buffer).
     // `key` must name everything else the step depends on that is not an input (e.g. the
     // guidance scale and weights_fingerprint()).
+    //
+    // The last `constants` inputs are a call's constants (e.g. its mapped text condition): a
+    // replay copies one into the graph's buffer only when it is another tensor object than the
+    // one copied last, so a call that passes the same tensors at every step copies them once.
+    // Their values must not change in place while they are in use.
     torch::Tensor run(const std::vector<torch::Tensor>& inputs, const std::string& key,
-                      const Step& step);
+                      const Step& step, size_t constants = 0);
 
     // Drops every graph (and their memory) when `fingerprint` differs from the last one seen.
     void invalidate_unless(const std::string& fingerprint);

@@ -228,6 +228,12 @@ TEST_F(GpuPipelines, CudaGraphsMatchEager) {
                            expected, same_kernels_tol(dtype));
         expect_same_output(what + " (replay)", graphed(test::combined_seed42_options()), expected,
                            same_kernels_tol(dtype));
+        // Another prompt through the same graphs: the call's mapped text condition (a graph
+        // input copied once per call) is the new one.
+        CombinedOptions other_prompt = test::combined_seed42_options();
+        other_prompt.prompts = {"A watercolor lighthouse at dawn"};
+        expect_same_output(what + " (replay, another prompt)", graphed(other_prompt),
+                           eager(other_prompt), same_kernels_tol(dtype));
         EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 1u) << what;
         EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 1u) << what;
         EXPECT_EQ(eager.prior_pipeline().captured_graphs(), 0u) << what;

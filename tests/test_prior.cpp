@@ -125,6 +125,53 @@ TEST(Prior, ForwardMatchesDiffusers) {
                           scaled_tol(expected, 1e-4)));
 }
 
+TEST(Prior, ConditionMappedOnceGivesTheSameForward) {
+    // A pipeline maps the text condition once per call; each step's forward then reads it.
+    auto ref = reference("prior_forward");
+    const auto x = ref_tensor(ref, "x");
+    const auto r = ref_tensor(ref, "r");
+    const auto c = ref_tensor(ref, "c");
+    auto packed_prior = load_prior(data_path(kPriorDir));
+    auto plain_prior = load_prior(data_path(kPriorDir), test::unpacked_load());
+    c10::InferenceMode guard;
+    for (const bool packed : {true, false}) {
+        const std::string what = packed ? "packed mappers" : "per-block mappers";
+        auto& prior = packed ? packed_prior : plain_prior;
+        const PriorCondition condition = prior->map_condition(c);
+        EXPECT_EQ(condition.c_embed.sizes(),
+                  (std::vector<int64_t>{c.size(0), c.size(1), prior->config().c}))
+            << what;
+        EXPECT_EQ(condition.kv.size(), packed ? static_cast<size_t>(prior->config().depth) : 0u)
+            << what;
+        const auto round_trip = PriorCondition::from_tensors(condition.tensors());
+        EXPECT_TRUE(round_trip.c_embed.is_same(condition.c_embed)) << what;
+        EXPECT_EQ(round_trip.kv.size(), condition.kv.size()) << what;
+        EXPECT_TRUE(all_close("prior forward, " + what + " mapped once",
+                              prior->forward(x, r, condition), prior->forward(x, r, c), 0.0));
+    }
+}
+
+TEST(Prior, RejectsAConditionOfAnotherShape) {
+    auto prior = load_prior(data_path(kPriorDir));
+    auto ref = reference("prior_forward");
+    const auto x = ref_tensor(ref, "x");
+    const auto r = ref_tensor(ref, "r");
+    const auto c = ref_tensor(ref, "c");
+    c10::InferenceMode guard;
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->map_condition(c.narrow(2, 0, 3)), InvalidArgument,
+                                "c must be [B, L, " + std::to_string(prior->config().c_cond));
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, c.narrow(2, 0, 3)), InvalidArgument,
+                                "c must be");
+    // A condition mapped for another batch size, or missing blocks.
+    const auto condition = prior->map_condition(torch::cat({c, c}));
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, condition), InvalidArgument,
+                                "map_condition's for a batch of " + std::to_string(x.size(0)));
+    PriorCondition short_of_blocks = prior->map_condition(c);
+    short_of_blocks.kv.pop_back();
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, short_of_blocks), InvalidArgument,
+                                "map_condition's");
+}
+
 TEST(Prior, LoadNamesTheMissingConfig) {
     WUERSTCHEN_EXPECT_THROW_MSG(load_prior(data_path("no-such-folder")), Error, "no-such-folder");
 }

@@ -27,12 +27,30 @@ struct TimestepBlockImpl;
 struct AttnBlockImpl;
 }  // namespace nn
 
+// The text condition as the prior's blocks read it (WuerstchenPriorImpl::map_condition): the
+// same for every denoising step of a call, so a pipeline maps it once per call.
+struct PriorCondition {
+    torch::Tensor c_embed;          // cond_mapper(c): [B, L, c]
+    std::vector<torch::Tensor> kv;  // when packed: each AttnBlock's kv_mapper(c_embed), in order
+    // c_embed, then kv: what a CUDA graph of a step takes as inputs.
+    std::vector<torch::Tensor> tensors() const;
+    // The inverse of tensors().
+    static PriorCondition from_tensors(std::vector<torch::Tensor> tensors);
+};
+
 struct WuerstchenPriorImpl : torch::nn::Module {
     explicit WuerstchenPriorImpl(const PriorConfig& config);
 
     // x: [B, c_in, H, W] noisy embeddings, r: [B] noise ratios in [0, 1],
     // c: [B, L, c_cond] text states -> [B, c_in, H, W]: (x - a) / (|1 - b| + 1e-5).
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r, const torch::Tensor& c);
+    // The same with c already mapped by map_condition (which does not depend on x or r).
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
+                          const PriorCondition& condition);
+    // c: [B, L, c_cond] -> cond_mapper(c) and, when the kv_mappers are packed
+    // (pack_condition_mappers) and no LoRA adapter on them contributes, every attention block's
+    // mapping of it in one product. Throws InvalidArgument for another shape.
+    PriorCondition map_condition(const torch::Tensor& c);
 
     // Sinusoidal embedding of r: [B] -> [B, c_r] in r's dtype (zero-padded when c_r is odd).
     torch::Tensor gen_r_embedding(const torch::Tensor& r) const;
