@@ -352,15 +352,20 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         latents = opt.latents.defined() ? opt.latents.to(device, dtype) : draws.next(shape);
         latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
+        // The image embeddings and text states as the blocks read them, mapped once for all
+        // steps (graph inputs copied once per call).
+        const DiffNeXtCondition condition =
+            decoder_->map_condition(effnet, text, shape[2], shape[3]);
+        const std::vector<torch::Tensor> condition_tensors = condition.tensors();
         // One denoising step: the decoder on [latents ; latents] for guidance (one batched
         // forward), mixed as lerp(uncond, text, guidance_scale).
         const double guidance = opt.guidance_scale;
         const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
             const auto x = in_memory_format(in[0], options_);
             const auto& ratio = in[1];
-            if (!cfg) return decoder_->forward(x, ratio, in[2], in[3]);
-            auto halves = decoder_->forward(at::cat({x, x}, 0), at::cat({ratio, ratio}, 0),
-                                            in[2], in[3])
+            const auto mapped = condition.with_tensors({in.begin() + 2, in.end()});
+            if (!cfg) return decoder_->forward(x, ratio, mapped);
+            auto halves = decoder_->forward(at::cat({x, x}, 0), at::cat({ratio, ratio}, 0), mapped)
                               .chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };
@@ -371,9 +376,11 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         for (int i = 0; i < plan.steps(); ++i) {
             // ratio = t.expand(B).to(dtype), on the device (no host round trip)
             const auto ratio = plan.timestep(i, rows);
-            const std::vector<torch::Tensor> inputs = {latents, ratio, effnet, text};
+            std::vector<torch::Tensor> inputs = {latents, ratio};
+            inputs.insert(inputs.end(), condition_tensors.begin(), condition_tensors.end());
             const torch::Tensor predicted =
-                graph_key ? graphs_->run(inputs, *graph_key, denoise) : denoise(inputs);
+                graph_key ? graphs_->run(inputs, *graph_key, denoise, condition_tensors.size())
+                          : denoise(inputs);
             latents = scheduler.step(predicted, plan, i, latents, draws.next(shape));
 
             if (opt.callback) {

@@ -159,21 +159,38 @@ torch::Tensor WuerstchenDiffNeXtImpl::gen_c_embeddings(const torch::Tensor& clip
     return nn::layer_norm_last(clip_mapper->forward(clip), 1e-6);
 }
 
-struct WuerstchenDiffNeXtImpl::Conditions {
-    Conditions(nn::LinearGroup t_mappers, nn::LinearGroup kv_mappers)
-        : t_group(std::move(t_mappers)), kv_group(std::move(kv_mappers)) {}
+std::vector<torch::Tensor> DiffNeXtCondition::tensors() const {
+    std::vector<torch::Tensor> out;
+    if (clip.defined()) out.push_back(clip);
+    out.insert(out.end(), kv.begin(), kv.end());
+    for (const auto& e : effnet)
+        if (e.defined()) out.push_back(e);
+    return out;
+}
 
+DiffNeXtCondition DiffNeXtCondition::with_tensors(const std::vector<torch::Tensor>& tensors) const {
+    TORCH_CHECK(tensors.size() == this->tensors().size(),
+                "DiffNeXtCondition::with_tensors: ", tensors.size(), " tensors for a layout of ",
+                this->tensors().size());
+    DiffNeXtCondition out;
+    size_t next = 0;
+    if (clip.defined()) out.clip = tensors[next++];
+    for (size_t i = 0; i < kv.size(); ++i) out.kv.push_back(tensors[next++]);
+    for (const auto& e : effnet) out.effnet.push_back(e.defined() ? tensors[next++] : e);
+    return out;
+}
+
+// What the blocks of one forward read: the call's mapped conditions and this step's r.
+struct WuerstchenDiffNeXtImpl::Conditions {
+    Conditions(const DiffNeXtCondition& mapped, nn::LinearGroup t_mappers)
+        : condition(mapped), t_group(std::move(t_mappers)) {}
+
+    const DiffNeXtCondition& condition;
     torch::Tensor r_embed;  // [B, c_r]
-    torch::Tensor clip;     // gen_c_embeddings: [B, L, c_cond], or undefined
-    torch::Tensor effnet;   // [B, effnet_embd, h, w]
-    // The effnet embedding resized to each level's size (a down level and its up level share it).
-    std::map<std::pair<int64_t, int64_t>, torch::Tensor> resized;
     // When packed: every TimestepBlock's mapping of r_embed ([B, sum of 2C], 1 added to each
-    // scale by add_one_to_scales) and every AttnBlock's kv_mapper of clip (one [B, L, C] each,
-    // contiguous by kv_group.split, for the attention's join) in execution order, taken in turn.
-    nn::LinearGroup t_group, kv_group;
+    // scale by add_one_to_scales), in execution order, taken in turn, as condition.kv is.
+    nn::LinearGroup t_group;
     torch::Tensor t_all;
-    std::vector<torch::Tensor> kv_all;
     size_t t_next = 0, kv_next = 0;
 };
 
@@ -185,26 +202,14 @@ bool WuerstchenDiffNeXtImpl::pack_attention_projections() {
     return nn::pack_attention_projections(offload_units());
 }
 
-torch::Tensor WuerstchenDiffNeXtImpl::map_effnet(size_t index, Conditions& k,
-                                                 const torch::Tensor& x) {
-    // Upstream: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic", antialias=True,
-    // align_corners=True).to(dtype), then the level's 1x1 conv: [B, effnet_embd, h, w] ->
-    // [B, c_cond, H_level, W_level].
-    torch::Tensor& resized = k.resized[{x.size(2), x.size(3)}];
-    if (!resized.defined())
-        resized = at::_upsample_bicubic2d_aa(k.effnet.to(torch::kFloat32), {x.size(2), x.size(3)},
-                                             /*align_corners=*/true)
-                      .to(k.effnet.scalar_type());
-    return effnet_mapper_list[index]->forward(resized);
-}
-
 torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
     const std::shared_ptr<torch::nn::Module>& block, const torch::Tensor& x, Conditions& k) {
     if (auto* attn = block->as<nn::AttnBlockImpl>()) {
-        if (!k.clip.defined())
+        const DiffNeXtCondition& c = k.condition;
+        if (!c.clip.defined())
             throw InvalidArgument("WuerstchenDiffNeXt: clip is required by the attention blocks");
-        if (!k.kv_all.empty()) return attn->forward_mapped(x, k.kv_all.at(k.kv_next++));
-        return attn->forward(x, k.clip);
+        if (!c.kv.empty()) return attn->forward_mapped(x, c.kv.at(k.kv_next++));
+        return attn->forward(x, c.clip);
     }
     if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
         if (k.t_all.defined())
@@ -218,11 +223,9 @@ std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x, 
     std::vector<torch::Tensor> level_outputs;  // deepest level first
     for (size_t i = 0; i < down_blocks->size(); ++i) {
         auto level = down_blocks[i]->as<torch::nn::ModuleListImpl>();
-        const bool inject = static_cast<bool>(effnet_mapper_list[i]);
-        torch::Tensor effnet_c;
+        const torch::Tensor& effnet_c = k.condition.effnet[i];
         for (const auto& block : *level) {
             if (auto* res = block->as<ResBlockStageBImpl>()) {
-                if (inject && !effnet_c.defined()) effnet_c = map_effnet(i, k, x);
                 std::vector<torch::Tensor> skips;
                 if (effnet_c.defined()) skips.push_back(effnet_c);
                 x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
@@ -241,13 +244,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
     const size_t n_down = down_blocks->size();
     for (size_t i = 0; i < up_blocks->size(); ++i) {
         auto level = up_blocks[i]->as<torch::nn::ModuleListImpl>();
-        const size_t mapper_index = n_down + i;
-        const bool inject = static_cast<bool>(effnet_mapper_list[mapper_index]);
-        torch::Tensor effnet_c;
+        const torch::Tensor& effnet_c = k.condition.effnet[n_down + i];
         for (size_t j = 0; j < level->size(); ++j) {
             const auto& block = level->ptr(j);
             if (auto* res = block->as<ResBlockStageBImpl>()) {
-                if (inject && !effnet_c.defined()) effnet_c = map_effnet(mapper_index, k, x);
                 std::vector<torch::Tensor> skips;
                 if (j == 0 && i > 0) skips.push_back(level_outputs[i]);
                 if (effnet_c.defined()) skips.push_back(effnet_c);
@@ -260,9 +260,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
     return x;
 }
 
-torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
-                                              const torch::Tensor& effnet,
-                                              const torch::Tensor& clip) {
+void WuerstchenDiffNeXtImpl::check_input(const torch::Tensor& x, const torch::Tensor& r) const {
     if (x.dim() != 4 || x.size(1) != config_.c_in)
         throw InvalidArgument("WuerstchenDiffNeXt: x must be [B, " + std::to_string(config_.c_in) +
                               ", H, W], got " + c10::str(x.sizes()));
@@ -274,26 +272,104 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     if (r.dim() != 1 || r.size(0) != x.size(0))
         throw InvalidArgument("WuerstchenDiffNeXt: r must be [B] with B = " +
                               std::to_string(x.size(0)) + ", got " + c10::str(r.sizes()));
+    if (config_.c_out != config_.c_in)
+        throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
+}
+
+DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& effnet,
+                                                        const torch::Tensor& clip, int64_t height,
+                                                        int64_t width) {
+    const int64_t m = size_multiple();
+    if (height <= 0 || width <= 0 || height % m != 0 || width % m != 0)
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: the latents' height and width must be "
+            "positive and divisible by " +
+            std::to_string(m) + ", got " + std::to_string(height) + "x" + std::to_string(width));
+    if (!effnet.defined() || effnet.dim() != 4 || effnet.size(1) != config_.effnet_embd)
+        throw InvalidArgument("WuerstchenDiffNeXt: effnet must be [B, " +
+                              std::to_string(config_.effnet_embd) + ", h, w], got " +
+                              (effnet.defined() ? c10::str(effnet.sizes()) : "undefined"));
+    if (clip.defined() &&
+        (clip.dim() != 3 || clip.size(0) != effnet.size(0) || clip.size(2) != config_.clip_embd))
+        throw InvalidArgument("WuerstchenDiffNeXt: clip must be [" +
+                              std::to_string(effnet.size(0)) + ", L, " +
+                              std::to_string(config_.clip_embd) + "] (effnet's batch), got " +
+                              c10::str(clip.sizes()));
+    DiffNeXtCondition c;
+    if (clip.defined()) {
+        c.clip = gen_c_embeddings(clip);
+        // Every attention block's kv_mapper (SiLU, then Linear) in one product when packed,
+        // each contiguous (the attention's join is faster); else each block maps its own.
+        const nn::LinearGroup kv_group = nn::kv_mappers(offload_units());
+        if (kv_group.ready(c.clip.device()))
+            c.kv = kv_group.split(kv_group.forward(at::silu(c.clip)));
+    }
+    // Upstream, per level: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic",
+    // antialias=True, align_corners=True).to(dtype), then the level's 1x1 conv:
+    // [B, effnet_embd, h, w] -> [B, c_cond, H_level, W_level]. A down level and its up level
+    // share the size, so each size is resized once.
+    const int64_t patch = config_.patch_size;
+    const size_t n_down = down_blocks->size();
+    std::map<std::pair<int64_t, int64_t>, torch::Tensor> resized;
+    for (size_t index = 0; index < effnet_mapper_list.size(); ++index) {
+        auto& mapper = effnet_mapper_list[index];
+        if (!mapper) {
+            c.effnet.emplace_back();
+            continue;
+        }
+        // Down level `index`, or up level `index - n_down` (deepest first).
+        const size_t level = index < n_down ? index : 2 * n_down - 1 - index;
+        const std::pair<int64_t, int64_t> size{height / patch >> level, width / patch >> level};
+        torch::Tensor& r = resized[size];
+        if (!r.defined())
+            r = at::_upsample_bicubic2d_aa(effnet.to(torch::kFloat32), {size.first, size.second},
+                                           /*align_corners=*/true)
+                    .to(effnet.scalar_type());
+        c.effnet.push_back(mapper->forward(r));
+    }
+    return c;
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
+                                              const torch::Tensor& effnet,
+                                              const torch::Tensor& clip) {
+    check_input(x, r);
     if (effnet.dim() != 4 || effnet.size(0) != x.size(0) || effnet.size(1) != config_.effnet_embd)
         throw InvalidArgument("WuerstchenDiffNeXt: effnet must be [" + std::to_string(x.size(0)) +
                               ", " + std::to_string(config_.effnet_embd) + ", h, w], got " +
                               c10::str(effnet.sizes()));
-    if (config_.c_out != config_.c_in)
-        throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
+    return forward(x, r, map_condition(effnet, clip, x.size(2), x.size(3)));
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
+                                              const DiffNeXtCondition& condition) {
+    check_input(x, r);
+    // The condition must be map_condition's for this batch and these latents' size.
+    const int64_t patch = config_.patch_size;
+    const size_t n_down = down_blocks->size();
+    bool fits = condition.effnet.size() == effnet_mapper_list.size() &&
+                (!condition.clip.defined() || condition.clip.size(0) == x.size(0));
+    for (size_t index = 0; fits && index < effnet_mapper_list.size(); ++index) {
+        const torch::Tensor& e = condition.effnet[index];
+        const size_t level = index < n_down ? index : 2 * n_down - 1 - index;
+        fits = e.defined() == static_cast<bool>(effnet_mapper_list[index]) &&
+               (!e.defined() || (e.dim() == 4 && e.size(0) == x.size(0) &&
+                                 e.size(2) == x.size(2) / patch >> level &&
+                                 e.size(3) == x.size(3) / patch >> level));
+    }
+    if (!fits)
+        throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +
+                              c10::str(x.sizes()));
 
     const auto blocks = offload_units();  // every block, in execution order
-    Conditions k(nn::timestep_mappers(blocks), nn::kv_mappers(blocks));
+    Conditions k(condition, nn::timestep_mappers(blocks));
     k.r_embed = nn::r_embedding(r, config_.c_r);
-    k.clip = clip.defined() ? gen_c_embeddings(clip) : clip;
-    k.effnet = effnet;
-    // Every block's mapping of r_embed and of the condition in one product each, when packed
-    // (kv_mapper is SiLU then Linear); else each block maps its own.
+    // Every timestep block's mapping of r_embed in one product when packed; else each block
+    // maps its own.
     if (k.t_group.ready(k.r_embed.device())) {
         k.t_all = k.t_group.forward(k.r_embed);
         nn::add_one_to_scales(k.t_group, k.t_all);
     }
-    if (k.clip.defined() && k.kv_group.ready(k.clip.device()))
-        k.kv_all = k.kv_group.split(k.kv_group.forward(at::silu(k.clip)));
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]
     const auto level_outputs = down_encode(h, k);

@@ -1,11 +1,13 @@
 // Stage B (WuerstchenDiffNeXt): parity with diffusers on the tiny decoder, key names equal to the
-// checkpoint, and configurations other than the shipped one.
+// checkpoint, configurations other than the shipped one, and the conditions mapped once per call
+// (map_condition) giving the same forward.
 
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
 
 #include <set>
 #include <string>
+#include <vector>
 
 #include "test_util.h"
 #include "wuerstchen/diffnext.h"
@@ -39,6 +41,70 @@ TEST(DiffNeXt, ForwardMatchesReference) {
                                     test::ref_tensor(ref, "effnet"), test::ref_tensor(ref, "clip"));
     EXPECT_TRUE(
         test::all_close("decoder_forward out", out, expected, test::scaled_tol(expected, 1e-4)));
+}
+
+TEST(DiffNeXt, ConditionMappedOnceGivesTheSameForward) {
+    const std::string dir = test::data_path("tiny-wuerstchen/decoder");
+    auto packed_model = load_diffnext(dir);
+    auto plain_model = load_diffnext(dir, test::unpacked_load());
+    const auto ref = test::reference("decoder_forward");
+    const auto x = test::ref_tensor(ref, "x");
+    const auto r = test::ref_tensor(ref, "r");
+    const auto effnet = test::ref_tensor(ref, "effnet");
+    const auto clip = test::ref_tensor(ref, "clip");
+    c10::InferenceMode guard;
+    for (const bool packed : {true, false}) {
+        const std::string what = packed ? "packed mappers" : "per-block mappers";
+        auto& model = packed ? packed_model : plain_model;
+        const auto condition = model->map_condition(effnet, clip, x.size(2), x.size(3));
+        const size_t attention = test::parameters_named(*model, "kv_mapper.1.weight").size();
+        EXPECT_EQ(condition.kv.size(), packed ? attention : 0u) << what;
+        ASSERT_EQ(condition.effnet.size(), model->effnet_mapper_list.size()) << what;
+        for (size_t i = 0; i < condition.effnet.size(); ++i)
+            EXPECT_EQ(condition.effnet[i].defined(),
+                      static_cast<bool>(model->effnet_mapper_list[i]))
+                << what << ", mapper " << i;
+        const auto expected = model->forward(x, r, effnet, clip);
+        EXPECT_TRUE(test::all_close("decoder forward, " + what + " mapped once",
+                                    model->forward(x, r, condition), expected, 0.0));
+        // The graph-input form round-trips.
+        std::vector<torch::Tensor> copies;
+        for (const auto& t : condition.tensors()) copies.push_back(t.clone());
+        EXPECT_TRUE(test::all_close("decoder forward, " + what + " from copied tensors",
+                                    model->forward(x, r, condition.with_tensors(copies)), expected,
+                                    0.0));
+    }
+}
+
+TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
+    auto model = load_diffnext(test::data_path("tiny-wuerstchen/decoder"));
+    const auto ref = test::reference("decoder_forward");
+    const auto x = test::ref_tensor(ref, "x");
+    const auto r = test::ref_tensor(ref, "r");
+    const auto effnet = test::ref_tensor(ref, "effnet");
+    const auto clip = test::ref_tensor(ref, "clip");
+    const int64_t h = x.size(2), w = x.size(3), m = model->size_multiple();
+    c10::InferenceMode guard;
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, model->map_condition(effnet, clip, h + m, w)),
+                                InvalidArgument, "map_condition's for x");
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        model->forward(
+            x, r,
+            model->map_condition(torch::cat({effnet, effnet}), torch::cat({clip, clip}), h, w)),
+        InvalidArgument, "map_condition's for x");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet, clip, h + 1, w), InvalidArgument,
+                                "divisible by " + std::to_string(m));
+    WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet.narrow(1, 0, 1), clip, h, w),
+                                InvalidArgument, "effnet must be");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet, clip.narrow(2, 0, 3), h, w),
+                                InvalidArgument, "clip must be");
+    // Without text states the attention blocks have nothing to read.
+    const auto no_text = model->map_condition(effnet, {}, h, w);
+    EXPECT_FALSE(no_text.clip.defined());
+    EXPECT_TRUE(no_text.kv.empty());
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, no_text), InvalidArgument, "clip is required");
+    const auto condition = model->map_condition(effnet, clip, h, w);
+    EXPECT_THROW(condition.with_tensors({}), c10::Error);
 }
 
 // Three levels, kernel 5, effnet injected on levels 0 and 2 (not 1), a level whose first block is
@@ -104,6 +170,20 @@ TEST(DiffNeXt, OtherConfigBuildsAndRuns) {
                                 InvalidArgument, "divisible by 8");
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, torch::randn({2, 5, 3, 5}), clip),
                                 InvalidArgument, "effnet");
+    // Mapped once: levels 0 and 2 (down) and their up levels have a mapped embedding each, at
+    // their level's size; level 1 none.
+    const auto condition = model->map_condition(effnet, clip, x.size(2), x.size(3));
+    ASSERT_EQ(condition.effnet.size(), 6u);
+    const std::vector<int64_t> level_of = {0, 1, 2, 2, 1, 0};
+    for (size_t i = 0; i < 6; ++i) {
+        const int64_t level = level_of[i];
+        ASSERT_EQ(condition.effnet[i].defined(), level != 1) << i;
+        if (level == 1) continue;
+        EXPECT_EQ(condition.effnet[i].size(2), x.size(2) / cfg.patch_size >> level) << i;
+        EXPECT_EQ(condition.effnet[i].size(3), x.size(3) / cfg.patch_size >> level) << i;
+    }
+    EXPECT_TRUE(
+        test::all_close("other config, mapped once", model->forward(x, r, condition), out, 0.0));
 }
 
 TEST(DiffNeXt, RejectsBadConfig) {

@@ -21,6 +21,20 @@
 
 namespace wuerstchen {
 
+// The decoder's conditions as its blocks read them (WuerstchenDiffNeXtImpl::map_condition): the
+// same for every denoising step of a call, so a pipeline maps them once per call.
+struct DiffNeXtCondition {
+    torch::Tensor clip;             // gen_c_embeddings(clip): [B, L, c_cond], or undefined
+    std::vector<torch::Tensor> kv;  // when packed: each AttnBlock's kv_mapper(clip), in order
+    // Per effnet_mappers index: the image embeddings resized to that level's size and mapped,
+    // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper.
+    std::vector<torch::Tensor> effnet;
+    // The defined tensors in order (clip, kv, effnet): what a CUDA graph of a step takes.
+    std::vector<torch::Tensor> tensors() const;
+    // This condition's layout with `tensors` (as tensors() gives them) in place of its own.
+    DiffNeXtCondition with_tensors(const std::vector<torch::Tensor>& tensors) const;
+};
+
 struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     explicit WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config);
 
@@ -30,6 +44,15 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // Returns the predicted noise (x - a) / b: [B, c_out, H, W] (c_out must equal c_in).
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
                           const torch::Tensor& effnet, const torch::Tensor& clip = {});
+    // The same with the conditions already mapped by map_condition for x's height and width.
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
+                          const DiffNeXtCondition& condition);
+    // effnet and clip as forward takes them, mapped for latents of `height` x `width` (x's last
+    // two sizes): the text states by clip_mapper and, when packed, every attention block's
+    // kv_mapper; the image embeddings resized to each injecting level's size and mapped. Does not
+    // depend on x's values or r. Throws InvalidArgument naming a bad argument.
+    DiffNeXtCondition map_condition(const torch::Tensor& effnet, const torch::Tensor& clip,
+                                    int64_t height, int64_t width);
 
     // [B, L, clip_embd] -> [B, L, c_cond]: clip_mapper then seq_norm.
     torch::Tensor gen_c_embeddings(const torch::Tensor& clip);
@@ -66,10 +89,11 @@ private:
     std::vector<torch::Tensor> down_encode(torch::Tensor x, Conditions& conditions);
     torch::Tensor up_decode(const std::vector<torch::Tensor>& level_outputs,
                             Conditions& conditions);
-    torch::Tensor map_effnet(size_t index, Conditions& conditions, const torch::Tensor& x);
     // An AttnBlock, TimestepBlock or level sampler.
     torch::Tensor run_other_block(const std::shared_ptr<torch::nn::Module>& block,
                                   const torch::Tensor& x, Conditions& conditions);
+    // x: [B, c_in, H, W] with H, W divisible by size_multiple(), r: [B]; InvalidArgument else.
+    void check_input(const torch::Tensor& x, const torch::Tensor& r) const;
 
     DiffNeXtConfig config_;
 };
