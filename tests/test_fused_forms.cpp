@@ -1,13 +1,16 @@
 // nn::linear_forward (bias inside the matrix product) against libtorch's linear: each case checks
-// the value and that the work ran as one product without a bias pass.
+// the value and that the work ran as one product without a bias pass. GlobalResponseNorm's one-pass
+// form against upstream's four passes, and its ops.
 
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "nn/blocks.h"
 #include "nn/functional.h"
 #include "test_util.h"
 #include "wuerstchen/lora.h"
@@ -66,6 +69,46 @@ TEST(LinearForward, LoraLinearAddsItsBiasInTheProduct) {
     EXPECT_TRUE(all_close("LoraLinear", out, at::linear(x, layer->weight, layer->bias), 1e-5));
     EXPECT_EQ(ops.at("aten::addmm"), 1);
     EXPECT_EQ(ops.at("aten::add_") + ops.at("aten::add"), 0);
+}
+
+TEST(GlobalResponseNorm, OnePassMatchesUpstreamInFewOps) {
+    torch::manual_seed(7);
+    const int64_t c = 12;
+    nn::GlobalResponseNorm grn(c);
+    {
+        torch::NoGradGuard no_grad;
+        grn->gamma.copy_(torch::randn({1, 1, 1, c}));
+        grn->beta.copy_(torch::randn({1, 1, 1, c}));
+    }
+    const auto x = torch::randn({2, 5, 6, c});
+    c10::InferenceMode guard;
+    // Upstream in float64: gamma * (x * Nx) + beta + x, Nx = Gx / (mean_C(Gx) + 1e-6).
+    const auto x64 = x.to(torch::kFloat64);
+    const auto gx = at::norm(x64, 2, {1, 2}, true);
+    const auto nx = gx / (gx.mean({-1}, true) + 1e-6);
+    const auto expected = grn->gamma.to(torch::kFloat64) * (x64 * nx) +
+                          grn->beta.to(torch::kFloat64) + x64;
+    // Ops per call of each kind, as this libtorch records them (some nest a second record).
+    const auto scratch = torch::randn({3});
+    auto per = [&](const std::string& op, const std::function<void()>& run) {
+        return count_ops({op}, run).at(op);
+    };
+    const int add = per("aten::add", [&] { (void)(scratch + 1e-6); });
+    const int div = per("aten::div", [&] { (void)(scratch / scratch); });
+    const int mul = per("aten::mul", [&] { (void)(scratch * scratch); });
+    const int addcmul = per("aten::addcmul", [&] { (void)at::addcmul(scratch, scratch, scratch); });
+    torch::Tensor out;
+    const auto ops = count_ops({"aten::add", "aten::div", "aten::mul", "aten::addcmul"},
+                               [&] { out = grn->forward(x); });
+    EXPECT_TRUE(all_close("GRN one pass vs upstream (float64)", out.to(torch::kFloat64), expected,
+                          test::scaled_tol(expected, 1e-6)));
+    // Besides the norm and the mean, on [B, 1, 1, C]: + eps, Gx / d, gamma *, + 1; then one
+    // pass over x. (The factor as (d + gamma * Gx) / d would save an op, but d + gamma * Gx can
+    // overflow half precision where upstream's terms do not.)
+    EXPECT_EQ(ops.at("aten::add"), 2 * add);
+    EXPECT_EQ(ops.at("aten::div"), div);
+    EXPECT_EQ(ops.at("aten::mul"), mul);
+    EXPECT_EQ(ops.at("aten::addcmul"), addcmul);
 }
 
 }  // namespace
