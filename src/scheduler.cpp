@@ -213,12 +213,12 @@ SchedulerStepPlan DDPMWuerstchenScheduler::plan_steps(torch::ScalarType dtype,
     SchedulerStepPlan plan;
     plan.points = timesteps_;
     plan.dtype = dtype;
-    plan.device = device;
     const auto n = static_cast<int64_t>(timesteps_.size()) - 1;
     // The points on the device in one copy; t as step_impl gets it (float32, then the model's
     // dtype), the step targets as it makes them (float32).
     const auto points =
         torch::tensor(timesteps_, torch::TensorOptions().dtype(torch::kFloat32)).to(device);
+    plan.device = points.device();  // with its index ("cuda" -> "cuda:0"), as tensors report it
     plan.timesteps = points.narrow(0, 0, n).to(dtype);
     // As step_impl, op for op, on all steps at once.
     const auto alpha_cumprod_t = alpha_cumprod(plan.timesteps);

@@ -21,7 +21,7 @@ namespace wuerstchen {
 struct SchedulerStepPlan {
     std::vector<float> points;                  // the schedule it was made for (timestep_values())
     torch::ScalarType dtype = torch::kFloat32;  // the model's dtype
-    torch::Device device = torch::kCPU;
+    torch::Device device = torch::kCPU;         // with its index, as the plan's tensors report it
     torch::Tensor timesteps;       // [steps]: points[i] in the model's dtype (the model's input)
     torch::Tensor inv_sqrt_alpha;  // 1 / alpha, then sqrt; alpha = ᾱ(t) / ᾱ(t_prev)
     torch::Tensor one_minus_alpha;
@@ -85,9 +85,10 @@ public:
     // tiny ones per step: on a GPU each is a kernel launch). step(model_output, plan, i, ...) is
     // then step i of the current schedule, from point i to point i + 1, with the same values as
     // step(model_output, points[i], ...): on CUDA bit for bit (each element runs the same
-    // float32 ops), on the CPU up to a last-bit difference of the vectorised cosine. `dtype` is
-    // the model's (the timestep is rounded to it first, as the pipelines pass it). Throws
-    // InvalidArgument before set_timesteps.
+    // float32 ops), on the CPU up to a last-bit difference between libtorch's vectorised and
+    // scalar cosine (and power, for a scaler other than 1). `dtype` is the model's (the timestep
+    // is rounded to it first, as the pipelines pass it). Throws InvalidArgument before
+    // set_timesteps.
     SchedulerStepPlan plan_steps(torch::ScalarType dtype, torch::Device device) const;
     // Step i (0 <= i < plan.steps()) of `plan`, which must be this schedule's, with the given
     // noise as the noise overload above; model_output in the plan's dtype, on its device.
