@@ -67,9 +67,9 @@ private:
 // CUDA call at exit).
 //
 // Graphs captured on it by one thread share that thread's cuBLAS workspace for the stream, so
-// two of them must not replay at the same time on different streams: each replay waits for the
-// previous one (`replayed`, recorded after it), which costs nothing when the calls are on one
-// stream anyway.
+// two of them must not replay at the same time on different streams: each replay (with the copies
+// into its input buffers and out of its output buffer) waits for the previous one (`replayed`,
+// recorded after it), which costs nothing when the calls are on one stream anyway.
 struct CaptureStream {
     std::mutex mutex;
     std::unique_ptr<OwnedStream> stream;
@@ -261,6 +261,14 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
         found = impl_->entries.emplace(sig, std::move(entry)).first;
     }
     Impl::Entry& e = found->second;
+    TORCH_CHECK(e.copied.size() == constants, "StepGraphs::run: ", constants,
+                " constant inputs for a graph captured with ", e.copied.size());
+    CaptureStream& capture = capture_stream(device.index());
+    const std::lock_guard<std::mutex> one_replay_at_a_time(capture.mutex);
+    const auto current = c10::cuda::getCurrentCUDAStream(device.index());
+    // After the previous replay of any graph on this capture stream, also one on another stream:
+    // its input copies, replay and output clone may still be running there.
+    capture.replayed.block(current);
     const size_t first_constant = inputs.size() - constants;
     for (size_t i = 0; i < first_constant; ++i) e.inputs[i].copy_(inputs[i]);
     for (size_t i = first_constant; i < inputs.size(); ++i) {
@@ -270,15 +278,10 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
         copied = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
             inputs[i].getIntrusivePtr());
     }
-    {
-        CaptureStream& capture = capture_stream(device.index());
-        const std::lock_guard<std::mutex> one_replay_at_a_time(capture.mutex);
-        const auto current = c10::cuda::getCurrentCUDAStream(device.index());
-        capture.replayed.block(current);
-        e.graph->replay();
-        capture.replayed.record(current);
-    }
-    return e.output.clone();
+    e.graph->replay();
+    auto output = e.output.clone();
+    capture.replayed.record(current);
+    return output;
 #else
     (void)key;
     return step(inputs);
