@@ -347,7 +347,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     // The condition must be map_condition's for this batch and these latents' size.
     const int64_t patch = config_.patch_size;
     const size_t n_down = down_blocks->size();
+    const auto blocks = offload_units();  // every block, in execution order
+    const size_t attention = nn::kv_mappers(blocks).size();
     bool fits = condition.effnet.size() == effnet_mapper_list.size() &&
+                (condition.kv.empty() || condition.kv.size() == attention) &&
                 (!condition.clip.defined() || condition.clip.size(0) == x.size(0));
     for (size_t index = 0; fits && index < effnet_mapper_list.size(); ++index) {
         const torch::Tensor& e = condition.effnet[index];
@@ -361,7 +364,6 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
         throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +
                               c10::str(x.sizes()));
 
-    const auto blocks = offload_units();  // every block, in execution order
     Conditions k(condition, nn::timestep_mappers(blocks));
     k.r_embed = nn::r_embedding(r, config_.c_r);
     // Every timestep block's mapping of r_embed in one product when packed; else each block

@@ -103,8 +103,12 @@ TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
     EXPECT_FALSE(no_text.clip.defined());
     EXPECT_TRUE(no_text.kv.empty());
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, no_text), InvalidArgument, "clip is required");
-    const auto condition = model->map_condition(effnet, clip, h, w);
+    auto condition = model->map_condition(effnet, clip, h, w);
     EXPECT_THROW(condition.with_tensors({}), c10::Error);
+    ASSERT_FALSE(condition.kv.empty());  // packed: one per attention block
+    condition.kv.pop_back();
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, condition), InvalidArgument,
+                                "map_condition's for x");
 }
 
 // Three levels, kernel 5, effnet injected on levels 0 and 2 (not 1), a level whose first block is
