@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <functional>
 #include <string>
+#include <utility>
 
 #include "wuerstchen/error.h"
 #include "wuerstchen/pipeline_common.h"
@@ -35,6 +37,37 @@ std::vector<int64_t> batch_view(int64_t batch, const torch::Tensor& like) {
     std::vector<int64_t> shape(static_cast<size_t>(like.dim()), 1);
     shape[0] = batch;
     return shape;
+}
+
+// The factors of a step from ᾱ(t) and ᾱ(t_prev) (any equal shapes), op for op as upstream
+// computes them.
+struct StepFactors {
+    torch::Tensor inv_sqrt_alpha, one_minus_alpha, sqrt_one_minus_alpha_cumprod, sigma;
+};
+
+StepFactors step_factors(const torch::Tensor& alpha_cumprod_t,
+                         const torch::Tensor& alpha_cumprod_prev) {
+    const auto alpha = alpha_cumprod_t / alpha_cumprod_prev;
+    const auto one_minus_alpha = 1 - alpha;
+    // Python's `1.0 / alpha` is alpha.reciprocal() * 1.0.
+    return {alpha.reciprocal().sqrt(), one_minus_alpha, (1 - alpha_cumprod_t).sqrt(),
+            (one_minus_alpha * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t)).sqrt()};
+}
+
+// Upstream's step from its factors (broadcast over the sample): mu + sigma * noise, the noise
+// (made for mu's shape by `draw`, which is called every step) multiplied by 0 when the step ends
+// at t = 0; in `dtype`.
+torch::Tensor step_from_factors(const StepFactors& f, const torch::Tensor& model_output,
+                                const torch::Tensor& sample,
+                                const std::function<torch::Tensor(c10::IntArrayRef)>& draw,
+                                bool to_zero, torch::ScalarType dtype) {
+    auto mu = f.inv_sqrt_alpha *
+              (sample - f.one_minus_alpha * model_output / f.sqrt_one_minus_alpha_cumprod);
+    auto sigma_noise = f.sigma * draw(mu.sizes());
+    // pred = mu + std * (prev_t != 0).float(); prev_t is known on the host: no device sync. The
+    // factor 1.0 changes no value, so only 0 is applied.
+    auto pred = to_zero ? mu + sigma_noise * 0.0 : mu + sigma_noise;
+    return pred.to(dtype);
 }
 
 }  // namespace
@@ -186,20 +219,14 @@ torch::Tensor DDPMWuerstchenScheduler::step_impl(const torch::Tensor& model_outp
     auto prev =
         torch::full({batch}, prev_t, torch::TensorOptions().dtype(torch::kFloat32).device(device));
     auto alpha_cumprod_prev = alpha_cumprod(prev).view(view);
-    auto alpha = alpha_cumprod_t / alpha_cumprod_prev;
-
-    // Python's `1.0 / alpha` is alpha.reciprocal() * 1.0.
-    auto mu = alpha.reciprocal().sqrt() *
-              (sample - (1 - alpha) * model_output / (1 - alpha_cumprod_t).sqrt());
-    // Drawn every step, also when it is multiplied by 0 below, so the generator advances as
-    // upstream's does.
-    auto std_noise = noise.defined() ? noise.to(device, dtype)
-                                     : randn_like_diffusers(mu.sizes(), *generator, dtype, device);
-    auto sigma_noise =
-        ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t)).sqrt() * std_noise;
-    // pred = mu + std * (prev_t != 0).float(); prev_t is known on the host: no device sync.
-    auto pred = mu + sigma_noise * (prev_t != 0.0f ? 1.0 : 0.0);
-    return pred.to(dtype);
+    // Drawn every step, also when it is multiplied by 0, so the generator advances as upstream's
+    // does.
+    const auto draw = [&](c10::IntArrayRef sizes) {
+        return noise.defined() ? noise.to(device, dtype)
+                               : randn_like_diffusers(sizes, *generator, dtype, device);
+    };
+    return step_from_factors(step_factors(alpha_cumprod_t, alpha_cumprod_prev), model_output,
+                             sample, draw, prev_t == 0.0f, dtype);
 }
 
 torch::Tensor SchedulerStepPlan::timestep(int i, int64_t batch) const {
@@ -221,13 +248,12 @@ SchedulerStepPlan DDPMWuerstchenScheduler::plan_steps(torch::ScalarType dtype,
     plan.device = points.device();  // with its index ("cuda" -> "cuda:0"), as tensors report it
     plan.timesteps = points.narrow(0, 0, n).to(dtype);
     // As step_impl, op for op, on all steps at once.
-    const auto alpha_cumprod_t = alpha_cumprod(plan.timesteps);
-    const auto alpha_cumprod_prev = alpha_cumprod(points.narrow(0, 1, n));
-    const auto alpha = alpha_cumprod_t / alpha_cumprod_prev;
-    plan.inv_sqrt_alpha = alpha.reciprocal().sqrt();
-    plan.one_minus_alpha = 1 - alpha;
-    plan.sqrt_one_minus_alpha_cumprod = (1 - alpha_cumprod_t).sqrt();
-    plan.sigma = ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t)).sqrt();
+    StepFactors f =
+        step_factors(alpha_cumprod(plan.timesteps), alpha_cumprod(points.narrow(0, 1, n)));
+    plan.inv_sqrt_alpha = std::move(f.inv_sqrt_alpha);
+    plan.one_minus_alpha = std::move(f.one_minus_alpha);
+    plan.sqrt_one_minus_alpha_cumprod = std::move(f.sqrt_one_minus_alpha_cumprod);
+    plan.sigma = std::move(f.sigma);
     return plan;
 }
 
@@ -252,14 +278,11 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output,
     const auto at_step = [&](const torch::Tensor& factor) {
         return factor.narrow(0, i, 1).view(view);
     };
-    auto mu =
-        at_step(plan.inv_sqrt_alpha) * (sample - at_step(plan.one_minus_alpha) * model_output /
-                                                     at_step(plan.sqrt_one_minus_alpha_cumprod));
-    auto sigma_noise = at_step(plan.sigma) * noise.to(plan.device, plan.dtype);
-    // step_impl multiplies by 1.0 before the last step, which changes no value.
-    auto pred =
-        plan.points[static_cast<size_t>(i) + 1] != 0.0f ? mu + sigma_noise : mu + sigma_noise * 0.0;
-    return pred.to(plan.dtype);
+    const StepFactors f{at_step(plan.inv_sqrt_alpha), at_step(plan.one_minus_alpha),
+                        at_step(plan.sqrt_one_minus_alpha_cumprod), at_step(plan.sigma)};
+    const auto given = [&](c10::IntArrayRef) { return noise.to(plan.device, plan.dtype); };
+    return step_from_factors(f, model_output, sample, given,
+                             plan.points[static_cast<size_t>(i) + 1] == 0.0f, plan.dtype);
 }
 
 torch::Tensor DDPMWuerstchenScheduler::add_noise(const torch::Tensor& original_samples,
