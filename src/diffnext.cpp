@@ -260,6 +260,16 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
     return x;
 }
 
+std::pair<int64_t, int64_t> WuerstchenDiffNeXtImpl::mapper_level_size(size_t index, int64_t height,
+                                                                      int64_t width) const {
+    // Down level `index`, or up level `index - n_down` (deepest first): patch_size, then halved
+    // per level below the first.
+    const size_t n_down = down_blocks->size();
+    const size_t level = index < n_down ? index : 2 * n_down - 1 - index;
+    const int64_t patch = config_.patch_size;
+    return {height / patch >> level, width / patch >> level};
+}
+
 void WuerstchenDiffNeXtImpl::check_input(const torch::Tensor& x, const torch::Tensor& r) const {
     if (x.dim() != 4 || x.size(1) != config_.c_in)
         throw InvalidArgument("WuerstchenDiffNeXt: x must be [B, " + std::to_string(config_.c_in) +
@@ -298,18 +308,12 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
     DiffNeXtCondition c;
     if (clip.defined()) {
         c.clip = gen_c_embeddings(clip);
-        // Every attention block's kv_mapper (SiLU, then Linear) in one product when packed,
-        // each contiguous (the attention's join is faster); else each block maps its own.
-        const nn::LinearGroup kv_group = nn::kv_mappers(offload_units());
-        if (kv_group.ready(c.clip.device()))
-            c.kv = kv_group.split(kv_group.forward(at::silu(c.clip)));
+        c.kv = nn::map_kv_packed(offload_units(), c.clip);
     }
     // Upstream, per level: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic",
     // antialias=True, align_corners=True).to(dtype), then the level's 1x1 conv:
     // [B, effnet_embd, h, w] -> [B, c_cond, H_level, W_level]. A down level and its up level
     // share the size, so each size is resized once.
-    const int64_t patch = config_.patch_size;
-    const size_t n_down = down_blocks->size();
     std::map<std::pair<int64_t, int64_t>, torch::Tensor> resized;
     for (size_t index = 0; index < effnet_mapper_list.size(); ++index) {
         auto& mapper = effnet_mapper_list[index];
@@ -317,9 +321,7 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
             c.effnet.emplace_back();
             continue;
         }
-        // Down level `index`, or up level `index - n_down` (deepest first).
-        const size_t level = index < n_down ? index : 2 * n_down - 1 - index;
-        const std::pair<int64_t, int64_t> size{height / patch >> level, width / patch >> level};
+        const auto size = mapper_level_size(index, height, width);
         torch::Tensor& r = resized[size];
         if (!r.defined())
             r = at::_upsample_bicubic2d_aa(effnet.to(torch::kFloat32), {size.first, size.second},
@@ -345,8 +347,6 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
                                               const DiffNeXtCondition& condition) {
     check_input(x, r);
     // The condition must be map_condition's for this batch and these latents' size.
-    const int64_t patch = config_.patch_size;
-    const size_t n_down = down_blocks->size();
     const auto blocks = offload_units();  // every block, in execution order
     const size_t attention = nn::kv_mappers(blocks).size();
     bool fits = condition.effnet.size() == effnet_mapper_list.size() &&
@@ -354,11 +354,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
                 (!condition.clip.defined() || condition.clip.size(0) == x.size(0));
     for (size_t index = 0; fits && index < effnet_mapper_list.size(); ++index) {
         const torch::Tensor& e = condition.effnet[index];
-        const size_t level = index < n_down ? index : 2 * n_down - 1 - index;
+        const auto size = mapper_level_size(index, x.size(2), x.size(3));
         fits = e.defined() == static_cast<bool>(effnet_mapper_list[index]) &&
                (!e.defined() || (e.dim() == 4 && e.size(0) == x.size(0) &&
-                                 e.size(2) == x.size(2) / patch >> level &&
-                                 e.size(3) == x.size(3) / patch >> level));
+                                 e.size(2) == size.first && e.size(3) == size.second));
     }
     if (!fits)
         throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +

@@ -75,11 +75,7 @@ PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c) {
                               (c.defined() ? c10::str(c.sizes()) : std::string("undefined")));
     PriorCondition condition;
     condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
-    // Every block's mapping in one product when packed (kv_mapper is SiLU then Linear), each
-    // contiguous (the attention's join is faster); else each block maps its own.
-    const nn::LinearGroup kv_group = nn::kv_mappers(offload_units());
-    if (kv_group.ready(condition.c_embed.device()))
-        condition.kv = kv_group.split(kv_group.forward(at::silu(condition.c_embed)));
+    condition.kv = nn::map_kv_packed(offload_units(), condition.c_embed);
     return condition;
 }
 

@@ -13,6 +13,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "wuerstchen/block_hook.h"
@@ -92,6 +93,9 @@ private:
     // An AttnBlock, TimestepBlock or level sampler.
     torch::Tensor run_other_block(const std::shared_ptr<torch::nn::Module>& block,
                                   const torch::Tensor& x, Conditions& conditions);
+    // The spatial size at which effnet_mapper_list[index] injects, for latents height x width.
+    std::pair<int64_t, int64_t> mapper_level_size(size_t index, int64_t height,
+                                                  int64_t width) const;
     // x: [B, c_in, H, W] with H, W divisible by size_multiple(), r: [B]; InvalidArgument else.
     void check_input(const torch::Tensor& x, const torch::Tensor& r) const;
 

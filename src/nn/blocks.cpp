@@ -269,6 +269,13 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks) {
                                          [](TimestepBlockImpl& b) { return b.mapper.get(); });
 }
 
+std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
+                                         const torch::Tensor& cond) {
+    const LinearGroup group = kv_mappers(blocks);
+    if (!group.ready(cond.device())) return {};
+    return group.split(group.forward(at::silu(cond)));
+}
+
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
     const bool kv = kv_mappers(blocks).pack();
     return timestep_mappers(blocks).pack() && kv;

@@ -126,6 +126,11 @@ TORCH_MODULE(AttnBlock);
 // order. Each kind reads one input for all its blocks (the text condition, the r-embedding).
 LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
+// Every AttnBlock's kv_mapper (SiLU, then Linear) of `cond`, [B, M, c_cond], in execution order
+// and each contiguous (the attention's join is faster then), as one product when
+// kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own.
+std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
+                                         const torch::Tensor& cond);
 // Packs both kinds (the models' pack_condition_mappers); whether both are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Packs each self-attention AttnBlock's to_q, to_k and to_v (AttentionImpl::projections) among
