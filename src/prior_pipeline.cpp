@@ -273,10 +273,11 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
     const auto on_device = stage_scope(prior_, device_, mode);
+    // The text condition as the blocks read it, mapped once for all steps (graph inputs copied
+    // once per call).
+    const std::vector<torch::Tensor> condition = prior_->map_condition(text_states).tensors();
     // One denoising step: the prior on [latents ; latents] for guidance (one batched forward),
     // mixed as lerp(uncond, text, guidance_scale).
-    // The text condition as the blocks read it, mapped once for all steps.
-    const std::vector<torch::Tensor> condition = prior_->map_condition(text_states).tensors();
     const double guidance = o.guidance_scale;
     const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
         const auto x = in_memory_format(in[0], options_);
