@@ -82,9 +82,11 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
         pin_module(*decoder_);
         pin_module(*vqgan_);
     } else if (mode == OffloadMode::none) {
-        // The models stay put: map all blocks' conditions at once, project q, k, v together.
+        // The models stay put: map all blocks' conditions at once, project q, k, v together,
+        // and read the image embeddings before their mappers.
         decoder_->pack_condition_mappers();
         decoder_->pack_attention_projections();
+        decoder_->fold_effnet_mappers();
     }
     if (!(std::isfinite(latent_dim_scale_) && latent_dim_scale_ > 0))
         throw InvalidArgument("DecoderPipeline: `latent_dim_scale` must be a positive number");

@@ -22,7 +22,10 @@ constexpr double kOutputEps = 1e-3;  // forward(eps=1e-3) upstream
 // Stage B's residual block (ResBlockStageB upstream): the depthwise conv sees x only, the skip
 // joins after the norm, in front of the channelwise MLP.
 struct ResBlockStageBImpl : torch::nn::Module {
-    ResBlockStageBImpl(int64_t c, int64_t c_skip_, int64_t kernel_size) : c_skip(c_skip_) {
+    // c_skip: all skip channels, of which the last c_effnet_ are the level's mapped image
+    // embeddings.
+    ResBlockStageBImpl(int64_t c, int64_t c_skip_, int64_t kernel_size, int64_t c_effnet_)
+        : c_skip(c_skip_), c_effnet(c_effnet_) {
         depthwise = register_module(
             "depthwise",
             nn::conv2d(
@@ -33,8 +36,7 @@ struct ResBlockStageBImpl : torch::nn::Module {
     // x: [B, C, H, W], skips: [B, c_i, H, W] with sum c_i = c_skip, joined in this order
     // (upstream: the level's skip, then the effnet map) -> [B, C, H, W]
     torch::Tensor forward(const torch::Tensor& x, const std::vector<torch::Tensor>& skips) {
-        // The norm's output is NHWC in memory: [B, H, W, C] is a view.
-        auto h = nn::layer_norm_2d(depthwise->forward(x)).permute({0, 2, 3, 1});
+        auto h = normed(x);
         // The skips join along the channels in NHWC order, in one copy, so the MLP's input is
         // contiguous whatever their layouts. (Upstream joins in NCHW, then permutes: a strided
         // input, which costs the first linear layer another copy, and on libtorch 2.x its bias
@@ -45,15 +47,58 @@ struct ResBlockStageBImpl : torch::nn::Module {
             h = torch::cat(parts, -1);
         }
         // [B, H, W, C + c_skip] -> MLP -> [B, C, H, W]
-        h = channelwise->forward(h).permute({0, 3, 1, 2});
-        return h + x;
+        return channelwise->forward(h).permute({0, 3, 1, 2}) + x;
     }
 
-    int64_t c_skip;
+    // The same with the level's effnet mapper folded into the first channelwise layer
+    // (effnet_fold, set for the call by map_condition): resized is the image embeddings at this
+    // level's size before the mapper, [B, effnet_embd, H, W]; level_skip is the level's skip
+    // when the block takes one, else undefined. The layer reads [resized, norm, level skip].
+    torch::Tensor forward_folded(const torch::Tensor& x, const torch::Tensor& level_skip,
+                                 const torch::Tensor& resized) {
+        std::vector<torch::Tensor> parts{resized.permute({0, 2, 3, 1}), normed(x)};
+        if (level_skip.defined()) parts.push_back(level_skip.permute({0, 2, 3, 1}));
+        const auto hidden = effnet_fold.forward(torch::cat(parts, -1));
+        return channelwise->forward_hidden(hidden).permute({0, 3, 1, 2}) + x;
+    }
+
+    // The depthwise conv and the norm, as [B, H, W, C] (a view: the norm's output is NHWC in
+    // memory).
+    torch::Tensor normed(const torch::Tensor& x) {
+        return nn::layer_norm_2d(depthwise->forward(x)).permute({0, 2, 3, 1});
+    }
+
+    int64_t c_skip, c_effnet;
     torch::nn::Conv2d depthwise{nullptr};
     nn::ChannelwiseMLP channelwise{nullptr};
+    nn::InputFold effnet_fold;  // channelwise's first layer, reading the level's resized effnet
 };
 TORCH_MODULE(ResBlockStageB);
+
+// Each ResBlockStageB that reads mapped image embeddings, with the index of its level's effnet
+// mapper (down levels, then up levels, as effnet_mapper_list).
+std::vector<std::pair<size_t, ResBlockStageBImpl*>> effnet_blocks(
+    const torch::nn::ModuleList& down_blocks, const torch::nn::ModuleList& up_blocks) {
+    std::vector<std::pair<size_t, ResBlockStageBImpl*>> out;
+    size_t index = 0;
+    for (const auto& levels : {down_blocks, up_blocks})
+        for (const auto& level : *levels) {
+            for (const auto& block : *level->as<torch::nn::ModuleListImpl>())
+                if (auto* res = block->as<ResBlockStageBImpl>();
+                    res != nullptr && res->c_effnet > 0)
+                    out.emplace_back(index, res);
+            ++index;
+        }
+    return out;
+}
+
+// Whether every such block folds its level's mapper for input on `device` (and there is one).
+bool effnet_folded(const std::vector<std::pair<size_t, ResBlockStageBImpl*>>& blocks,
+                   const torch::Device& device) {
+    for (const auto& [index, res] : blocks)
+        if (!res->effnet_fold.ready(*res->channelwise->fc1, device)) return false;
+    return !blocks.empty();
+}
 
 torch::nn::Functional layer_norm_2d_module() {
     return torch::nn::Functional([](torch::Tensor x) { return nn::layer_norm_2d(x, 1e-6); });
@@ -96,7 +141,9 @@ WuerstchenDiffNeXtImpl::WuerstchenDiffNeXtImpl(const DiffNeXtConfig& config) : c
         const int64_t c = c_hidden[level];
         switch (type) {
             case 'C':
-                return ResBlockStageB(c, c_skip, config_.kernel_size).ptr();
+                return ResBlockStageB(c, c_skip, config_.kernel_size,
+                                      config_.inject_effnet[level] ? c_cond : 0)
+                    .ptr();
             case 'A':
                 return nn::AttnBlock(c, c_cond, config_.nhead[level], /*self_attn=*/true).ptr();
             case 'T':
@@ -173,6 +220,7 @@ DiffNeXtCondition DiffNeXtCondition::with_tensors(const std::vector<torch::Tenso
                 "DiffNeXtCondition::with_tensors: ", tensors.size(), " tensors for a layout of ",
                 this->tensors().size());
     DiffNeXtCondition out;
+    out.effnet_folded = effnet_folded;
     size_t next = 0;
     if (clip.defined()) out.clip = tensors[next++];
     for (size_t i = 0; i < kv.size(); ++i) out.kv.push_back(tensors[next++]);
@@ -202,6 +250,16 @@ bool WuerstchenDiffNeXtImpl::pack_attention_projections() {
     return nn::pack_attention_projections(offload_units());
 }
 
+bool WuerstchenDiffNeXtImpl::fold_effnet_mappers() {
+    const auto blocks = effnet_blocks(down_blocks, up_blocks);
+    bool all = !blocks.empty();
+    for (const auto& [index, res] : blocks)
+        all =
+            res->effnet_fold.prepare(*res->channelwise->fc1, config_.effnet_embd, res->c_effnet) &&
+            all;
+    return all;
+}
+
 torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
     const std::shared_ptr<torch::nn::Module>& block, const torch::Tensor& x, Conditions& k) {
     if (auto* attn = block->as<nn::AttnBlockImpl>()) {
@@ -219,16 +277,27 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
     return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
 }
 
+torch::Tensor WuerstchenDiffNeXtImpl::run_res_block(torch::nn::Module& block,
+                                                    const torch::Tensor& x,
+                                                    const torch::Tensor& level_skip,
+                                                    const Conditions& k, size_t mapper_index) {
+    auto& res = *block.as<ResBlockStageBImpl>();
+    const torch::Tensor& effnet_c = k.condition.effnet[mapper_index];
+    if (effnet_c.defined() && k.condition.effnet_folded)
+        return res.forward_folded(x, level_skip, effnet_c);
+    std::vector<torch::Tensor> skips;
+    if (level_skip.defined()) skips.push_back(level_skip);
+    if (effnet_c.defined()) skips.push_back(effnet_c);
+    return res.forward(x, skips);
+}
+
 std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x, Conditions& k) {
     std::vector<torch::Tensor> level_outputs;  // deepest level first
     for (size_t i = 0; i < down_blocks->size(); ++i) {
         auto level = down_blocks[i]->as<torch::nn::ModuleListImpl>();
-        const torch::Tensor& effnet_c = k.condition.effnet[i];
         for (const auto& block : *level) {
             if (auto* res = block->as<ResBlockStageBImpl>()) {
-                std::vector<torch::Tensor> skips;
-                if (effnet_c.defined()) skips.push_back(effnet_c);
-                x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
+                x = run_unit(block_hook, *res, [&] { return run_res_block(*res, x, {}, k, i); });
             } else {
                 x = run_unit(block_hook, *block, [&] { return run_other_block(block, x, k); });
             }
@@ -244,14 +313,13 @@ torch::Tensor WuerstchenDiffNeXtImpl::up_decode(const std::vector<torch::Tensor>
     const size_t n_down = down_blocks->size();
     for (size_t i = 0; i < up_blocks->size(); ++i) {
         auto level = up_blocks[i]->as<torch::nn::ModuleListImpl>();
-        const torch::Tensor& effnet_c = k.condition.effnet[n_down + i];
         for (size_t j = 0; j < level->size(); ++j) {
             const auto& block = level->ptr(j);
             if (auto* res = block->as<ResBlockStageBImpl>()) {
-                std::vector<torch::Tensor> skips;
-                if (j == 0 && i > 0) skips.push_back(level_outputs[i]);
-                if (effnet_c.defined()) skips.push_back(effnet_c);
-                x = run_unit(block_hook, *res, [&] { return res->forward(x, skips); });
+                const torch::Tensor level_skip =
+                    j == 0 && i > 0 ? level_outputs[i] : torch::Tensor();
+                x = run_unit(block_hook, *res,
+                             [&] { return run_res_block(*res, x, level_skip, k, n_down + i); });
             } else {
                 x = run_unit(block_hook, *block, [&] { return run_other_block(block, x, k); });
             }
@@ -310,6 +378,8 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
         c.clip = gen_c_embeddings(clip);
         c.kv = nn::map_kv_packed(offload_units(), c.clip);
     }
+    const auto folding = effnet_blocks(down_blocks, up_blocks);
+    c.effnet_folded = effnet_folded(folding, effnet.device());
     // Upstream, per level: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic",
     // antialias=True, align_corners=True).to(dtype), then the level's 1x1 conv:
     // [B, effnet_embd, h, w] -> [B, c_cond, H_level, W_level]. A down level and its up level
@@ -327,7 +397,18 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
             r = at::_upsample_bicubic2d_aa(effnet.to(torch::kFloat32), {size.first, size.second},
                                            /*align_corners=*/true)
                     .to(effnet.scalar_type());
-        c.effnet.push_back(mapper->forward(r));
+        if (!c.effnet_folded) {
+            c.effnet.push_back(mapper->forward(r));
+            continue;
+        }
+        // Folded: the level's blocks read r itself (NHWC in memory, as they join it), their
+        // first layers' spare columns the mapper's weights, for this call's weights.
+        c.effnet.push_back(r.contiguous(at::MemoryFormat::ChannelsLast));
+        const torch::Tensor& w = mapper->weight;  // [c_cond, effnet_embd, 1, 1]
+        for (const auto& [block_index, res] : folding)
+            if (block_index == index)
+                res->effnet_fold.set_map(*res->channelwise->fc1, w.reshape({w.size(0), w.size(1)}),
+                                         mapper->bias);
     }
     return c;
 }
@@ -352,16 +433,24 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     bool fits = condition.effnet.size() == effnet_mapper_list.size() &&
                 (condition.kv.empty() || condition.kv.size() == attention) &&
                 (!condition.clip.defined() || condition.clip.size(0) == x.size(0));
+    const int64_t effnet_channels = condition.effnet_folded ? config_.effnet_embd : config_.c_cond;
     for (size_t index = 0; fits && index < effnet_mapper_list.size(); ++index) {
         const torch::Tensor& e = condition.effnet[index];
         const auto size = mapper_level_size(index, x.size(2), x.size(3));
         fits = e.defined() == static_cast<bool>(effnet_mapper_list[index]) &&
-               (!e.defined() || (e.dim() == 4 && e.size(0) == x.size(0) &&
-                                 e.size(2) == size.first && e.size(3) == size.second));
+               (!e.defined() ||
+                (e.dim() == 4 && e.size(0) == x.size(0) && e.size(1) == effnet_channels &&
+                 e.size(2) == size.first && e.size(3) == size.second));
     }
     if (!fits)
         throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +
                               c10::str(x.sizes()));
+    if (condition.effnet_folded &&
+        !effnet_folded(effnet_blocks(down_blocks, up_blocks), x.device()))
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: the condition was mapped for effnet mappers folded into the "
+            "residual blocks (fold_effnet_mappers), which their weights no longer are on " +
+            x.device().str() + "; map it again");
 
     Conditions k(condition, nn::timestep_mappers(blocks));
     k.r_embed = nn::r_embedding(r, config_.c_r);
@@ -398,6 +487,7 @@ WuerstchenDiffNeXt load_diffnext(const std::string& dir, const LoadOptions& opti
     if (!options.offload && !options.sequential_offload) {
         model->pack_condition_mappers();
         model->pack_attention_projections();
+        model->fold_effnet_mappers();
     }
     return model;
 }

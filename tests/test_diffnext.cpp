@@ -24,6 +24,16 @@ std::set<std::string> module_keys(torch::nn::Module& m) {
     return keys;
 }
 
+// The decoder_forward reference's inputs.
+struct ForwardInputs {
+    torch::Tensor x, r, effnet, clip;
+};
+ForwardInputs forward_inputs() {
+    const auto ref = test::reference("decoder_forward");
+    return {test::ref_tensor(ref, "x"), test::ref_tensor(ref, "r"), test::ref_tensor(ref, "effnet"),
+            test::ref_tensor(ref, "clip")};
+}
+
 TEST(DiffNeXt, KeysEqualCheckpoint) {
     const std::string dir = test::data_path("tiny-wuerstchen/decoder");
     WuerstchenDiffNeXt model(DiffNeXtConfig::from_file(dir + "/config.json"));
@@ -47,11 +57,7 @@ TEST(DiffNeXt, ConditionMappedOnceGivesTheSameForward) {
     const std::string dir = test::data_path("tiny-wuerstchen/decoder");
     auto packed_model = load_diffnext(dir);
     auto plain_model = load_diffnext(dir, test::unpacked_load());
-    const auto ref = test::reference("decoder_forward");
-    const auto x = test::ref_tensor(ref, "x");
-    const auto r = test::ref_tensor(ref, "r");
-    const auto effnet = test::ref_tensor(ref, "effnet");
-    const auto clip = test::ref_tensor(ref, "clip");
+    const auto [x, r, effnet, clip] = forward_inputs();
     c10::InferenceMode guard;
     for (const bool packed : {true, false}) {
         const std::string what = packed ? "packed mappers" : "per-block mappers";
@@ -59,11 +65,18 @@ TEST(DiffNeXt, ConditionMappedOnceGivesTheSameForward) {
         const auto condition = model->map_condition(effnet, clip, x.size(2), x.size(3));
         const size_t attention = test::parameters_named(*model, "kv_mapper.1.weight").size();
         EXPECT_EQ(condition.kv.size(), packed ? attention : 0u) << what;
+        EXPECT_EQ(condition.effnet_folded, packed) << what;
+        const auto& cfg = model->config();
         ASSERT_EQ(condition.effnet.size(), model->effnet_mapper_list.size()) << what;
-        for (size_t i = 0; i < condition.effnet.size(); ++i)
-            EXPECT_EQ(condition.effnet[i].defined(),
+        for (size_t i = 0; i < condition.effnet.size(); ++i) {
+            ASSERT_EQ(condition.effnet[i].defined(),
                       static_cast<bool>(model->effnet_mapper_list[i]))
                 << what << ", mapper " << i;
+            // Folded: the resized embeddings, which the blocks' first layers map.
+            if (condition.effnet[i].defined())
+                EXPECT_EQ(condition.effnet[i].size(1), packed ? cfg.effnet_embd : cfg.c_cond)
+                    << what << ", mapper " << i;
+        }
         const auto expected = model->forward(x, r, effnet, clip);
         EXPECT_TRUE(test::all_close("decoder forward, " + what + " mapped once",
                                     model->forward(x, r, condition), expected, 0.0));
@@ -76,13 +89,94 @@ TEST(DiffNeXt, ConditionMappedOnceGivesTheSameForward) {
     }
 }
 
+// Sets each parameter of `model` named *suffix to f(itself), in place (the layouts stay).
+template <class F>
+void change_in_place(torch::nn::Module& model, const std::string& suffix, F f) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : test::parameters_named(model, suffix)) p.copy_(f(p.detach()));
+}
+
+// The loader folds each level's effnet mapper (a 1x1 convolution) into the first channelwise
+// layer of the residual blocks that read it: the same forward as mapping the embeddings first,
+// up to the summation order, for the weights of each call.
+TEST(DiffNeXt, FoldedEffnetMappersGiveTheSameForward) {
+    const std::string dir = test::data_path("tiny-wuerstchen/decoder");
+    auto folded = load_diffnext(dir);
+    auto plain = load_diffnext(dir, test::unpacked_load());
+    EXPECT_TRUE(folded->fold_effnet_mappers());  // already folded: a no-op
+    // References, not a structured binding: a C++17 lambda (below) cannot capture one.
+    const ForwardInputs in = forward_inputs();
+    const torch::Tensor &x = in.x, &r = in.r, &effnet = in.effnet, &clip = in.clip;
+    const int64_t h = x.size(2), w = x.size(3);
+    // Each folded layer's weight keeps its values, with effnet_embd spare columns per row.
+    const auto& cfg = folded->config();
+    const auto layers = test::parameters_named(*folded, "channelwise.0.weight");
+    const auto plain_layers = test::parameters_named(*plain, "channelwise.0.weight");
+    ASSERT_EQ(layers.size(), plain_layers.size());
+    for (size_t i = 0; i < layers.size(); ++i) EXPECT_TRUE(layers[i].equal(plain_layers[i])) << i;
+    // The tiny decoder's blocks on levels that inject the embeddings.
+    int injecting = 0;
+    for (size_t level = 0; level < cfg.blocks.size(); ++level)
+        if (cfg.inject_effnet[level]) injecting += 2 * cfg.blocks[level];
+    EXPECT_GT(injecting, 0);
+    EXPECT_EQ(test::folded_layer_count(*folded, cfg.effnet_embd), injecting);
+    EXPECT_EQ(test::folded_layer_count(*plain, cfg.effnet_embd), 0);
+    auto expect_same = [&](const std::string& what) {
+        c10::InferenceMode guard;
+        const auto condition = folded->map_condition(effnet, clip, h, w);
+        EXPECT_TRUE(condition.effnet_folded) << what;
+        const auto expected = plain->forward(x, r, effnet, clip);
+        EXPECT_TRUE(test::all_close("decoder forward, folded effnet mappers " + what,
+                                    folded->forward(x, r, condition), expected,
+                                    test::scaled_tol(expected, 1e-6)));
+    };
+    expect_same("as loaded");
+    // Weights changed in place after the fold: the next map_condition folds their new values.
+    for (auto* model : {&folded, &plain}) {
+        change_in_place(**model, "channelwise.0.weight",
+                        [](const torch::Tensor& t) { return t * 0.75 + 0.01; });
+        change_in_place(**model, "channelwise.0.bias",
+                        [](const torch::Tensor& t) { return t - 0.1; });
+        for (auto& mapper : (*model)->effnet_mapper_list)
+            if (mapper) {
+                torch::NoGradGuard no_grad;
+                mapper->weight.mul_(1.5);
+                mapper->bias.add_(0.2);
+            }
+    }
+    expect_same("after in-place changes");
+}
+
+TEST(DiffNeXt, FoldedConditionNeedsTheFoldItWasMappedFor) {
+    auto model = load_diffnext(test::data_path("tiny-wuerstchen/decoder"));
+    const auto [x, r, effnet, clip] = forward_inputs();
+    c10::InferenceMode guard;
+    const auto folded = model->map_condition(effnet, clip, x.size(2), x.size(3));
+    ASSERT_TRUE(folded.effnet_folded);
+    const auto expected = model->forward(x, r, folded);
+    {
+        // Copies of the weights (as a move or a LoRA fuse makes) undo the fold.
+        c10::InferenceMode off(false);
+        torch::NoGradGuard no_grad;
+        for (auto& p : test::parameters_named(*model, "channelwise.0.weight"))
+            p.set_data(p.detach().clone());
+    }
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, folded), InvalidArgument, "map it again");
+    const auto mapped = model->map_condition(effnet, clip, x.size(2), x.size(3));
+    EXPECT_FALSE(mapped.effnet_folded);
+    EXPECT_TRUE(test::all_close("decoder forward, unfolded again", model->forward(x, r, mapped),
+                                expected, test::scaled_tol(expected, 1e-6)));
+    // A condition of one form with the other's flag is refused by its channel count.
+    auto mislabelled = mapped;
+    mislabelled.effnet_folded = true;
+    EXPECT_TRUE(model->fold_effnet_mappers());
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, mislabelled), InvalidArgument,
+                                "map_condition's for x");
+}
+
 TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
     auto model = load_diffnext(test::data_path("tiny-wuerstchen/decoder"));
-    const auto ref = test::reference("decoder_forward");
-    const auto x = test::ref_tensor(ref, "x");
-    const auto r = test::ref_tensor(ref, "r");
-    const auto effnet = test::ref_tensor(ref, "effnet");
-    const auto clip = test::ref_tensor(ref, "clip");
+    const auto [x, r, effnet, clip] = forward_inputs();
     const int64_t h = x.size(2), w = x.size(3), m = model->size_multiple();
     c10::InferenceMode guard;
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, model->map_condition(effnet, clip, h + m, w)),

@@ -133,8 +133,8 @@ void expect_same_output(const std::string& what, const CombinedOutput& actual,
 }
 
 // Replaces each parameter of the prior and the decoder by a copy of its own, which undoes
-// pack_condition_mappers and pack_attention_projections: their blocks then map the conditions
-// one by one and project q, k, v separately, as offloaded ones do.
+// pack_condition_mappers, pack_attention_projections and fold_effnet_mappers: their blocks then
+// map the conditions one by one and project q, k, v separately, as offloaded ones do.
 void unpack_condition_mappers(CombinedPipeline& pipe) {
     torch::NoGradGuard no_grad;
     for (torch::nn::Module* model :
@@ -144,8 +144,9 @@ void unpack_condition_mappers(CombinedPipeline& pipe) {
 }
 
 // Resident pipelines map the conditions of all blocks in one product each
-// (pack_condition_mappers) and project each attention's q, k, v in one
-// (pack_attention_projections); the same as separate products, up to rounding.
+// (pack_condition_mappers), project each attention's q, k, v in one
+// (pack_attention_projections) and fold the decoder's effnet mappers into its residual blocks
+// (fold_effnet_mappers); the same as separate products, up to rounding.
 TEST_F(GpuPipelines, PackedMappersMatchPerBlock) {
     for (const auto dtype : {torch::kFloat32, torch::kFloat16}) {
         const std::string what = std::string("packed vs per-block mappers, ") + dtype_label(dtype);
@@ -166,6 +167,10 @@ TEST_F(GpuPipelines, PackedMappersMatchPerBlock) {
                 EXPECT_GT(layout.attention, 0) << what;
                 EXPECT_EQ(layout.packed, expected ? layout.attention : 0) << what;
             }
+            auto& decoder = pipe->decoder_pipeline().decoder();
+            EXPECT_EQ(test::folded_layer_count(*decoder, decoder->config().effnet_embd) > 0,
+                      expected)
+                << what << ": effnet mappers folded";
         }
         expect_same_output(what, packed(test::combined_seed42_options()),
                            per_block(test::combined_seed42_options()),

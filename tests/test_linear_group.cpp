@@ -223,8 +223,11 @@ TEST(PackedMappers, LoadersPackUnlessOffloading) {
     EXPECT_TRUE(projections_packed(*prior));
     EXPECT_TRUE(projections_packed(*decoder));
     EXPECT_EQ(test::attention_projection_layout(*prior).attention, prior->config().depth);
+    const int64_t effnet = decoder->config().effnet_embd;
+    EXPECT_GT(test::folded_layer_count(*decoder, effnet), 0);
     auto plain_prior = load_prior(prior_dir, test::unpacked_load());
     auto plain_decoder = load_diffnext(decoder_dir, test::unpacked_load());
+    EXPECT_EQ(test::folded_layer_count(*plain_decoder, effnet), 0);
     for (const torch::nn::Module* plain :
          {static_cast<const torch::nn::Module*>(plain_prior.get()),
           static_cast<const torch::nn::Module*>(plain_decoder.get())}) {
@@ -251,6 +254,8 @@ TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     auto decoder = load_diffnext(decoder_dir + "/decoder", test::unpacked_load());
     ASSERT_FALSE(any_mappers_packed(*decoder));
     ASSERT_FALSE(any_projections_packed(*decoder));
+    const int64_t effnet = decoder->config().effnet_embd;
+    ASSERT_EQ(test::folded_layer_count(*decoder, effnet), 0);
     DecoderComponents parts{
         CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
         load_clip_text_model(decoder_dir + "/text_encoder", test::unpacked_load()), decoder,
@@ -258,6 +263,7 @@ TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
     EXPECT_TRUE(mappers_packed(*decoder));
     EXPECT_TRUE(projections_packed(*decoder));
+    EXPECT_GT(test::folded_layer_count(*decoder, effnet), 0);
 }
 
 // Runs forward(model) on the per-block and the packed model: per block a SiLU and a matrix
@@ -308,6 +314,12 @@ TEST(PackedMappers, DecoderSameWithAndWithoutPacking) {
     const std::string dir = test::data_path("tiny-wuerstchen/decoder");
     auto packed = load_diffnext(dir);
     auto plain = load_diffnext(dir, test::unpacked_load());
+    // The loader also folds the effnet mappers into the residual blocks, which changes the
+    // products counted here (DiffNeXt.FoldedEffnetMappersGiveTheSameForward covers it): copies
+    // of those weights undo the fold alone.
+    torch::NoGradGuard no_grad;
+    for (auto& w : test::parameters_named(*packed, "channelwise.0.weight"))
+        w.set_data(w.detach().clone());
     expect_same_in_fewer_ops("decoder forward", plain, packed, [&](WuerstchenDiffNeXt& model) {
         return model->forward(test::ref_tensor(ref, "x"), test::ref_tensor(ref, "r"),
                               test::ref_tensor(ref, "effnet"), test::ref_tensor(ref, "clip"));
@@ -413,6 +425,92 @@ TEST(PackedMappers, AddOneToScalesOneOpPerRunOfEqualWidths) {
     }
     auto wrong = torch::zeros({2, group.total_out() + 1});
     EXPECT_THROW(nn::add_one_to_scales(group, wrong), c10::Error);
+}
+
+// A LoRA-capable Linear(in 10, out 7) whose last 4 inputs are M u + m for u of width 3.
+struct FoldCase {
+    FoldCase() {
+        torch::manual_seed(21);
+        layer = make_lora_linear(10, 7);
+        map_weight = torch::randn({4, 3});
+        map_bias = torch::randn({4});
+        a = torch::randn({2, 5, 6});
+        u = torch::randn({2, 5, 3});
+    }
+    // The layer over [a, M u + m], as upstream computes it.
+    torch::Tensor unfolded() const {
+        return lora_forward(layer, torch::cat({a, at::linear(u, map_weight, map_bias)}, -1));
+    }
+    torch::nn::Linear layer{nullptr};
+    torch::Tensor map_weight, map_bias, a, u;
+};
+
+TEST(InputFold, OneProductOverTheNarrowInput) {
+    FoldCase c;
+    torch::NoGradGuard no_grad;
+    const auto original = c.layer->weight.detach().clone();
+    const auto expected = c.unfolded();
+    nn::InputFold fold;
+    EXPECT_FALSE(fold.ready(*c.layer, torch::kCPU));
+    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
+    EXPECT_TRUE(fold.ready(*c.layer, torch::kCPU));
+    // The parameter keeps its shape and values, with 3 spare columns in front of each row.
+    EXPECT_TRUE(c.layer->weight.equal(original));
+    EXPECT_EQ(c.layer->weight.strides(), c10::IntArrayRef({13, 1}));
+    EXPECT_TRUE(fold.prepare(*c.layer, 3, 4));  // already laid out: a no-op
+    EXPECT_EQ(c.layer->weight.strides(), c10::IntArrayRef({13, 1}));
+    EXPECT_THROW(fold.forward(torch::cat({c.u, c.a}, -1)), c10::Error);  // no map set yet
+    fold.set_map(*c.layer, c.map_weight, c.map_bias);
+    torch::Tensor out;
+    const auto ops = count_ops(kCounted, [&] { out = fold.forward(torch::cat({c.u, c.a}, -1)); });
+    EXPECT_EQ(products(ops), 1);
+    EXPECT_EQ(out.sizes(), expected.sizes());
+    EXPECT_TRUE(
+        all_close("folded vs mapped input", out, expected, test::scaled_tol(expected, 1e-6)));
+    // The unfolded forward still reads the same parameter (now a strided view).
+    EXPECT_TRUE(all_close("layer forward, laid out", c.unfolded(), expected, 0.0));
+}
+
+TEST(InputFold, SetMapReadsTheWeightsOfTheCall) {
+    FoldCase c;
+    torch::NoGradGuard no_grad;
+    nn::InputFold fold;
+    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
+    fold.set_map(*c.layer, c.map_weight, c.map_bias);
+    // Changed in place (the layout stays): the next set_map folds the new values.
+    c.layer->weight.mul_(0.5).add_(0.25);
+    c.layer->bias.add_(1.0);
+    c.map_weight.mul_(-2.0);
+    ASSERT_TRUE(fold.ready(*c.layer, torch::kCPU));
+    fold.set_map(*c.layer, c.map_weight, c.map_bias);
+    const auto expected = c.unfolded();
+    EXPECT_TRUE(all_close("folded after an in-place change",
+                          fold.forward(torch::cat({c.u, c.a}, -1)), expected,
+                          test::scaled_tol(expected, 1e-6)));
+    EXPECT_THROW(fold.set_map(*c.layer, c.map_weight.narrow(0, 0, 3), c.map_bias), c10::Error);
+    EXPECT_THROW(fold.set_map(*c.layer, c.map_weight, torch::Tensor()), c10::Error);
+}
+
+TEST(InputFold, DeclinesOrUndoes) {
+    FoldCase c;
+    torch::NoGradGuard no_grad;
+    nn::InputFold fold;
+    EXPECT_FALSE(fold.prepare(*c.layer, 0, 4));
+    EXPECT_FALSE(fold.prepare(*c.layer, 3, 11));  // more mapped inputs than the layer has
+    auto no_bias = make_lora_linear(10, 7, /*bias=*/false);
+    EXPECT_FALSE(fold.prepare(*no_bias, 3, 4));
+    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
+    // A replaced weight (a move, a LoRA fuse) undoes the layout; set_map then refuses.
+    c.layer->weight.set_data(c.layer->weight.detach().clone());
+    EXPECT_FALSE(fold.ready(*c.layer, torch::kCPU));
+    EXPECT_THROW(fold.set_map(*c.layer, c.map_weight, c.map_bias), c10::Error);
+    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
+    EXPECT_FALSE(fold.ready(*c.layer, torch::Device(torch::kCUDA, 0)));
+    // An unmerged LoRA adapter that contributes: the layer must run its own forward.
+    auto* lora = dynamic_cast<LoraLinearImpl*>(c.layer.get());
+    ASSERT_NE(lora, nullptr);
+    lora->add_adapter("style", torch::randn({2, 10}), torch::randn({7, 2}), /*alpha=*/2.0);
+    EXPECT_FALSE(fold.ready(*c.layer, torch::kCPU));
 }
 
 }  // namespace

@@ -115,6 +115,13 @@ bool stored_back_to_back(const torch::nn::Module& module, const std::string& suf
     return tensors.size() >= 2 && back_to_back(tensors);
 }
 
+int folded_layer_count(const torch::nn::Module& module, int64_t width) {
+    int count = 0;
+    for (const auto& w : parameters_named(module, "channelwise.0.weight"))
+        count += w.dim() == 2 && w.stride(1) == 1 && w.stride(0) == w.size(1) + width;
+    return count;
+}
+
 ProjectionLayout attention_projection_layout(const torch::nn::Module& module) {
     const auto params = module.named_parameters();
     const std::string q_weight = "to_q.weight";

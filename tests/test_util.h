@@ -91,6 +91,10 @@ struct ProjectionLayout {
 };
 ProjectionLayout attention_projection_layout(const torch::nn::Module& module);
 
+// How many first channelwise layers ("channelwise.0.weight") of `module` are laid out with
+// `width` spare columns in front of each row: the layout of fold_effnet_mappers.
+int folded_layer_count(const torch::nn::Module& module, int64_t width);
+
 // LoadOptions as for model offload, on the default device: the loaders then leave the models'
 // condition mappers unpacked (each block maps its own condition).
 LoadOptions unpacked_load();

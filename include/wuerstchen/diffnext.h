@@ -28,8 +28,11 @@ struct DiffNeXtCondition {
     torch::Tensor clip;             // gen_c_embeddings(clip): [B, L, c_cond], or undefined
     std::vector<torch::Tensor> kv;  // when packed: each AttnBlock's kv_mapper(clip), in order
     // Per effnet_mappers index: the image embeddings resized to that level's size and mapped,
-    // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper.
+    // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper. When
+    // effnet_folded, resized only ([B, effnet_embd, h_level, w_level]): the blocks' first
+    // layers apply the mappers (WuerstchenDiffNeXtImpl::fold_effnet_mappers).
     std::vector<torch::Tensor> effnet;
+    bool effnet_folded = false;
     // The defined tensors in order (clip, kv, effnet): what a CUDA graph of a step takes.
     std::vector<torch::Tensor> tensors() const;
     // This condition's layout with `tensors` (as tensors() gives them) in place of its own.
@@ -69,6 +72,17 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // As WuerstchenPriorImpl::pack_attention_projections: each AttnBlock's to_q, to_k and to_v
     // in one buffer, projected in one product.
     bool pack_attention_projections();
+    // Each level's effnet mapper is a 1x1 convolution (linear), and the first channelwise layer
+    // of each residual block that reads its output is linear too: the block can take the
+    // level's resized image embeddings (effnet_embd channels) instead of the mapped ones
+    // (c_cond), with the two weights multiplied together. This stores each such layer's weight
+    // with effnet_embd spare columns in front of it (the parameters keep their names, shapes
+    // and values; extra memory effnet_embd / (c + c_skip) of those weights), and map_condition
+    // then fills them in for the call's weights and maps nothing per level: at the real sizes
+    // a decoder step does about a sixth less arithmetic. Like the packing above it is undone by
+    // anything that replaces those weights, and map_condition then maps per level. The loaders
+    // and pipelines call it unless offloading. Returns whether every such block is folded.
+    bool fold_effnet_mappers();
 
     // Sequential offload: every block of down_blocks then up_blocks (level samplers included) in
     // execution order; forward calls block_hook around each when it is set.
@@ -90,6 +104,11 @@ private:
     std::vector<torch::Tensor> down_encode(torch::Tensor x, Conditions& conditions);
     torch::Tensor up_decode(const std::vector<torch::Tensor>& level_outputs,
                             Conditions& conditions);
+    // A ResBlockStageB, with the level's skip (or undefined) and the condition's effnet entry
+    // at mapper_index.
+    torch::Tensor run_res_block(torch::nn::Module& block, const torch::Tensor& x,
+                                const torch::Tensor& level_skip, const Conditions& conditions,
+                                size_t mapper_index);
     // An AttnBlock, TimestepBlock or level sampler.
     torch::Tensor run_other_block(const std::shared_ptr<torch::nn::Module>& block,
                                   const torch::Tensor& x, Conditions& conditions);

@@ -111,7 +111,11 @@ ChannelwiseMLPImpl::ChannelwiseMLPImpl(int64_t c_in, int64_t c_hidden, int64_t c
 }
 
 torch::Tensor ChannelwiseMLPImpl::forward(const torch::Tensor& x) {
-    return lora_forward(fc2, grn->forward(nn::gelu(lora_forward(fc1, x))));
+    return forward_hidden(lora_forward(fc1, x));
+}
+
+torch::Tensor ChannelwiseMLPImpl::forward_hidden(const torch::Tensor& hidden) {
+    return lora_forward(fc2, grn->forward(nn::gelu(hidden)));
 }
 
 // ---------------------------------------------------------------------------- ResBlock

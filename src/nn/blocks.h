@@ -66,6 +66,9 @@ struct ChannelwiseMLPImpl : torch::nn::Module {
     ChannelwiseMLPImpl(int64_t c_in, int64_t c_hidden, int64_t c_out);
     // x: [B, H, W, c_in] -> [B, H, W, c_out]
     torch::Tensor forward(const torch::Tensor& x);
+    // The rest of forward after the first layer: its output [B, H, W, c_hidden] -> [B, H, W,
+    // c_out].
+    torch::Tensor forward_hidden(const torch::Tensor& hidden);
     torch::nn::Linear fc1{nullptr}, fc2{nullptr};
     GlobalResponseNorm grn{nullptr};
 };

@@ -151,4 +151,76 @@ torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
     return linear_forward(x, weight, bias);
 }
 
+// ---------------------------------------------------------------------------- InputFold
+
+bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {
+    const torch::Tensor& w = layer.weight;
+    const torch::Tensor& b = layer.bias;
+    if (!storage_.defined() || !w.defined() || !b.defined() || w.dim() != 2) return false;
+    const int64_t out = storage_.size(0);
+    const int64_t in = storage_.size(1) - width_;
+    // The weight is columns width_.. of storage_; the bias matches it.
+    return w.is_alias_of(storage_) && w.sizes() == c10::IntArrayRef({out, in}) &&
+           w.strides() == c10::IntArrayRef({width_ + in, 1}) &&
+           static_cast<const char*>(w.data_ptr()) ==
+               static_cast<const char*>(storage_.data_ptr()) + width_ * storage_.element_size() &&
+           w.scalar_type() == storage_.scalar_type() && has_shape(b, {out}) &&
+           b.scalar_type() == storage_.scalar_type() && b.device() == storage_.device();
+}
+
+bool InputFold::ready(const torch::nn::LinearImpl& layer, const torch::Device& device) const {
+    if (!laid_out(layer) || storage_.device() != device || lora_contributes(layer)) return false;
+    const torch::Tensor& w = layer.weight;
+    const torch::Tensor& b = layer.bias;
+    return !(at::GradMode::is_enabled() && (w.requires_grad() || b.requires_grad()));
+}
+
+bool InputFold::prepare(torch::nn::LinearImpl& layer, int64_t width, int64_t mapped) {
+    const torch::Tensor& w = layer.weight;
+    if (!w.defined() || w.dim() != 2 || !layer.bias.defined() || width <= 0 || mapped <= 0 ||
+        mapped > w.size(1) || !has_shape(layer.bias, {w.size(0)}) ||
+        layer.bias.scalar_type() != w.scalar_type() || layer.bias.device() != w.device())
+        return false;
+    if (width == width_ && mapped == mapped_ && laid_out(layer)) return true;
+    // set_data refuses inference tensors: the storage is made outside InferenceMode.
+    c10::InferenceMode not_inference(/*enabled=*/false);
+    torch::NoGradGuard no_grad;
+    const int64_t in = w.size(1);
+    auto storage = at::zeros({w.size(0), width + in}, w.options());
+    auto weight = storage.narrow(1, width, in);
+    weight.copy_(w);
+    layer.weight.set_data(weight);
+    storage_ = storage;
+    bias_ = at::empty({w.size(0)}, w.options());
+    width_ = width;
+    mapped_ = mapped;
+    map_set_ = false;
+    return true;
+}
+
+void InputFold::set_map(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+                        const torch::Tensor& map_bias) {
+    TORCH_CHECK(ready(layer, map_weight.device()),
+                "InputFold::set_map: the layer is not folded on ", map_weight.device());
+    TORCH_CHECK(map_weight.dim() == 2 && map_weight.size(0) == mapped_ &&
+                    map_weight.size(1) == width_ && has_shape(map_bias, {mapped_}),
+                "InputFold::set_map: expected a [", mapped_, ", ", width_, "] map and [", mapped_,
+                "] bias, got ", map_weight.sizes(), " and ",
+                map_bias.defined() ? c10::str(map_bias.sizes()) : std::string("none"));
+    torch::NoGradGuard no_grad;
+    // W_m: the weight's last mapped_ columns, [out, mapped_].
+    const auto w_m = layer.weight.detach().narrow(1, layer.weight.size(1) - mapped_, mapped_);
+    // Straight into the spare columns (row stride width_ + in) and the fold's bias.
+    auto spare = storage_.narrow(1, 0, width_);
+    at::mm_out(spare, w_m, map_weight.to(w_m.scalar_type()));
+    at::addmv_out(bias_, layer.bias.detach(), w_m, map_bias.to(w_m.scalar_type()));
+    map_set_ = true;
+}
+
+torch::Tensor InputFold::forward(const torch::Tensor& x) const {
+    TORCH_CHECK(map_set_, "InputFold::forward: set_map has not run");
+    const int64_t in = storage_.size(1) - width_;
+    return linear_forward(x, storage_.narrow(1, 0, width_ + in - mapped_), bias_);
+}
+
 }  // namespace wuerstchen::nn

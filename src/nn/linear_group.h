@@ -67,4 +67,43 @@ private:
     std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
 };
 
+// A Linear layer whose last `mapped` input features are, for a whole call, an affine map
+// M u + m of a narrower input u ([..., width]). The decoder's residual blocks read their level's
+// image embeddings that way: a 1x1 convolution maps 16 channels to the 1024 that the block's
+// first channelwise layer takes next to its own. Since W [a ; M u + m] + b equals
+// [W_m M | W_a] [u ; a] + (b + W_m m), with W_m the weight's last `mapped` columns and W_a the
+// others, the layer can read u instead: a product over width + in - mapped features, not in.
+//
+// prepare() lays the weight out with `width` spare columns in front of it (the parameter views
+// the rest: same name, shape and values), set_map() writes W_m M into them and b + W_m m into
+// the fold's own bias, and forward() is one product over [u, a]. set_map() reads the weights
+// each time, so a call that maps first never sees a fold older than the weights. As with
+// LinearGroup, anything that replaces the weight's tensor undoes the layout, and ready() then
+// says no.
+class InputFold {
+public:
+    // Lays out layer's weight as above, unless ready() already holds; returns whether it is laid
+    // out. Does nothing (and returns false) for a layer without bias, or unless
+    // 0 < mapped <= in and width > 0.
+    bool prepare(torch::nn::LinearImpl& layer, int64_t width, int64_t mapped);
+    // forward() may run for input on `device`: the weight is this fold's layout there, no
+    // unmerged LoRA adapter contributes, and no gradient is wanted for the weights.
+    bool ready(const torch::nn::LinearImpl& layer, const torch::Device& device) const;
+    // map_weight: [mapped, width], map_bias: [mapped] (M and m). Only when ready().
+    void set_map(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+                 const torch::Tensor& map_bias);
+    // x: [..., width + in - mapped] = [u, a] -> [..., out]. Only after set_map().
+    torch::Tensor forward(const torch::Tensor& x) const;
+
+    int64_t width() const { return width_; }
+
+private:
+    bool laid_out(const torch::nn::LinearImpl& layer) const;  // layer's weight views storage_
+
+    torch::Tensor storage_;  // [out, width + in]: the spare columns, then the weight
+    torch::Tensor bias_;     // [out]: b + W_m m
+    int64_t width_ = 0, mapped_ = 0;
+    bool map_set_ = false;
+};
+
 }  // namespace wuerstchen::nn
