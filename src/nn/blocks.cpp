@@ -86,19 +86,27 @@ GlobalResponseNormImpl::GlobalResponseNormImpl(int64_t dim) {
 }
 
 torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
-    // L2 norm over the spatial dims (H, W) per channel: [B, 1, 1, C].
-    auto agg_norm = at::norm(x, 2, {1, 2}, /*keepdim=*/true);
-    auto stand_div_norm = agg_norm / (agg_norm.mean({-1}, /*keepdim=*/true) + 1e-6);
-    // Upstream: gamma * (x * stand_div_norm) + beta + x, four passes over x. Here the same sum
-    // as beta + x * (1 + gamma * stand_div_norm), one pass (the factor is [B, 1, 1, C]).
-    const auto scale = gamma * stand_div_norm;
-    if (!is_reduced_float(x) || x.is_cuda()) return at::addcmul(beta, x, scale + 1);
-    // Half / bfloat16 on the CPU (not a speed path): two passes, the small term in its own
-    // precision, (x + beta) + x * scale. On CUDA the one pass above rounds 1 + scale to x's
-    // dtype first (relative error up to 2^-11 in half, 2^-8 in bf16, as large as the rounding
-    // of the output itself); a float32 factor would keep it exact, but a mixed-dtype pass ran no
-    // faster on an H100 than the two passes it replaced.
-    return at::addcmul(x + beta, x, scale);
+    if (widened_on_cpu(x)) {
+        // Half / bfloat16 on the CPU (not a speed path): upstream's terms in x's dtype, two
+        // passes, the small term in its own precision: (x + beta) + x * (gamma * Nx).
+        const auto agg = at::norm(x, 2, {1, 2}, /*keepdim=*/true);
+        const auto stand_div_norm = agg / (agg.mean({-1}, /*keepdim=*/true) + 1e-6);
+        return at::addcmul(x + beta, x, gamma * stand_div_norm);
+    }
+    // The L2 norm over the spatial dims (H, W) per channel, [B, 1, 1, C], in float32 (CUDA
+    // reduces half / bfloat16 input to a float32 output in one pass), and d = its mean over the
+    // channels + 1e-6.
+    const auto agg = at::norm(x, 2, {1, 2}, /*keepdim=*/true, torch::kFloat32);
+    const auto d = agg.mean({-1}, /*keepdim=*/true).add_(1e-6);
+    // Upstream: gamma * (x * Nx) + beta + x with Nx = agg / d, four passes over x. Here the same
+    // sum as beta + x * f with f = 1 + gamma * Nx = (d + gamma * agg) / d: two small float32 ops
+    // (no overflow), rounded once to x's dtype, then one pass over x. In half precision that
+    // rounding of f (relative error up to 2^-11; 2^-8 in bfloat16) is as large as the output's
+    // own; a float32 f would keep it exact, but a mixed-dtype pass over x ran no faster on an
+    // H100 than the two passes it replaced.
+    auto f = at::empty(agg.sizes(), x.options());
+    at::div_out(f, at::addcmul(d, gamma, agg), d);
+    return at::addcmul(beta, x, f);
 }
 
 // ---------------------------------------------------------------------------- ChannelwiseMLP
