@@ -111,5 +111,30 @@ TEST(GlobalResponseNorm, OnePassMatchesUpstreamInFewOps) {
     EXPECT_EQ(ops.at("aten::addcmul"), 2 * addcmul);
 }
 
+// With autograd recording (a model being trained or probed), the same values and a gradient.
+TEST(GlobalResponseNorm, RecordsAutograd) {
+    torch::manual_seed(8);
+    const int64_t c = 6;
+    nn::GlobalResponseNorm grn(c);
+    {
+        torch::NoGradGuard no_grad;
+        grn->gamma.copy_(torch::randn({1, 1, 1, c}));
+        grn->beta.copy_(torch::randn({1, 1, 1, c}));
+    }
+    const auto x = torch::randn({2, 3, 4, c}).requires_grad_();
+    torch::Tensor expected;
+    {
+        torch::NoGradGuard no_grad;
+        expected = grn->forward(x);
+    }
+    const auto out = grn->forward(x);
+    ASSERT_TRUE(out.requires_grad());
+    EXPECT_TRUE(all_close("GRN with autograd vs without", out.detach(), expected, 1e-6));
+    out.sum().backward();
+    ASSERT_TRUE(x.grad().defined());
+    ASSERT_TRUE(grn->gamma.grad().defined());
+    EXPECT_TRUE(x.grad().isfinite().all().item<bool>());
+}
+
 }  // namespace
 }  // namespace wuerstchen

@@ -1,6 +1,7 @@
 #include "nn/blocks.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/version.h>
 
@@ -104,8 +105,17 @@ torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
     // rounding of f (relative error up to 2^-11; 2^-8 in bfloat16) is as large as the output's
     // own; a float32 f would keep it exact, but a mixed-dtype pass over x ran no faster on an
     // H100 than the two passes it replaced.
-    auto f = at::empty(agg.sizes(), x.options());
-    at::div_out(f, at::addcmul(d, gamma, agg), d);
+    const auto sum = at::addcmul(d, gamma, agg);
+    const bool records_autograd =
+        at::GradMode::is_enabled() &&
+        (x.requires_grad() || gamma.requires_grad() || beta.requires_grad());
+    torch::Tensor f;
+    if (records_autograd) {
+        f = (sum / d).to(x.scalar_type());  // out= forms do not record
+    } else {
+        f = at::empty(agg.sizes(), x.options());
+        at::div_out(f, sum, d);  // rounded to x's dtype in the same op
+    }
     return at::addcmul(beta, x, f);
 }
 
