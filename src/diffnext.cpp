@@ -51,14 +51,14 @@ struct ResBlockStageBImpl : torch::nn::Module {
     }
 
     // The same with the level's effnet mapper folded into the first channelwise layer
-    // (effnet_fold, set for the call by map_condition): resized is the image embeddings at this
+    // (effnet_fold, made by fold_effnet_mappers): resized is the image embeddings at this
     // level's size before the mapper, [B, effnet_embd, H, W]; level_skip is the level's skip
     // when the block takes one, else undefined. The layer reads [resized, norm, level skip].
     torch::Tensor forward_folded(const torch::Tensor& x, const torch::Tensor& level_skip,
                                  const torch::Tensor& resized) {
         std::vector<torch::Tensor> parts{resized.permute({0, 2, 3, 1}), normed(x)};
         if (level_skip.defined()) parts.push_back(level_skip.permute({0, 2, 3, 1}));
-        const auto hidden = effnet_fold.forward(torch::cat(parts, -1));
+        const auto hidden = effnet_fold.forward(*channelwise->fc1, torch::cat(parts, -1));
         return channelwise->forward_hidden(hidden).permute({0, 3, 1, 2}) + x;
     }
 
@@ -92,11 +92,21 @@ std::vector<std::pair<size_t, ResBlockStageBImpl*>> effnet_blocks(
     return out;
 }
 
-// Whether every such block folds its level's mapper for input on `device` (and there is one).
+// An effnet mapper (a 1x1 convolution) as the matrix and bias that it applies per position:
+// [c_cond, effnet_embd] (a view of the weight) and [c_cond].
+std::pair<torch::Tensor, torch::Tensor> mapper_matrix(const torch::nn::Conv2d& mapper) {
+    const torch::Tensor& w = mapper->weight;
+    return {w.reshape({w.size(0), w.size(1)}), mapper->bias};
+}
+
+// Whether every such block has its level's mapper folded in, as the weights are now, for input
+// on `device` (and there is one).
 bool effnet_folded(const std::vector<std::pair<size_t, ResBlockStageBImpl*>>& blocks,
-                   const torch::Device& device) {
-    for (const auto& [index, res] : blocks)
-        if (!res->effnet_fold.ready(*res->channelwise->fc1, device)) return false;
+                   const std::vector<torch::nn::Conv2d>& mappers, const torch::Device& device) {
+    for (const auto& [index, res] : blocks) {
+        const auto [m, b] = mapper_matrix(mappers.at(index));
+        if (!res->effnet_fold.ready(*res->channelwise->fc1, m, b, device)) return false;
+    }
     return !blocks.empty();
 }
 
@@ -253,10 +263,12 @@ bool WuerstchenDiffNeXtImpl::pack_attention_projections() {
 bool WuerstchenDiffNeXtImpl::fold_effnet_mappers() {
     const auto blocks = effnet_blocks(down_blocks, up_blocks);
     bool all = !blocks.empty();
-    for (const auto& [index, res] : blocks)
-        all =
-            res->effnet_fold.prepare(*res->channelwise->fc1, config_.effnet_embd, res->c_effnet) &&
-            all;
+    for (const auto& [index, res] : blocks) {
+        const auto& mapper = effnet_mapper_list.at(index);
+        if (!mapper) return false;
+        const auto [m, b] = mapper_matrix(mapper);
+        all = res->effnet_fold.fold(*res->channelwise->fc1, m, b) && all;
+    }
     return all;
 }
 
@@ -378,8 +390,8 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
         c.clip = gen_c_embeddings(clip);
         c.kv = nn::map_kv_packed(offload_units(), c.clip);
     }
-    const auto folding = effnet_blocks(down_blocks, up_blocks);
-    c.effnet_folded = effnet_folded(folding, effnet.device());
+    c.effnet_folded =
+        effnet_folded(effnet_blocks(down_blocks, up_blocks), effnet_mapper_list, effnet.device());
     // Upstream, per level: interpolate(effnet.float(), size=x.shape[-2:], mode="bicubic",
     // antialias=True, align_corners=True).to(dtype), then the level's 1x1 conv:
     // [B, effnet_embd, h, w] -> [B, c_cond, H_level, W_level]. A down level and its up level
@@ -397,18 +409,9 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
             r = at::_upsample_bicubic2d_aa(effnet.to(torch::kFloat32), {size.first, size.second},
                                            /*align_corners=*/true)
                     .to(effnet.scalar_type());
-        if (!c.effnet_folded) {
-            c.effnet.push_back(mapper->forward(r));
-            continue;
-        }
-        // Folded: the level's blocks read r itself (NHWC in memory, as they join it), their
-        // first layers' spare columns the mapper's weights, for this call's weights.
-        c.effnet.push_back(r.contiguous(at::MemoryFormat::ChannelsLast));
-        const torch::Tensor& w = mapper->weight;  // [c_cond, effnet_embd, 1, 1]
-        for (const auto& [block_index, res] : folding)
-            if (block_index == index)
-                res->effnet_fold.set_map(*res->channelwise->fc1, w.reshape({w.size(0), w.size(1)}),
-                                         mapper->bias);
+        // Folded, the level's blocks read r itself (NHWC in memory, as they join it).
+        c.effnet.push_back(c.effnet_folded ? r.contiguous(at::MemoryFormat::ChannelsLast)
+                                           : mapper->forward(r));
     }
     return c;
 }
@@ -446,11 +449,12 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
         throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +
                               c10::str(x.sizes()));
     if (condition.effnet_folded &&
-        !effnet_folded(effnet_blocks(down_blocks, up_blocks), x.device()))
+        !effnet_folded(effnet_blocks(down_blocks, up_blocks), effnet_mapper_list, x.device()))
         throw InvalidArgument(
-            "WuerstchenDiffNeXt: the condition was mapped for effnet mappers folded into the "
-            "residual blocks (fold_effnet_mappers), which their weights no longer are on " +
-            x.device().str() + "; map it again");
+            "WuerstchenDiffNeXt: the condition was mapped for the effnet mappers folded into the "
+            "residual blocks (fold_effnet_mappers), and those weights have been replaced or "
+            "changed since (or are not on " +
+            x.device().str() + "); map it again");
 
     Conditions k(condition, nn::timestep_mappers(blocks));
     k.r_embed = nn::r_embedding(r, config_.c_r);

@@ -131,7 +131,8 @@ TEST(DiffNeXt, FoldedEffnetMappersGiveTheSameForward) {
                                     test::scaled_tol(expected, 1e-6)));
     };
     expect_same("as loaded");
-    // Weights changed in place after the fold: the next map_condition folds their new values.
+    // Weights changed in place after the fold: map_condition maps per level until they are
+    // folded again.
     for (auto* model : {&folded, &plain}) {
         change_in_place(**model, "channelwise.0.weight",
                         [](const torch::Tensor& t) { return t * 0.75 + 0.01; });
@@ -144,7 +145,12 @@ TEST(DiffNeXt, FoldedEffnetMappersGiveTheSameForward) {
                 mapper->bias.add_(0.2);
             }
     }
-    expect_same("after in-place changes");
+    {
+        c10::InferenceMode guard;
+        EXPECT_FALSE(folded->map_condition(effnet, clip, h, w).effnet_folded);
+    }
+    ASSERT_TRUE(folded->fold_effnet_mappers());
+    expect_same("after in-place changes, folded again");
 }
 
 TEST(DiffNeXt, FoldedConditionNeedsTheFoldItWasMappedFor) {
@@ -282,6 +288,16 @@ TEST(DiffNeXt, OtherConfigBuildsAndRuns) {
     }
     EXPECT_TRUE(
         test::all_close("other config, mapped once", model->forward(x, r, condition), out, 0.0));
+    // Folded: every C block of levels 0 and 2, down and up; up level 0's first block reads
+    // [resized embeddings, norm, level skip].
+    ASSERT_TRUE(model->fold_effnet_mappers());
+    EXPECT_EQ(test::folded_layer_count(*model, cfg.effnet_embd), 2 * (1 + 2));
+    const auto folded = model->map_condition(effnet, clip, x.size(2), x.size(3));
+    ASSERT_TRUE(folded.effnet_folded);
+    for (size_t i = 0; i < 6; ++i)
+        if (folded.effnet[i].defined()) EXPECT_EQ(folded.effnet[i].size(1), cfg.effnet_embd) << i;
+    EXPECT_TRUE(test::all_close("other config, folded effnet mappers", model->forward(x, r, folded),
+                                out, test::scaled_tol(out, 1e-6)));
 }
 
 TEST(DiffNeXt, RejectsBadConfig) {

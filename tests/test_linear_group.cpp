@@ -451,66 +451,83 @@ TEST(InputFold, OneProductOverTheNarrowInput) {
     const auto original = c.layer->weight.detach().clone();
     const auto expected = c.unfolded();
     nn::InputFold fold;
-    EXPECT_FALSE(fold.ready(*c.layer, torch::kCPU));
-    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
-    EXPECT_TRUE(fold.ready(*c.layer, torch::kCPU));
+    EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::kCPU));
+    EXPECT_THROW(fold.forward(*c.layer, torch::cat({c.u, c.a}, -1)), c10::Error);
+    ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias));
+    EXPECT_TRUE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::kCPU));
     // The parameter keeps its shape and values, with 3 spare columns in front of each row.
     EXPECT_TRUE(c.layer->weight.equal(original));
     EXPECT_EQ(c.layer->weight.strides(), c10::IntArrayRef({13, 1}));
-    EXPECT_TRUE(fold.prepare(*c.layer, 3, 4));  // already laid out: a no-op
-    EXPECT_EQ(c.layer->weight.strides(), c10::IntArrayRef({13, 1}));
-    EXPECT_THROW(fold.forward(torch::cat({c.u, c.a}, -1)), c10::Error);  // no map set yet
-    fold.set_map(*c.layer, c.map_weight, c.map_bias);
+    // Folded already: nothing is written again.
+    const auto version = c.layer->weight._version();
+    const void* data = c.layer->weight.data_ptr();
+    EXPECT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias));
+    EXPECT_EQ(c.layer->weight._version(), version);
+    EXPECT_EQ(c.layer->weight.data_ptr(), data);
     torch::Tensor out;
-    const auto ops = count_ops(kCounted, [&] { out = fold.forward(torch::cat({c.u, c.a}, -1)); });
+    const auto ops = count_ops(kCounted, [&] {
+        out = fold.forward(*c.layer, torch::cat({c.u, c.a}, -1));
+    });
     EXPECT_EQ(products(ops), 1);
     EXPECT_EQ(out.sizes(), expected.sizes());
     EXPECT_TRUE(
         all_close("folded vs mapped input", out, expected, test::scaled_tol(expected, 1e-6)));
-    // The unfolded forward still reads the same parameter (now a strided view).
+    // The layer's own forward still reads the same parameter (now a strided view).
     EXPECT_TRUE(all_close("layer forward, laid out", c.unfolded(), expected, 0.0));
 }
 
-TEST(InputFold, SetMapReadsTheWeightsOfTheCall) {
+TEST(InputFold, InPlaceChangesNeedAnotherFold) {
     FoldCase c;
     torch::NoGradGuard no_grad;
     nn::InputFold fold;
-    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
-    fold.set_map(*c.layer, c.map_weight, c.map_bias);
-    // Changed in place (the layout stays): the next set_map folds the new values.
-    c.layer->weight.mul_(0.5).add_(0.25);
-    c.layer->bias.add_(1.0);
-    c.map_weight.mul_(-2.0);
-    ASSERT_TRUE(fold.ready(*c.layer, torch::kCPU));
-    fold.set_map(*c.layer, c.map_weight, c.map_bias);
-    const auto expected = c.unfolded();
-    EXPECT_TRUE(all_close("folded after an in-place change",
-                          fold.forward(torch::cat({c.u, c.a}, -1)), expected,
-                          test::scaled_tol(expected, 1e-6)));
-    EXPECT_THROW(fold.set_map(*c.layer, c.map_weight.narrow(0, 0, 3), c.map_bias), c10::Error);
-    EXPECT_THROW(fold.set_map(*c.layer, c.map_weight, torch::Tensor()), c10::Error);
+    ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias));
+    auto ready = [&] { return fold.ready(*c.layer, c.map_weight, c.map_bias, torch::kCPU); };
+    // Each of the four tensors changed in place (the layout stays) makes the fold stale, and
+    // another fold() folds the new values.
+    const std::vector<std::function<void()>> changes = {
+        [&] { c.layer->weight.mul_(0.5).add_(0.25); }, [&] { c.layer->bias.add_(1.0); },
+        [&] { c.map_weight.mul_(-2.0); }, [&] { c.map_bias.sub_(0.5); }};
+    for (size_t i = 0; i < changes.size(); ++i) {
+        changes[i]();
+        EXPECT_FALSE(ready()) << "change " << i;
+        ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias)) << "change " << i;
+        EXPECT_TRUE(ready()) << "change " << i;
+        const auto expected = c.unfolded();
+        EXPECT_TRUE(all_close("folded again after change " + std::to_string(i),
+                              fold.forward(*c.layer, torch::cat({c.u, c.a}, -1)), expected,
+                              test::scaled_tol(expected, 1e-6)));
+    }
+    // Other tensors of the same shapes are not the ones folded.
+    EXPECT_FALSE(fold.ready(*c.layer, c.map_weight.clone(), c.map_bias, torch::kCPU));
+    EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias.clone(), torch::kCPU));
 }
 
 TEST(InputFold, DeclinesOrUndoes) {
     FoldCase c;
     torch::NoGradGuard no_grad;
     nn::InputFold fold;
-    EXPECT_FALSE(fold.prepare(*c.layer, 0, 4));
-    EXPECT_FALSE(fold.prepare(*c.layer, 3, 11));  // more mapped inputs than the layer has
+    EXPECT_FALSE(fold.fold(*c.layer, torch::randn({11, 3}), torch::randn({11})));  // > in
+    EXPECT_FALSE(fold.fold(*c.layer, c.map_weight, torch::randn({3})));
+    EXPECT_FALSE(fold.fold(*c.layer, c.map_weight.to(torch::kFloat64), c.map_bias));
     auto no_bias = make_lora_linear(10, 7, /*bias=*/false);
-    EXPECT_FALSE(fold.prepare(*no_bias, 3, 4));
-    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
-    // A replaced weight (a move, a LoRA fuse) undoes the layout; set_map then refuses.
+    EXPECT_FALSE(fold.fold(*no_bias, c.map_weight, c.map_bias));
+    EXPECT_TRUE(c.layer->weight.is_contiguous());  // none of the above laid it out
+    ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias));
+    EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::Device(torch::kCUDA, 0)));
+    // A replaced weight (a move, a LoRA fuse) undoes the fold, and the fold does not keep the
+    // old buffer alive.
+    const auto old_buffer = c.layer->weight.storage().getWeakStorageImpl();
     c.layer->weight.set_data(c.layer->weight.detach().clone());
-    EXPECT_FALSE(fold.ready(*c.layer, torch::kCPU));
-    EXPECT_THROW(fold.set_map(*c.layer, c.map_weight, c.map_bias), c10::Error);
-    ASSERT_TRUE(fold.prepare(*c.layer, 3, 4));
-    EXPECT_FALSE(fold.ready(*c.layer, torch::Device(torch::kCUDA, 0)));
+    EXPECT_TRUE(old_buffer.expired());
+    EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::kCPU));
+    EXPECT_THROW(fold.forward(*c.layer, torch::cat({c.u, c.a}, -1)), c10::Error);
+    ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias));
+    EXPECT_TRUE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::kCPU));
     // An unmerged LoRA adapter that contributes: the layer must run its own forward.
     auto* lora = dynamic_cast<LoraLinearImpl*>(c.layer.get());
     ASSERT_NE(lora, nullptr);
     lora->add_adapter("style", torch::randn({2, 10}), torch::randn({7, 2}), /*alpha=*/2.0);
-    EXPECT_FALSE(fold.ready(*c.layer, torch::kCPU));
+    EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::kCPU));
 }
 
 }  // namespace

@@ -77,11 +77,14 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // level's resized image embeddings (effnet_embd channels) instead of the mapped ones
     // (c_cond), with the two weights multiplied together. This stores each such layer's weight
     // with effnet_embd spare columns in front of it (the parameters keep their names, shapes
-    // and values; extra memory effnet_embd / (c + c_skip) of those weights), and map_condition
-    // then fills them in for the call's weights and maps nothing per level: at the real sizes
-    // a decoder step does about a sixth less arithmetic. Like the packing above it is undone by
-    // anything that replaces those weights, and map_condition then maps per level. The loaders
-    // and pipelines call it unless offloading. Returns whether every such block is folded.
+    // and values; extra memory effnet_embd / (c + c_skip) of those weights) and writes the
+    // products there: at the real sizes a decoder step does about a sixth less arithmetic.
+    // map_condition and forward only read them, and use them while those weights and the
+    // mappers' are the ones folded (the same tensors, not changed in place since); otherwise
+    // map_condition maps per level, until this runs again. Like the packing above, anything that
+    // replaces the weights undoes it. The loaders and pipelines call it unless offloading; call
+    // it again after changing the weights in place, and not while the model runs. Returns
+    // whether every such block is folded (a no-op for those already folded).
     bool fold_effnet_mappers();
 
     // Sequential offload: every block of down_blocks then up_blocks (level samplers included) in

@@ -153,74 +153,99 @@ torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
 
 // ---------------------------------------------------------------------------- InputFold
 
-bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {
-    const torch::Tensor& w = layer.weight;
-    const torch::Tensor& b = layer.bias;
-    if (!storage_.defined() || !w.defined() || !b.defined() || w.dim() != 2) return false;
-    const int64_t out = storage_.size(0);
-    const int64_t in = storage_.size(1) - width_;
-    // The weight is columns width_.. of storage_; the bias matches it.
-    return w.is_alias_of(storage_) && w.sizes() == c10::IntArrayRef({out, in}) &&
-           w.strides() == c10::IntArrayRef({width_ + in, 1}) &&
-           static_cast<const char*>(w.data_ptr()) ==
-               static_cast<const char*>(storage_.data_ptr()) + width_ * storage_.element_size() &&
-           w.scalar_type() == storage_.scalar_type() && has_shape(b, {out}) &&
-           b.scalar_type() == storage_.scalar_type() && b.device() == storage_.device();
+namespace {
+
+// A tensor's data and version: a replaced tensor has other data, one changed in place (through
+// itself or a view) a later version.
+bool same_as_seen(const torch::Tensor& t, const void* data, uint32_t version) {
+    return t.defined() && t.data_ptr() == data && t._version() == version;
 }
 
-bool InputFold::ready(const torch::nn::LinearImpl& layer, const torch::Device& device) const {
-    if (!laid_out(layer) || storage_.device() != device || lora_contributes(layer)) return false;
+}  // namespace
+
+bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {
+    const torch::Tensor& w = layer.weight;
+    if (!w.defined() || w.dim() != 2 || w.size(1) != in_ || !w.has_storage()) return false;
+    const auto storage = storage_.lock();
+    return storage && w.storage().unsafeGetStorageImpl() == storage.get() &&
+           w.storage_offset() == width_ && w.strides() == c10::IntArrayRef({width_ + in_, 1});
+}
+
+torch::Tensor InputFold::whole(const torch::nn::LinearImpl& layer) const {
+    const torch::Tensor w = layer.weight.detach();
+    return w.as_strided({w.size(0), width_ + in_}, {width_ + in_, 1}, 0);
+}
+
+bool InputFold::current(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+                        const torch::Tensor& map_bias) const {
+    return laid_out(layer) && bias_.defined() &&
+           same_as_seen(layer.weight, weight_.data, weight_.version) &&
+           same_as_seen(layer.bias, bias_in_.data, bias_in_.version) &&
+           same_as_seen(map_weight, map_weight_.data, map_weight_.version) &&
+           same_as_seen(map_bias, map_bias_.data, map_bias_.version);
+}
+
+bool InputFold::ready(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+                      const torch::Tensor& map_bias, const torch::Device& device) const {
     const torch::Tensor& w = layer.weight;
     const torch::Tensor& b = layer.bias;
+    if (!current(layer, map_weight, map_bias) || w.device() != device || lora_contributes(layer))
+        return false;
     return !(at::GradMode::is_enabled() && (w.requires_grad() || b.requires_grad()));
 }
 
-bool InputFold::prepare(torch::nn::LinearImpl& layer, int64_t width, int64_t mapped) {
+bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+                     const torch::Tensor& map_bias) {
     const torch::Tensor& w = layer.weight;
-    if (!w.defined() || w.dim() != 2 || !layer.bias.defined() || width <= 0 || mapped <= 0 ||
-        mapped > w.size(1) || !has_shape(layer.bias, {w.size(0)}) ||
-        layer.bias.scalar_type() != w.scalar_type() || layer.bias.device() != w.device())
+    const torch::Tensor& b = layer.bias;
+    if (!w.defined() || w.dim() != 2 || !has_shape(b, {w.size(0)}) || !map_weight.defined() ||
+        map_weight.dim() != 2 || !has_shape(map_bias, {map_weight.size(0)}))
         return false;
-    if (width == width_ && mapped == mapped_ && laid_out(layer)) return true;
-    // set_data refuses inference tensors: the storage is made outside InferenceMode.
+    const int64_t mapped = map_weight.size(0), width = map_weight.size(1);
+    if (mapped > w.size(1) || width <= 0) return false;
+    for (const auto* t : {&b, &map_weight, &map_bias})
+        if (t->scalar_type() != w.scalar_type() || t->device() != w.device()) return false;
+    if (width == width_ && mapped == mapped_ && current(layer, map_weight, map_bias)) return true;
+    // set_data refuses inference tensors: the buffer is made outside InferenceMode.
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;
     const int64_t in = w.size(1);
-    auto storage = at::zeros({w.size(0), width + in}, w.options());
-    auto weight = storage.narrow(1, width, in);
-    weight.copy_(w);
-    layer.weight.set_data(weight);
-    storage_ = storage;
-    bias_ = at::empty({w.size(0)}, w.options());
-    width_ = width;
+    if (width != width_ || !laid_out(layer)) {
+        auto storage = at::empty({w.size(0), width + in}, w.options());
+        storage.narrow(1, width, in).copy_(w);
+        layer.weight.set_data(storage.narrow(1, width, in));
+        storage_ = storage.storage().getWeakStorageImpl();
+        width_ = width;
+        in_ = in;
+    }
     mapped_ = mapped;
-    map_set_ = false;
+    // W_m: the weight's last `mapped` columns. The products go to the spare columns (row
+    // stride width + in) and the fold's bias; in float32 for half / bfloat16 on the CPU, which
+    // libtorch 1.13 cannot multiply in half precision.
+    const bool widen =
+        w.is_cpu() && w.scalar_type() != torch::kFloat32 && w.scalar_type() != torch::kFloat64;
+    auto operand = [&](const torch::Tensor& t) {
+        return widen ? t.detach().to(torch::kFloat32) : t.detach();
+    };
+    const auto w_m = operand(layer.weight.narrow(1, in - mapped, mapped));
+    auto spare = whole(layer).narrow(1, 0, width);
+    if (widen)
+        spare.copy_(at::mm(w_m, operand(map_weight)));
+    else
+        at::mm_out(spare, w_m, map_weight.detach());
+    bias_ = at::addmv(operand(b), w_m, operand(map_bias)).to(w.scalar_type());
+    // Noted after the writes above (a view of the weight shares its version counter).
+    weight_ = {layer.weight.data_ptr(), layer.weight._version()};
+    bias_in_ = {b.data_ptr(), b._version()};
+    map_weight_ = {map_weight.data_ptr(), map_weight._version()};
+    map_bias_ = {map_bias.data_ptr(), map_bias._version()};
     return true;
 }
 
-void InputFold::set_map(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
-                        const torch::Tensor& map_bias) {
-    TORCH_CHECK(ready(layer, map_weight.device()),
-                "InputFold::set_map: the layer is not folded on ", map_weight.device());
-    TORCH_CHECK(map_weight.dim() == 2 && map_weight.size(0) == mapped_ &&
-                    map_weight.size(1) == width_ && has_shape(map_bias, {mapped_}),
-                "InputFold::set_map: expected a [", mapped_, ", ", width_, "] map and [", mapped_,
-                "] bias, got ", map_weight.sizes(), " and ",
-                map_bias.defined() ? c10::str(map_bias.sizes()) : std::string("none"));
-    torch::NoGradGuard no_grad;
-    // W_m: the weight's last mapped_ columns, [out, mapped_].
-    const auto w_m = layer.weight.detach().narrow(1, layer.weight.size(1) - mapped_, mapped_);
-    // Straight into the spare columns (row stride width_ + in) and the fold's bias.
-    auto spare = storage_.narrow(1, 0, width_);
-    at::mm_out(spare, w_m, map_weight.to(w_m.scalar_type()));
-    at::addmv_out(bias_, layer.bias.detach(), w_m, map_bias.to(w_m.scalar_type()));
-    map_set_ = true;
-}
-
-torch::Tensor InputFold::forward(const torch::Tensor& x) const {
-    TORCH_CHECK(map_set_, "InputFold::forward: set_map has not run");
-    const int64_t in = storage_.size(1) - width_;
-    return linear_forward(x, storage_.narrow(1, 0, width_ + in - mapped_), bias_);
+torch::Tensor InputFold::forward(const torch::nn::LinearImpl& layer, const torch::Tensor& x) const {
+    TORCH_CHECK(laid_out(layer) && bias_.defined(), "InputFold::forward: the layer is not folded");
+    // [u, a]: the spare columns and the weight's first in - mapped columns.
+    return linear_forward(x, whole(layer).narrow(1, 0, width_ + in_ - mapped_), bias_);
 }
 
 }  // namespace wuerstchen::nn

@@ -14,6 +14,7 @@
 // another device or dtype, a LoRA fuse, sequential offload's swaps) unpacks it, and ready() then
 // says no, so the caller maps per layer as before. A group holds no tensors of its own.
 
+#include <c10/util/intrusive_ptr.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/types.h>
 
@@ -67,43 +68,53 @@ private:
     std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
 };
 
-// A Linear layer whose last `mapped` input features are, for a whole call, an affine map
+// A Linear layer whose last `mapped` input features are, for whole calls, an affine map
 // M u + m of a narrower input u ([..., width]). The decoder's residual blocks read their level's
 // image embeddings that way: a 1x1 convolution maps 16 channels to the 1024 that the block's
 // first channelwise layer takes next to its own. Since W [a ; M u + m] + b equals
 // [W_m M | W_a] [u ; a] + (b + W_m m), with W_m the weight's last `mapped` columns and W_a the
 // others, the layer can read u instead: a product over width + in - mapped features, not in.
 //
-// prepare() lays the weight out with `width` spare columns in front of it (the parameter views
-// the rest: same name, shape and values), set_map() writes W_m M into them and b + W_m m into
-// the fold's own bias, and forward() is one product over [u, a]. set_map() reads the weights
-// each time, so a call that maps first never sees a fold older than the weights. As with
-// LinearGroup, anything that replaces the weight's tensor undoes the layout, and ready() then
-// says no.
+// fold() lays the weight out with `width` spare columns in front of it (the parameter views the
+// rest of one buffer: same name, shape and values), writes W_m M into them and b + W_m m into
+// the fold's own bias, and notes the version of each tensor it read. ready() holds while the
+// layout and those versions do: a weight replaced (a move, a LoRA fuse) or changed in place
+// since (through the tensor or a view of it) makes it say no, and the caller maps u itself
+// until fold() runs again. The fold holds no reference to the weight's buffer, so a replaced
+// weight's memory is freed as usual. Only fold() writes; ready() and forward() only read.
 class InputFold {
 public:
-    // Lays out layer's weight as above, unless ready() already holds; returns whether it is laid
-    // out. Does nothing (and returns false) for a layer without bias, or unless
-    // 0 < mapped <= in and width > 0.
-    bool prepare(torch::nn::LinearImpl& layer, int64_t width, int64_t mapped);
-    // forward() may run for input on `device`: the weight is this fold's layout there, no
+    // map_weight: [mapped, width] (M), map_bias: [mapped] (m), on the layer's device. Folds, or
+    // does nothing (writes nothing) when already folded for these tensors and none changed
+    // since. Returns false (and changes nothing) for a layer without bias, differing devices or
+    // dtypes, or shapes that do not fit.
+    bool fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+              const torch::Tensor& map_bias);
+    // forward() may run for input on `device`: folded for these tensors, unchanged since, no
     // unmerged LoRA adapter contributes, and no gradient is wanted for the weights.
-    bool ready(const torch::nn::LinearImpl& layer, const torch::Device& device) const;
-    // map_weight: [mapped, width], map_bias: [mapped] (M and m). Only when ready().
-    void set_map(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
-                 const torch::Tensor& map_bias);
-    // x: [..., width + in - mapped] = [u, a] -> [..., out]. Only after set_map().
-    torch::Tensor forward(const torch::Tensor& x) const;
-
-    int64_t width() const { return width_; }
+    bool ready(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+               const torch::Tensor& map_bias, const torch::Device& device) const;
+    // x: [..., width + in - mapped] = [u, a] -> [..., out]. Only when ready().
+    torch::Tensor forward(const torch::nn::LinearImpl& layer, const torch::Tensor& x) const;
 
 private:
-    bool laid_out(const torch::nn::LinearImpl& layer) const;  // layer's weight views storage_
+    bool laid_out(const torch::nn::LinearImpl& layer) const;  // the weight views our buffer
+    // Laid out and folded for these tensors, none of them changed since.
+    bool current(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
+                 const torch::Tensor& map_bias) const;
+    // The weight's buffer as [out, width + in] (spare columns first). Only when laid_out().
+    torch::Tensor whole(const torch::nn::LinearImpl& layer) const;
 
-    torch::Tensor storage_;  // [out, width + in]: the spare columns, then the weight
-    torch::Tensor bias_;     // [out]: b + W_m m
-    int64_t width_ = 0, mapped_ = 0;
-    bool map_set_ = false;
+    // The weight's buffer, not kept alive (null until fold()).
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
+    int64_t width_ = 0, in_ = 0, mapped_ = 0;
+    torch::Tensor bias_;  // [out]: b + W_m m
+    // What fold() read, to tell whether it still holds.
+    struct Seen {
+        const void* data = nullptr;
+        uint32_t version = 0;
+    };
+    Seen weight_, bias_in_, map_weight_, map_bias_;
 };
 
 }  // namespace wuerstchen::nn
