@@ -487,11 +487,16 @@ TEST(InputFold, InPlaceChangesNeedAnotherFold) {
     const std::vector<std::function<void()>> changes = {
         [&] { c.layer->weight.mul_(0.5).add_(0.25); }, [&] { c.layer->bias.add_(1.0); },
         [&] { c.map_weight.mul_(-2.0); }, [&] { c.map_bias.sub_(0.5); }};
+    // The folds write in place: a CUDA graph captured after the first reads the same memory.
+    const void* weight_data = c.layer->weight.data_ptr();
+    const void* bias_data = fold.bias().data_ptr();
     for (size_t i = 0; i < changes.size(); ++i) {
         changes[i]();
         EXPECT_FALSE(ready()) << "change " << i;
         ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias)) << "change " << i;
         EXPECT_TRUE(ready()) << "change " << i;
+        EXPECT_EQ(c.layer->weight.data_ptr(), weight_data) << "change " << i;
+        EXPECT_EQ(fold.bias().data_ptr(), bias_data) << "change " << i;
         const auto expected = c.unfolded();
         EXPECT_TRUE(all_close("folded again after change " + std::to_string(i),
                               fold.forward(*c.layer, torch::cat({c.u, c.a}, -1)), expected,

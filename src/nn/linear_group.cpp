@@ -233,7 +233,13 @@ bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weig
         spare.copy_(at::mm(w_m, operand(map_weight)));
     else
         at::mm_out(spare, w_m, map_weight.detach());
-    bias_ = at::addmv(operand(b), w_m, operand(map_bias)).to(w.scalar_type());
+    // The same bias tensor on every fold of one layout: a CUDA graph captured after an earlier
+    // fold reads it (and the spare columns) at its address, and the weights' fingerprint, which
+    // would drop such graphs, does not change with values written in place.
+    if (!bias_.defined() || !bias_.is_same_size(b) || bias_.scalar_type() != w.scalar_type() ||
+        bias_.device() != w.device())
+        bias_ = at::empty_like(b, at::MemoryFormat::Contiguous);
+    bias_.copy_(at::addmv(operand(b), w_m, operand(map_bias)));
     // Noted after the writes above (a view of the weight shares its version counter).
     weight_ = {layer.weight.data_ptr(), layer.weight._version()};
     bias_in_ = {b.data_ptr(), b._version()};

@@ -96,6 +96,8 @@ public:
                const torch::Tensor& map_bias, const torch::Device& device) const;
     // x: [..., width + in - mapped] = [u, a] -> [..., out]. Only when ready().
     torch::Tensor forward(const torch::nn::LinearImpl& layer, const torch::Tensor& x) const;
+    // The folded bias b + W_m m: one tensor, written in place by every fold() of one layout.
+    const torch::Tensor& bias() const { return bias_; }
 
 private:
     bool laid_out(const torch::nn::LinearImpl& layer) const;  // the weight views our buffer
