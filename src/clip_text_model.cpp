@@ -1,6 +1,8 @@
 #include "wuerstchen/clip_text_model.h"
 
+#include <ATen/Dispatch.h>
 #include <torch/nn/functional/activation.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <limits>
@@ -49,8 +51,8 @@ struct CLIPAttentionImpl : torch::nn::Module {
         out_proj = register_module("out_proj", LoraLinear(dim, dim));
     }
 
-    // x: [B, L, D], allowed: [B or 1, 1, L, L] bool (true = may attend) -> [B, L, D]
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& allowed) {
+    // x: [B, L, D], mask: [B or 1, 1, L, L] from attention_mask_for() -> [B, L, D]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask) {
         const int64_t batch = x.size(0), length = x.size(1), dim = x.size(2);
         auto split = [&](const torch::Tensor& t) {
             return t.view({batch, length, heads, head_dim}).transpose(1, 2);  // [B, H, L, hd]
@@ -58,14 +60,20 @@ struct CLIPAttentionImpl : torch::nn::Module {
         const auto q = split(q_proj(x));
         const auto k = split(k_proj(x));
         const auto v = split(v_proj(x));
-        const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+#if TORCH_VERSION_MAJOR >= 2
+        // softmax(q k^T / sqrt(hd) + mask) v in one call; the fused kernels keep the scores in
+        // float32 (transformers' default "sdpa" attention makes the same call).
+        const auto attended = at::scaled_dot_product_attention(q, k, v, mask);
+#else
         // Scores and softmax in fp32 (transformers' eager path softmaxes in fp32 as well); the
         // lowest finite value instead of -inf keeps a fully masked row finite.
+        const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
         auto scores = torch::matmul(q, k.transpose(-2, -1)).to(torch::kFloat32) * scale;
-        scores = scores.masked_fill(allowed.logical_not(), std::numeric_limits<float>::lowest());
+        scores = scores.masked_fill(mask, std::numeric_limits<float>::lowest());
         const auto probs = torch::softmax(scores, -1).to(x.scalar_type());
-        const auto out = torch::matmul(probs, v).transpose(1, 2).reshape({batch, length, dim});
-        return out_proj(out);
+        const auto attended = torch::matmul(probs, v);
+#endif
+        return out_proj(attended.transpose(1, 2).reshape({batch, length, dim}));
     }
 
     int64_t heads, head_dim;
@@ -107,8 +115,8 @@ struct CLIPTextModelImpl::Layer : torch::nn::Module {
     }
 
     // x: [B, L, D] -> [B, L, D]
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& allowed) {
-        auto h = x + self_attn(layer_norm1(x), allowed);
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask) {
+        auto h = x + self_attn(layer_norm1(x), mask);
         return h + mlp(layer_norm2(h));
     }
 
@@ -142,6 +150,37 @@ CLIPTextModelImpl::CLIPTextModelImpl(const CLIPTextConfig& config) : config_(con
         "final_layer_norm", make_layer_norm(config_.hidden_size, config_.layer_norm_eps));
 }
 
+torch::Tensor CLIPTextModelImpl::attention_mask_for(const torch::Tensor& attention_mask,
+                                                    int64_t batch, int64_t length,
+                                                    torch::ScalarType dtype) const {
+    // The causal mask combined with the padding mask over keys, [B or 1, 1, L, L], made once for
+    // all layers.
+    const auto device = token_embedding_->weight.device();
+    const auto bool_options = torch::TensorOptions().dtype(torch::kBool).device(device);
+    auto hidden_keys =
+        torch::ones({length, length}, bool_options).triu(1).view({1, 1, length, length});
+    if (attention_mask.defined())
+        hidden_keys =
+            hidden_keys.logical_or(attention_mask.to(device).eq(0).view({batch, 1, 1, length}));
+#if TORCH_VERSION_MAJOR >= 2
+    // Additive, in the model's dtype: 0 where a key is seen, the lowest finite value where it is
+    // hidden (a fully hidden row stays finite, as on the eager path). Rows padded to a multiple
+    // of 16 elements, so the memory-efficient CUDA kernel takes the mask without padding it
+    // again in every layer.
+    const int64_t padded = (length + 15) / 16 * 16;
+    const double lowest = AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, dtype, "clip_attention_mask",
+        [] { return static_cast<double>(std::numeric_limits<scalar_t>::lowest()); });
+    return at::zeros({hidden_keys.size(0), 1, length, padded},
+                     torch::TensorOptions().dtype(dtype).device(device))
+        .narrow(-1, 0, length)
+        .masked_fill_(hidden_keys, lowest);
+#else
+    (void)dtype;
+    return hidden_keys;  // true where a key is hidden from the query
+#endif
+}
+
 CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
                                           const torch::Tensor& attention_mask,
                                           bool output_hidden_states) {
@@ -164,19 +203,12 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
         torch::arange(length, torch::TensorOptions().dtype(torch::kInt64).device(device));
     auto hidden = token_embedding_(ids) + position_embedding_(positions).unsqueeze(0);
 
-    // Causal mask combined with the padding mask over keys: [B or 1, 1, L, L].
-    const auto bool_options = torch::TensorOptions().dtype(torch::kBool).device(device);
-    auto allowed = torch::ones({length, length}, bool_options).tril().view({1, 1, length, length});
-    if (attention_mask.defined()) {
-        const auto keys = attention_mask.to(device).ne(0).view({batch, 1, 1, length});
-        allowed = allowed.logical_and(keys);
-    }
-
+    const auto mask = attention_mask_for(attention_mask, batch, length, hidden.scalar_type());
     CLIPTextOutput out;
     for (const auto& module : *layers_) {
         if (output_hidden_states) out.hidden_states.push_back(hidden);
         hidden = run_unit(block_hook, *module,
-                          [&] { return module->as<Layer>()->forward(hidden, allowed); });
+                          [&] { return module->as<Layer>()->forward(hidden, mask); });
     }
     if (output_hidden_states) out.hidden_states.push_back(hidden);
     out.last_hidden_state = final_layer_norm_(hidden);

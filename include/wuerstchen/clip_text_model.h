@@ -44,6 +44,11 @@ struct CLIPTextModelImpl : torch::nn::Module {
 private:
     CLIPTextConfig config_;
     struct Layer;  // CLIPEncoderLayer, defined in the .cpp
+    // The attention mask every layer reads: the causal mask with attention_mask's padded keys
+    // (when given) hidden, [B or 1, 1, L, L]. On libtorch 2.x additive in `dtype` (0 or the
+    // lowest finite value), for scaled_dot_product_attention; before, bool (true = hidden).
+    torch::Tensor attention_mask_for(const torch::Tensor& attention_mask, int64_t batch,
+                                     int64_t length, torch::ScalarType dtype) const;
     // Plain containers that only give the keys their transformers prefixes:
     // embeddings.{token,position}_embedding, encoder.layers.N.
     std::shared_ptr<torch::nn::Module> embeddings_;
