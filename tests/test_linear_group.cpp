@@ -516,6 +516,10 @@ TEST(InputFold, DeclinesOrUndoes) {
     EXPECT_FALSE(fold.fold(*c.layer, c.map_weight.to(torch::kFloat64), c.map_bias));
     auto no_bias = make_lora_linear(10, 7, /*bias=*/false);
     EXPECT_FALSE(fold.fold(*no_bias, c.map_weight, c.map_bias));
+    {
+        c10::InferenceMode guard;  // inference tensors cannot show a later change
+        EXPECT_FALSE(fold.fold(*c.layer, torch::randn({4, 3}), c.map_bias));
+    }
     EXPECT_TRUE(c.layer->weight.is_contiguous());  // none of the above laid it out
     ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias));
     EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias, torch::Device(torch::kCUDA, 0)));

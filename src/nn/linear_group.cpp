@@ -158,7 +158,7 @@ namespace {
 // A tensor's data and version: a replaced tensor has other data, one changed in place (through
 // itself or a view) a later version.
 bool same_as_seen(const torch::Tensor& t, const void* data, uint32_t version) {
-    return t.defined() && t.data_ptr() == data && t._version() == version;
+    return t.defined() && !t.is_inference() && t.data_ptr() == data && t._version() == version;
 }
 
 }  // namespace
@@ -205,6 +205,9 @@ bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weig
     if (mapped > w.size(1) || width <= 0) return false;
     for (const auto* t : {&b, &map_weight, &map_bias})
         if (t->scalar_type() != w.scalar_type() || t->device() != w.device()) return false;
+    // Inference tensors (made under InferenceMode) have no version to tell a change by.
+    for (const auto* t : {&w, &b, &map_weight, &map_bias})
+        if (t->is_inference()) return false;
     if (width == width_ && mapped == mapped_ && current(layer, map_weight, map_bias)) return true;
     // set_data refuses inference tensors: the buffer is made outside InferenceMode.
     c10::InferenceMode not_inference(/*enabled=*/false);
