@@ -371,8 +371,10 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                               .chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };
-        const auto graph_key =
-            graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
+        auto graph_key = graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
+        // The folded and the mapped forms of the image embeddings run different blocks' code
+        // (and can have the same shapes): one graph each.
+        if (graph_key && condition.effnet_folded) *graph_key += "|effnet folded";
         // Every step's timestep and schedule factors at once, on the device.
         const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device);
         for (int i = 0; i < plan.steps(); ++i) {
