@@ -65,8 +65,7 @@ struct CLIPAttentionImpl : torch::nn::Module {
         // float32 (transformers' default "sdpa" attention makes the same call).
         const auto attended = at::scaled_dot_product_attention(q, k, v, mask);
 #else
-        // Scores and softmax in fp32 (transformers' eager path softmaxes in fp32 as well); the
-        // lowest finite value instead of -inf keeps a fully masked row finite.
+        // Scores and softmax in fp32 (transformers' eager path softmaxes in fp32 as well).
         const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
         auto scores = torch::matmul(q, k.transpose(-2, -1)).to(torch::kFloat32) * scale;
         scores = scores.masked_fill(mask, std::numeric_limits<float>::lowest());
@@ -159,14 +158,19 @@ torch::Tensor CLIPTextModelImpl::attention_mask_for(const torch::Tensor& attenti
     const auto bool_options = torch::TensorOptions().dtype(torch::kBool).device(device);
     auto hidden_keys =
         torch::ones({length, length}, bool_options).triu(1).view({1, 1, length, length});
-    if (attention_mask.defined())
+    if (attention_mask.defined()) {
         hidden_keys =
             hidden_keys.logical_or(attention_mask.to(device).eq(0).view({batch, 1, 1, length}));
+        // A query whose every key is hidden (before the first unmasked token, with left padding)
+        // sees all keys instead, as transformers does for its default attention: fused kernels
+        // give NaN for a fully hidden row, which later layers would spread to every position.
+        // Later queries never read such a row (its key stays hidden from them).
+        hidden_keys = hidden_keys.logical_and(hidden_keys.all(-1, /*keepdim=*/true).logical_not());
+    }
 #if TORCH_VERSION_MAJOR >= 2
     // Additive, in the model's dtype: 0 where a key is seen, the lowest finite value where it is
-    // hidden (a fully hidden row stays finite, as on the eager path). Rows padded to a multiple
-    // of 16 elements, so the memory-efficient CUDA kernel takes the mask without padding it
-    // again in every layer.
+    // hidden. Rows padded to a multiple of 16 elements, so the memory-efficient CUDA kernel
+    // takes the mask without padding it again in every layer.
     const int64_t padded = (length + 15) / 16 * 16;
     const double lowest = AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "clip_attention_mask",

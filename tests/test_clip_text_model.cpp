@@ -92,6 +92,26 @@ TEST(CLIPTextModel, PoolerTakesFirstEos) {
                                 out.last_hidden_state.slice(1, 0, 3), 1e-6));
 }
 
+TEST(CLIPTextModel, LeftPaddingStaysFiniteAndHidden) {
+    auto model =
+        load_clip_text_model(test::data_path("tiny-wuerstchen/text_encoder"), LoadOptions{});
+    const int64_t eos = model->config().eos_token_id;
+    // Two padded positions in front: their queries have no visible key.
+    const auto mask =
+        torch::tensor({int64_t{0}, int64_t{0}, int64_t{1}, int64_t{1}, int64_t{1}}).view({1, 5});
+    const auto ids = torch::tensor({int64_t{5}, int64_t{9}, int64_t{623}, int64_t{71}, eos});
+    torch::NoGradGuard no_grad;
+    const auto out = model->forward(ids.view({1, 5}), mask).last_hidden_state;
+    EXPECT_TRUE(out.isfinite().all().item<bool>());
+    // Other ids at the padded positions change nothing after them: those keys stay hidden.
+    auto other = ids.clone();
+    other[0] = 17;
+    other[1] = 3;
+    const auto changed = model->forward(other.view({1, 5}), mask).last_hidden_state;
+    EXPECT_TRUE(
+        test::all_close("left padding hidden", changed.slice(1, 2, 5), out.slice(1, 2, 5), 1e-6));
+}
+
 TEST(CLIPTextModel, RejectsBadInputsAndConfig) {
     CLIPTextConfig config;
     config.vocab_size = 10;
