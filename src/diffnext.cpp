@@ -260,14 +260,14 @@ bool WuerstchenDiffNeXtImpl::pack_attention_projections() {
     return nn::pack_attention_projections(offload_units());
 }
 
-bool WuerstchenDiffNeXtImpl::fold_effnet_mappers() {
+bool WuerstchenDiffNeXtImpl::fold_effnet_mappers(bool again) {
     const auto blocks = effnet_blocks(down_blocks, up_blocks);
     bool all = !blocks.empty();
     for (const auto& [index, res] : blocks) {
         const auto& mapper = effnet_mapper_list.at(index);
         if (!mapper) return false;
         const auto [m, b] = mapper_matrix(mapper);
-        all = res->effnet_fold.fold(*res->channelwise->fc1, m, b) && all;
+        all = res->effnet_fold.fold(*res->channelwise->fc1, m, b, again) && all;
     }
     return all;
 }

@@ -131,6 +131,23 @@ TEST(DiffNeXt, FoldedEffnetMappersGiveTheSameForward) {
                                     test::scaled_tol(expected, 1e-6)));
     };
     expect_same("as loaded");
+    // Any one of the folded tensors changed in place: map_condition maps per level.
+    // (down_blocks.1.1 is level 1's first residual block, which reads mapper 1.)
+    for (const std::string& name :
+         {"down_blocks.1.1.channelwise.0.weight", "down_blocks.1.1.channelwise.0.bias",
+          "effnet_mappers.1.weight", "effnet_mappers.1.bias"}) {
+        const auto params = folded->named_parameters();
+        const auto* p = params.find(name);
+        ASSERT_NE(p, nullptr) << name;
+        {
+            torch::NoGradGuard no_grad;
+            torch::Tensor(*p).add_(0.0);  // a write, with the same values
+        }
+        c10::InferenceMode guard;
+        EXPECT_FALSE(folded->map_condition(effnet, clip, h, w).effnet_folded) << name;
+        ASSERT_TRUE(folded->fold_effnet_mappers()) << name;
+        EXPECT_TRUE(folded->map_condition(effnet, clip, h, w).effnet_folded) << name;
+    }
     // Weights changed in place after the fold: map_condition maps per level until they are
     // folded again.
     for (auto* model : {&folded, &plain}) {

@@ -502,6 +502,15 @@ TEST(InputFold, InPlaceChangesNeedAnotherFold) {
                               fold.forward(*c.layer, torch::cat({c.u, c.a}, -1)), expected,
                               test::scaled_tol(expected, 1e-6)));
     }
+    // A write through data() (its own version counter) is not seen; folding again is.
+    c.map_weight.data().mul_(3.0);
+    EXPECT_TRUE(ready());
+    ASSERT_TRUE(fold.fold(*c.layer, c.map_weight, c.map_bias, /*again=*/true));
+    const auto expected = c.unfolded();
+    EXPECT_TRUE(all_close("folded again after a write through data()",
+                          fold.forward(*c.layer, torch::cat({c.u, c.a}, -1)), expected,
+                          test::scaled_tol(expected, 1e-6)));
+    EXPECT_EQ(fold.bias().data_ptr(), bias_data);
     // Other tensors of the same shapes are not the ones folded.
     EXPECT_FALSE(fold.ready(*c.layer, c.map_weight.clone(), c.map_bias, torch::kCPU));
     EXPECT_FALSE(fold.ready(*c.layer, c.map_weight, c.map_bias.clone(), torch::kCPU));

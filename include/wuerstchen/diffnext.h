@@ -83,9 +83,11 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // mappers' are the ones folded (the same tensors, not changed in place since); otherwise
     // map_condition maps per level, until this runs again. Like the packing above, anything that
     // replaces the weights undoes it. The loaders and pipelines call it unless offloading; call
-    // it again after changing the weights in place, and not while the model runs. Returns
-    // whether every such block is folded (a no-op for those already folded).
-    bool fold_effnet_mappers();
+    // it again after changing the weights in place, and not while the model runs. Writes that
+    // no version counter sees (through Tensor::data() or a raw pointer) need `again`, which
+    // makes every product anew. Returns whether every such block is folded (without `again`, a
+    // no-op for those already folded).
+    bool fold_effnet_mappers(bool again = false);
 
     // Sequential offload: every block of down_blocks then up_blocks (level samplers included) in
     // execution order; forward calls block_hook around each when it is set.

@@ -153,15 +153,21 @@ torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
 
 // ---------------------------------------------------------------------------- InputFold
 
-namespace {
-
-// A tensor's data and version: a replaced tensor has other data, one changed in place (through
-// itself or a view) a later version.
-bool same_as_seen(const torch::Tensor& t, const void* data, uint32_t version) {
-    return t.defined() && !t.is_inference() && t.data_ptr() == data && t._version() == version;
+InputFold::Seen::Seen(const torch::Tensor& t) {
+    if (!t.defined() || t.is_inference() || !t.has_storage()) return;
+    storage = t.storage().getWeakStorageImpl();
+    data = t.data_ptr();
+    version = t._version();
 }
 
-}  // namespace
+bool InputFold::Seen::matches(const torch::Tensor& t) const {
+    // A replaced tensor has another buffer; one changed in place (through itself or a view) a
+    // later version.
+    if (!t.defined() || t.is_inference() || !t.has_storage()) return false;
+    const auto seen = storage.lock();
+    return seen && t.storage().unsafeGetStorageImpl() == seen.get() && t.data_ptr() == data &&
+           t._version() == version;
+}
 
 bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {
     const torch::Tensor& w = layer.weight;
@@ -178,11 +184,9 @@ torch::Tensor InputFold::whole(const torch::nn::LinearImpl& layer) const {
 
 bool InputFold::current(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
                         const torch::Tensor& map_bias) const {
-    return laid_out(layer) && bias_.defined() &&
-           same_as_seen(layer.weight, weight_.data, weight_.version) &&
-           same_as_seen(layer.bias, bias_in_.data, bias_in_.version) &&
-           same_as_seen(map_weight, map_weight_.data, map_weight_.version) &&
-           same_as_seen(map_bias, map_bias_.data, map_bias_.version);
+    return laid_out(layer) && bias_.defined() && weight_.matches(layer.weight) &&
+           bias_in_.matches(layer.bias) && map_weight_.matches(map_weight) &&
+           map_bias_.matches(map_bias);
 }
 
 bool InputFold::ready(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
@@ -195,7 +199,7 @@ bool InputFold::ready(const torch::nn::LinearImpl& layer, const torch::Tensor& m
 }
 
 bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
-                     const torch::Tensor& map_bias) {
+                     const torch::Tensor& map_bias, bool again) {
     const torch::Tensor& w = layer.weight;
     const torch::Tensor& b = layer.bias;
     if (!w.defined() || w.dim() != 2 || !has_shape(b, {w.size(0)}) || !map_weight.defined() ||
@@ -208,7 +212,8 @@ bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weig
     // Inference tensors (made under InferenceMode) have no version to tell a change by.
     for (const auto* t : {&w, &b, &map_weight, &map_bias})
         if (t->is_inference()) return false;
-    if (width == width_ && mapped == mapped_ && current(layer, map_weight, map_bias)) return true;
+    if (!again && width == width_ && mapped == mapped_ && current(layer, map_weight, map_bias))
+        return true;
     // set_data refuses inference tensors: the buffer is made outside InferenceMode.
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;
@@ -244,10 +249,10 @@ bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weig
         bias_ = at::empty_like(b, at::MemoryFormat::Contiguous);
     bias_.copy_(at::addmv(operand(b), w_m, operand(map_bias)));
     // Noted after the writes above (a view of the weight shares its version counter).
-    weight_ = {layer.weight.data_ptr(), layer.weight._version()};
-    bias_in_ = {b.data_ptr(), b._version()};
-    map_weight_ = {map_weight.data_ptr(), map_weight._version()};
-    map_bias_ = {map_bias.data_ptr(), map_bias._version()};
+    weight_ = Seen(layer.weight);
+    bias_in_ = Seen(b);
+    map_weight_ = Seen(map_weight);
+    map_bias_ = Seen(map_bias);
     return true;
 }
 

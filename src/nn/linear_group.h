@@ -86,10 +86,12 @@ class InputFold {
 public:
     // map_weight: [mapped, width] (M), map_bias: [mapped] (m), on the layer's device. Folds, or
     // does nothing (writes nothing) when already folded for these tensors and none changed
-    // since. Returns false (and changes nothing) for a layer without bias, differing devices or
-    // dtypes, or shapes that do not fit.
+    // since, unless `again`: then the products are made anew from the current values (for
+    // writes that no version counter sees, such as through Tensor::data() or a raw pointer).
+    // Returns false (and changes nothing) for a layer without bias, differing devices or
+    // dtypes, inference tensors, or shapes that do not fit.
     bool fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
-              const torch::Tensor& map_bias);
+              const torch::Tensor& map_bias, bool again = false);
     // forward() may run for input on `device`: folded for these tensors, unchanged since, no
     // unmerged LoRA adapter contributes, and no gradient is wanted for the weights.
     bool ready(const torch::nn::LinearImpl& layer, const torch::Tensor& map_weight,
@@ -111,10 +113,14 @@ private:
     c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
     int64_t width_ = 0, in_ = 0, mapped_ = 0;
     torch::Tensor bias_;  // [out]: b + W_m m
-    // What fold() read, to tell whether it still holds.
+    // What fold() read, to tell whether it still holds: the tensor's buffer (a weak reference
+    // keeps its StorageImpl's address from being reused for another buffer), data and version.
     struct Seen {
+        c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
         const void* data = nullptr;
         uint32_t version = 0;
+        explicit Seen(const torch::Tensor& t = {});
+        bool matches(const torch::Tensor& t) const;
     };
     Seen weight_, bias_in_, map_weight_, map_bias_;
 };
