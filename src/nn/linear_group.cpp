@@ -172,7 +172,8 @@ bool InputFold::Seen::matches(const torch::Tensor& t) const {
 bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {
     const torch::Tensor& w = layer.weight;
     if (!w.defined() || w.dim() != 2 || w.size(1) != in_ || !w.has_storage()) return false;
-    const auto storage = storage_.lock();
+    // The buffer fold() made: the weight's as fold() noted it.
+    const auto storage = weight_.storage.lock();
     return storage && w.storage().unsafeGetStorageImpl() == storage.get() &&
            w.storage_offset() == width_ && w.strides() == c10::IntArrayRef({width_ + in_, 1});
 }
@@ -222,7 +223,6 @@ bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weig
         auto storage = at::empty({w.size(0), width + in}, w.options());
         storage.narrow(1, width, in).copy_(w);
         layer.weight.set_data(storage.narrow(1, width, in));
-        storage_ = storage.storage().getWeakStorageImpl();
         width_ = width;
         in_ = in;
     }

@@ -109,12 +109,11 @@ private:
     // The weight's buffer as [out, width + in] (spare columns first). Only when laid_out().
     torch::Tensor whole(const torch::nn::LinearImpl& layer) const;
 
-    // The weight's buffer, not kept alive (null until fold()).
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
     int64_t width_ = 0, in_ = 0, mapped_ = 0;
     torch::Tensor bias_;  // [out]: b + W_m m
-    // What fold() read, to tell whether it still holds: the tensor's buffer (a weak reference
-    // keeps its StorageImpl's address from being reused for another buffer), data and version.
+    // What fold() read, to tell whether it still holds: the tensor's buffer (a weak reference:
+    // it keeps no memory alive, but the StorageImpl's address from being reused for another
+    // buffer), data and version. weight_'s buffer is the one fold() laid the weight out in.
     struct Seen {
         c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
         const void* data = nullptr;
