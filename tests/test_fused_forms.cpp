@@ -71,15 +71,19 @@ TEST(LinearForward, LoraLinearAddsItsBiasInTheProduct) {
     EXPECT_EQ(ops.at("aten::add_") + ops.at("aten::add"), 0);
 }
 
-TEST(GlobalResponseNorm, OnePassMatchesUpstreamInFewOps) {
-    torch::manual_seed(7);
-    const int64_t c = 12;
+// A GRN over c channels with gamma and beta drawn from `seed` (a fresh one is all zeros).
+nn::GlobalResponseNorm random_grn(int64_t c, uint64_t seed) {
+    torch::manual_seed(seed);
     nn::GlobalResponseNorm grn(c);
-    {
-        torch::NoGradGuard no_grad;
-        grn->gamma.copy_(torch::randn({1, 1, 1, c}));
-        grn->beta.copy_(torch::randn({1, 1, 1, c}));
-    }
+    torch::NoGradGuard no_grad;
+    grn->gamma.copy_(torch::randn({1, 1, 1, c}));
+    grn->beta.copy_(torch::randn({1, 1, 1, c}));
+    return grn;
+}
+
+TEST(GlobalResponseNorm, OnePassMatchesUpstreamInFewOps) {
+    const int64_t c = 12;
+    auto grn = random_grn(c, 7);
     const auto x = torch::randn({2, 5, 6, c});
     c10::InferenceMode guard;
     // Upstream in float64: gamma * (x * Nx) + beta + x, Nx = Gx / (mean_C(Gx) + 1e-6).
@@ -113,14 +117,8 @@ TEST(GlobalResponseNorm, OnePassMatchesUpstreamInFewOps) {
 
 // With autograd recording (a model being trained or probed), the same values and a gradient.
 TEST(GlobalResponseNorm, RecordsAutograd) {
-    torch::manual_seed(8);
     const int64_t c = 6;
-    nn::GlobalResponseNorm grn(c);
-    {
-        torch::NoGradGuard no_grad;
-        grn->gamma.copy_(torch::randn({1, 1, 1, c}));
-        grn->beta.copy_(torch::randn({1, 1, 1, c}));
-    }
+    auto grn = random_grn(c, 8);
     const auto x = torch::randn({2, 3, 4, c}).requires_grad_();
     torch::Tensor expected;
     {
