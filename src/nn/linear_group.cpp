@@ -64,43 +64,45 @@ bool LinearGroup::ready(const torch::Device& device) const {
     return true;
 }
 
-bool LinearGroup::packed(const torch::Device& device) const {
-    if (!packable() || layers_[0]->weight.device() != device) return false;
-    const torch::Tensor& w0 = layers_[0]->weight;
-    const torch::Tensor& b0 = layers_[0]->bias;
-    const int64_t in = w0.size(1);
-    const int64_t item = w0.element_size();
-    const auto* w_base = static_cast<const char*>(w0.data_ptr());
-    const auto* b_base = static_cast<const char*>(b0.data_ptr());
+bool LinearGroup::rows_packed(torch::Tensor torch::nn::LinearImpl::*member) const {
+    const torch::Tensor& first = layers_[0]->*member;
+    const int64_t row = first.dim() == 2 ? first.size(1) : 1;  // elements per output feature
+    const int64_t item = first.element_size();
+    const auto* base = static_cast<const char*>(first.data_ptr());
     for (size_t i = 0; i < layers_.size(); ++i) {
-        const torch::Tensor& w = layers_[i]->weight;
-        const torch::Tensor& b = layers_[i]->bias;
-        // Rows offset(i).. of the weight buffer (which w0 starts) and the same of the bias one.
-        if (!w.is_alias_of(w0) || !b.is_alias_of(b0) || !w.is_contiguous() || b.stride(0) != 1)
-            return false;
-        if (static_cast<const char*>(w.data_ptr()) != w_base + offset(i) * in * item ||
-            static_cast<const char*>(b.data_ptr()) != b_base + offset(i) * item)
+        // Rows offset(i).. of the buffer that the first layer's tensor starts.
+        const torch::Tensor& t = layers_[i]->*member;
+        if (!t.is_alias_of(first) || !t.is_contiguous() ||
+            static_cast<const char*>(t.data_ptr()) != base + offset(i) * row * item)
             return false;
     }
     return true;
 }
 
+bool LinearGroup::packed(const torch::Device& device) const {
+    if (!packable() || layers_[0]->weight.device() != device) return false;
+    return rows_packed(&torch::nn::LinearImpl::weight) && rows_packed(&torch::nn::LinearImpl::bias);
+}
+
 bool LinearGroup::pack() {
     if (!packable()) return false;
     const torch::Tensor& w0 = layers_[0]->weight;
-    if (packed(w0.device())) return true;
     // set_data refuses inference tensors: the buffers are made outside InferenceMode.
     c10::InferenceMode not_inference(/*enabled=*/false);
     torch::NoGradGuard no_grad;
-    const auto weights = at::empty({total_out(), w0.size(1)}, w0.options());
-    const auto biases = at::empty({total_out()}, w0.options());
-    for (size_t i = 0; i < layers_.size(); ++i) {
-        auto w = weights.narrow(0, offset(i), out_features(i));
-        auto b = biases.narrow(0, offset(i), out_features(i));
-        w.copy_(layers_[i]->weight);
-        b.copy_(layers_[i]->bias);
-        layers_[i]->weight.set_data(w);
-        layers_[i]->bias.set_data(b);
+    // Weights and biases each on their own: a LoRA fuse replaces only weights, and moving the
+    // biases as well would change more tensors than it must (and the graphs' key with them).
+    for (auto member : {&torch::nn::LinearImpl::weight, &torch::nn::LinearImpl::bias}) {
+        if (rows_packed(member)) continue;
+        const torch::Tensor& first = layers_[0]->*member;
+        std::vector<int64_t> sizes = {total_out()};
+        if (first.dim() == 2) sizes.push_back(first.size(1));
+        const auto buffer = at::empty(sizes, w0.options());
+        for (size_t i = 0; i < layers_.size(); ++i) {
+            auto rows = buffer.narrow(0, offset(i), out_features(i));
+            rows.copy_(layers_[i]->*member);
+            (layers_[i]->*member).set_data(rows);
+        }
     }
     return true;
 }

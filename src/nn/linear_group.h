@@ -29,9 +29,9 @@ public:
     // The layers in output order. They must outlive the group (groups are made per call).
     explicit LinearGroup(std::vector<torch::nn::LinearImpl*> layers);
 
-    // Packs the layers unless packed() already holds; returns packed(). Does nothing (and
-    // returns false) when they cannot be packed: no layers, differing input sizes, dtypes or
-    // devices, or a layer without bias.
+    // Packs the layers unless packed() already holds (weights and biases each: only the ones not
+    // laid out move); returns packed(). Does nothing (and returns false) when they cannot be
+    // packed: no layers, differing input sizes, dtypes or devices, or a layer without bias.
     bool pack();
 
     // The layers' weights and biases are the rows of one buffer each, in order (pack()'s
@@ -63,6 +63,8 @@ public:
 
 private:
     bool packable() const;  // one input size, dtype and device; every layer has a bias
+    // The layers' weights (or biases) are the rows of one buffer, in order. Only when packable().
+    bool rows_packed(torch::Tensor torch::nn::LinearImpl::*member) const;
 
     std::vector<torch::nn::LinearImpl*> layers_;
     std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
