@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "nn/init.h"
+#include "nn/linear_group.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
 
@@ -51,15 +52,31 @@ struct CLIPAttentionImpl : torch::nn::Module {
         out_proj = register_module("out_proj", LoraLinear(dim, dim));
     }
 
+    // q_proj, k_proj, v_proj as one group (CLIPTextModelImpl::pack_attention_projections).
+    nn::LinearGroup projections() const {
+        return nn::LinearGroup({q_proj.ptr().get(), k_proj.ptr().get(), v_proj.ptr().get()});
+    }
+
     // x: [B, L, D], mask: [B or 1, 1, L, L] from attention_mask_for() -> [B, L, D]
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask) {
         const int64_t batch = x.size(0), length = x.size(1), dim = x.size(2);
         auto split = [&](const torch::Tensor& t) {
             return t.view({batch, length, heads, head_dim}).transpose(1, 2);  // [B, H, L, hd]
         };
-        const auto q = split(q_proj(x));
-        const auto k = split(k_proj(x));
-        const auto v = split(v_proj(x));
+        torch::Tensor q, k, v;
+        const nn::LinearGroup group = projections();
+        if (group.ready(x.device())) {
+            // One product [B, L, 3D]; q, k and v are column views of it (the attention reads
+            // strided heads anyway).
+            const auto qkv = group.forward(x);
+            q = split(group.columns(qkv, 0));
+            k = split(group.columns(qkv, 1));
+            v = split(group.columns(qkv, 2));
+        } else {
+            q = split(q_proj(x));
+            k = split(k_proj(x));
+            v = split(v_proj(x));
+        }
 #if TORCH_VERSION_MAJOR >= 2
         // softmax(q k^T / sqrt(hd) + mask) v in one call; the fused kernels keep the scores in
         // float32 (transformers' default "sdpa" attention makes the same call).
@@ -230,6 +247,13 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
     return out;
 }
 
+bool CLIPTextModelImpl::pack_attention_projections() {
+    bool all = true;
+    for (const auto& layer : *layers_)
+        all = layer->as<Layer>()->self_attn->projections().pack() && all;
+    return all;
+}
+
 std::vector<torch::nn::Module*> CLIPTextModelImpl::offload_units() const {
     std::vector<torch::nn::Module*> units;
     for (const auto& layer : *layers_) units.push_back(layer.get());
@@ -241,6 +265,7 @@ CLIPTextModel load_clip_text_model(const std::string& dir, const LoadOptions& op
     auto model = build_unwritten<CLIPTextModel>(config);
     load_weights(*model, find_weight_files(dir, "model"), options);
     prepare_module(*model, options);
+    if (!options.offload && !options.sequential_offload) model->pack_attention_projections();
     return model;
 }
 

@@ -84,6 +84,7 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
     } else if (mode == OffloadMode::none) {
         // The models stay put: map all blocks' conditions at once, project q, k, v together,
         // and read the image embeddings before their mappers.
+        text_encoder_->pack_attention_projections();
         decoder_->pack_condition_mappers();
         decoder_->pack_attention_projections();
         decoder_->fold_effnet_mappers();

@@ -40,15 +40,7 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
       text_graphs_(std::make_shared<StepGraphs>()) {
     if (!text_encoder_ || !prior_) invalid("`text_encoder` and `prior` must be loaded modules");
     check_dtype_on_device(kWhere, module_dtype(*prior_), device_);
-    const OffloadMode mode = offload_mode(kWhere, options_);
-    if (mode == OffloadMode::sequential) {
-        pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
-        pin_module(*prior_);
-    } else if (mode == OffloadMode::none) {
-        // The models stay put: map all blocks' conditions at once, project q, k, v together.
-        prior_->pack_condition_mappers();
-        prior_->pack_attention_projections();
-    }
+    lay_out_weights();
     if (!(config_.resolution_multiple > 0) || !std::isfinite(config_.resolution_multiple))
         invalid("`resolution_multiple` must be a positive number");
     if (text_encoder_->config().hidden_size != prior_->config().c_cond)
@@ -81,6 +73,19 @@ PriorPipeline PriorPipeline::from_components(const std::string& dir, const std::
     PriorPipelineConfig config{index.latent_mean, index.latent_std, index.resolution_multiple};
     return PriorPipeline(std::move(tokenizer), std::move(text_encoder), std::move(prior),
                          std::move(scheduler), config, options);
+}
+
+void PriorPipeline::lay_out_weights() {
+    const OffloadMode mode = offload_mode(kWhere, options_);
+    if (mode == OffloadMode::sequential) {
+        pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
+        pin_module(*prior_);
+    } else if (mode == OffloadMode::none) {
+        // The models stay put: map all blocks' conditions at once, project q, k, v together.
+        text_encoder_->pack_attention_projections();
+        prior_->pack_condition_mappers();
+        prior_->pack_attention_projections();
+    }
 }
 
 // ---------------------------------------------------------------------------------- LoRA

@@ -1,7 +1,9 @@
 #include <torch/nn/module.h>
 
+#include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "test_util.h"
 #include "wuerstchen/clip_text_model.h"
@@ -73,6 +75,42 @@ TEST(CLIPTextModel, ParameterNamesAreTransformersKeys) {
     EXPECT_EQ(names, std::set<std::string>(keys.begin(), keys.end()));
     EXPECT_TRUE(names.count("encoder.layers.1.self_attn.out_proj.weight"));
     EXPECT_TRUE(names.count("embeddings.position_embedding.weight"));
+}
+
+TEST(CLIPTextModel, PackedProjectionsGiveTheSameStatesInFewerProducts) {
+    // The loader packs each layer's q, k and v projections unless offloading; the layer then
+    // projects in one matrix product instead of three, with the same values.
+    for (const std::string folder :
+         {"tiny-wuerstchen-prior/text_encoder", "tiny-wuerstchen/text_encoder"}) {
+        auto packed = load_clip_text_model(test::data_path(folder), LoadOptions{});
+        auto plain = load_clip_text_model(test::data_path(folder), test::unpacked_load());
+        const int64_t layers = packed->config().num_hidden_layers;
+        const auto layout = test::attention_projection_layout(*packed, test::kClipProjections);
+        EXPECT_EQ(layout.attention, layers) << folder;
+        EXPECT_EQ(layout.packed, layout.attention) << folder;
+        EXPECT_EQ(test::attention_projection_layout(*plain, test::kClipProjections).packed, 0)
+            << folder;
+        test::expect_same_values(*packed, *plain);
+
+        const auto ids = torch::randint(0, packed->config().vocab_size, {2, 9});
+        auto mask = torch::ones({2, 9}, torch::kInt64);
+        mask[1].narrow(0, 6, 3).fill_(0);
+        torch::NoGradGuard no_grad;
+        CLIPTextOutput a, b;
+        const std::vector<std::string> products = {"aten::mm", "aten::addmm"};
+        const auto packed_ops = test::count_ops(products, [&] { a = packed->forward(ids, mask); });
+        const auto plain_ops = test::count_ops(products, [&] { b = plain->forward(ids, mask); });
+        // One product over 3D columns may block the sums differently from three over D each.
+        EXPECT_TRUE(test::all_close(folder + " packed vs per projection", a.last_hidden_state,
+                                    b.last_hidden_state,
+                                    test::scaled_tol(b.last_hidden_state, 1e-6)));
+        EXPECT_TRUE(test::all_close(folder + " pooled", a.pooler_output, b.pooler_output,
+                                    test::scaled_tol(b.pooler_output, 1e-6)));
+        const auto total = [&](const std::map<std::string, int>& counts) {
+            return counts.at("aten::mm") + counts.at("aten::addmm");
+        };
+        EXPECT_EQ(total(plain_ops) - total(packed_ops), 2 * layers) << folder;
+    }
 }
 
 TEST(CLIPTextModel, PoolerTakesFirstEos) {

@@ -206,6 +206,12 @@ bool projections_packed(const torch::nn::Module& model) {
 bool any_projections_packed(const torch::nn::Module& model) {
     return test::attention_projection_layout(model).packed > 0;
 }
+// Whether every layer of a CLIP text encoder has its q_proj, k_proj, v_proj packed.
+bool clip_projections_packed(const CLIPTextModelImpl& model) {
+    const auto layout = test::attention_projection_layout(model, test::kClipProjections);
+    return layout.attention == model.config().num_hidden_layers &&
+           layout.packed == layout.attention;
+}
 
 // SiLU, and the matrix products a Linear runs as (mm or addmm, by input rank and version).
 const std::vector<std::string> kCounted = {"aten::silu", "aten::mm", "aten::addmm"};
@@ -243,12 +249,14 @@ TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     auto prior = load_prior(prior_dir + "/prior", test::unpacked_load());
     ASSERT_FALSE(any_mappers_packed(*prior));
     ASSERT_FALSE(any_projections_packed(*prior));
-    PriorPipeline prior_pipe(
-        CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"),
-        load_clip_text_model(prior_dir + "/text_encoder", test::unpacked_load()), prior,
-        DDPMWuerstchenScheduler(), PriorPipelineConfig{}, LoadOptions{});
+    auto prior_text = load_clip_text_model(prior_dir + "/text_encoder", test::unpacked_load());
+    ASSERT_FALSE(clip_projections_packed(*prior_text));
+    PriorPipeline prior_pipe(CLIPTokenizer::from_pretrained(prior_dir + "/tokenizer"), prior_text,
+                             prior, DDPMWuerstchenScheduler(), PriorPipelineConfig{},
+                             LoadOptions{});
     EXPECT_TRUE(mappers_packed(*prior));
     EXPECT_TRUE(projections_packed(*prior));
+    EXPECT_TRUE(clip_projections_packed(*prior_text));
 
     const std::string decoder_dir = test::data_path("tiny-wuerstchen");
     auto decoder = load_diffnext(decoder_dir + "/decoder", test::unpacked_load());
@@ -256,13 +264,15 @@ TEST(PackedMappers, PipelinesPackTheModelsTheyAreGiven) {
     ASSERT_FALSE(any_projections_packed(*decoder));
     const int64_t effnet = decoder->config().effnet_embd;
     ASSERT_EQ(test::folded_layer_count(*decoder, effnet), 0);
-    DecoderComponents parts{
-        CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
-        load_clip_text_model(decoder_dir + "/text_encoder", test::unpacked_load()), decoder,
-        load_paella_vq(decoder_dir + "/vqgan", test::unpacked_load())};
+    auto decoder_text = load_clip_text_model(decoder_dir + "/text_encoder", test::unpacked_load());
+    ASSERT_FALSE(clip_projections_packed(*decoder_text));
+    DecoderComponents parts{CLIPTokenizer::from_pretrained(decoder_dir + "/tokenizer"),
+                            decoder_text, decoder,
+                            load_paella_vq(decoder_dir + "/vqgan", test::unpacked_load())};
     const auto decoder_pipe = DecoderPipeline::from_components(std::move(parts), LoadOptions{});
     EXPECT_TRUE(mappers_packed(*decoder));
     EXPECT_TRUE(projections_packed(*decoder));
+    EXPECT_TRUE(clip_projections_packed(*decoder_text));
     EXPECT_GT(test::folded_layer_count(*decoder, effnet), 0);
 }
 

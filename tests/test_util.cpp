@@ -122,9 +122,10 @@ int folded_layer_count(const torch::nn::Module& module, int64_t width) {
     return count;
 }
 
-ProjectionLayout attention_projection_layout(const torch::nn::Module& module) {
+ProjectionLayout attention_projection_layout(const torch::nn::Module& module,
+                                             const std::array<std::string, 3>& names) {
     const auto params = module.named_parameters();
-    const std::string q_weight = "to_q.weight";
+    const std::string q_weight = names[0] + ".weight";
     ProjectionLayout layout;
     for (const auto& item : params) {
         const std::string& name = item.key();
@@ -133,7 +134,7 @@ ProjectionLayout attention_projection_layout(const torch::nn::Module& module) {
             continue;
         const std::string prefix = name.substr(0, name.size() - q_weight.size());
         std::vector<torch::Tensor> weights, biases;
-        for (const std::string proj : {"to_q", "to_k", "to_v"}) {
+        for (const std::string& proj : names) {
             const auto* w = params.find(prefix + proj + ".weight");
             const auto* b = params.find(prefix + proj + ".bias");
             if (w == nullptr || b == nullptr) break;

@@ -8,6 +8,7 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include <array>
 #include <functional>
 #include <map>
 #include <string>
@@ -82,14 +83,18 @@ std::vector<torch::Tensor> parameters_named(const torch::nn::Module& module,
 // of pack_condition_mappers (nn::LinearGroup::pack).
 bool stored_back_to_back(const torch::nn::Module& module, const std::string& suffix);
 
-// The attention modules of `module` (those with to_q, to_k and to_v) and how many of them store
-// the three weights back to back in one buffer, and the three biases in another: the layout of
+// The attention modules of `module` (those with the three projections `names`: diffusers' to_q,
+// to_k, to_v, or CLIP's q_proj, k_proj, v_proj) and how many of them store the three weights
+// back to back in one buffer, and the three biases in another: the layout of
 // pack_attention_projections.
 struct ProjectionLayout {
     int attention = 0;
     int packed = 0;
 };
-ProjectionLayout attention_projection_layout(const torch::nn::Module& module);
+inline const std::array<std::string, 3> kClipProjections = {"q_proj", "k_proj", "v_proj"};
+ProjectionLayout attention_projection_layout(const torch::nn::Module& module,
+                                             const std::array<std::string, 3>& names = {
+                                                 "to_q", "to_k", "to_v"});
 
 // How many first channelwise layers ("channelwise.0.weight") of `module` are laid out with
 // `width` spare columns in front of each row: the layout of fold_effnet_mappers.

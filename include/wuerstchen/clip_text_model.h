@@ -36,6 +36,15 @@ struct CLIPTextModelImpl : torch::nn::Module {
 
     const CLIPTextConfig& config() const { return config_; }
 
+    // Stores each layer's q_proj, k_proj and v_proj weights back to back in one buffer (and the
+    // biases in another; the parameters view their rows: same names, shapes and values), so that
+    // the layer projects queries, keys and values in one matrix product instead of three. The
+    // loader and the pipelines call it unless offloading. Anything that later replaces those
+    // weights (a move to another device, a LoRA fuse) undoes it; forward then projects per layer,
+    // as it does while an unfused LoRA adapter on them contributes. Returns whether every layer's
+    // are packed (a no-op for those already packed).
+    bool pack_attention_projections();
+
     // Sequential offload: the encoder layers in order; forward calls block_hook around each when
     // it is set.
     std::vector<torch::nn::Module*> offload_units() const;

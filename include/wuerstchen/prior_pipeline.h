@@ -174,6 +174,10 @@ private:
                                          bool latents_given, int64_t steps) const;
     torch::Tensor encode(const std::vector<std::string>& prompts, torch::ScalarType dtype);
     std::vector<torch::nn::Module*> lora_modules() const;
+    // Without offload: packs the text encoder's and the prior's projections and the prior's
+    // condition mappers; with sequential offload: page-locks the weights. A no-op for what
+    // already is.
+    void lay_out_weights();
 
     CLIPTokenizer tokenizer_;
     CLIPTextModel text_encoder_;
