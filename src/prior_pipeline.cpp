@@ -110,11 +110,18 @@ std::vector<std::string> PriorPipeline::lora_adapters() const {
     return lora_adapter_names(lora_modules());
 }
 
+// Fusing gives the layers it merges into new weight tensors (unpacked, and pageable), and
+// unfusing puts back the old ones, which may no longer sit with their group's others: lay the
+// weights out again after either.
 void PriorPipeline::fuse_lora(double lora_scale, const std::vector<std::string>& adapter_names) {
     wuerstchen::fuse_lora(lora_modules(), lora_scale, adapter_names);
+    lay_out_weights();
 }
 
-void PriorPipeline::unfuse_lora() { wuerstchen::unfuse_lora(lora_modules()); }
+void PriorPipeline::unfuse_lora() {
+    wuerstchen::unfuse_lora(lora_modules());
+    lay_out_weights();
+}
 
 void PriorPipeline::unload_lora_weights() { unload_lora(lora_modules()); }
 

@@ -310,6 +310,17 @@ TEST_F(GpuPipelines, CudaGraphsFollowLoraChanges) {
                           host(graphed(test::prior_seed0_options()).image_embeddings),
                           host(eager(test::prior_seed0_options()).image_embeddings),
                           scaled_tol(expected, 1e-6)));
+    // Fusing and unfusing replace weights, and the pipelines pack them again: new tensors the
+    // graphs must not keep reading the old ones of.
+    for (auto* pipe : {&eager, &graphed}) pipe->fuse_lora();
+    EXPECT_TRUE(all_close(
+        "cuda graphs after fuse_lora", host(graphed(test::prior_seed0_options()).image_embeddings),
+        host(eager(test::prior_seed0_options()).image_embeddings), scaled_tol(expected, 1e-6)));
+    for (auto* pipe : {&eager, &graphed}) pipe->unfuse_lora();
+    EXPECT_TRUE(all_close("cuda graphs after unfuse_lora",
+                          host(graphed(test::prior_seed0_options()).image_embeddings),
+                          host(eager(test::prior_seed0_options()).image_embeddings),
+                          scaled_tol(expected, 1e-6)));
 }
 
 // A second call with the same seed repeats the first: nothing of a call stays behind on the

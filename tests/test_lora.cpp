@@ -168,6 +168,33 @@ TEST(Lora, UnfuseRestoresWeightsBitExact) {
     pipe.unfuse_lora();  // no-op when not fused
 }
 
+// How many attention modules of the pipeline's prior and text encoder keep q, k and v in one
+// buffer, and how many there are.
+std::pair<int, int> packed_projections(PriorPipeline& pipe) {
+    const auto prior = test::attention_projection_layout(*pipe.prior());
+    const auto text =
+        test::attention_projection_layout(*pipe.text_encoder(), test::kClipProjections);
+    return {prior.packed + text.packed, prior.attention + text.attention};
+}
+
+TEST(Lora, FuseAndUnfuseKeepTheFastLayout) {
+    // Fusing gives the merged layers new weights, which undoes their packing; the pipeline packs
+    // them again, and again after unfusing, so the projections and mappers stay one product.
+    auto pipe = make_pipeline();
+    const auto all = packed_projections(pipe).second;
+    ASSERT_GT(all, 0);
+    EXPECT_EQ(packed_projections(pipe).first, all);
+    pipe.load_lora_weights(lora_file(), "a", 0.7);
+    pipe.fuse_lora(1.3);
+    EXPECT_EQ(packed_projections(pipe).first, all) << "after fuse_lora";
+    EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
+    pipe.unfuse_lora();
+    EXPECT_EQ(packed_projections(pipe).first, all) << "after unfuse_lora";
+    pipe.fuse_lora();
+    pipe.unload_lora_weights();
+    EXPECT_EQ(packed_projections(pipe).first, all) << "fused, then unloaded";
+}
+
 TEST(Lora, FuseThenUnloadKeepsFusedWeights) {
     auto ref = lora_reference();
     auto pipe = make_pipeline();
