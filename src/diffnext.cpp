@@ -35,7 +35,9 @@ struct ResBlockStageBImpl : torch::nn::Module {
 
     // x: [B, C, H, W], skips: [B, c_i, H, W] with sum c_i = c_skip, joined in this order
     // (upstream: the level's skip, then the effnet map) -> [B, C, H, W]
-    torch::Tensor forward(const torch::Tensor& x, const std::vector<torch::Tensor>& skips) {
+    // bias_folded: see nn::ChannelwiseMLPImpl::add_to (x may then be overwritten).
+    torch::Tensor forward(const torch::Tensor& x, const std::vector<torch::Tensor>& skips,
+                          bool bias_folded) {
         auto h = normed(x);
         // The skips join along the channels in NHWC order, in one copy, so the MLP's input is
         // contiguous whatever their layouts. (Upstream joins in NCHW, then permutes: a strided
@@ -46,8 +48,8 @@ struct ResBlockStageBImpl : torch::nn::Module {
             for (const auto& skip : skips) parts.push_back(skip.permute({0, 2, 3, 1}));
             h = torch::cat(parts, -1);
         }
-        // [B, H, W, C + c_skip] -> MLP -> [B, C, H, W]
-        return channelwise->forward(h).permute({0, 3, 1, 2}) + x;
+        // [B, H, W, C + c_skip] -> MLP -> [B, C, H, W], plus x
+        return channelwise->add_to(lora_forward(channelwise->fc1, h), x, bias_folded);
     }
 
     // The same with the level's effnet mapper folded into the first channelwise layer
@@ -55,11 +57,11 @@ struct ResBlockStageBImpl : torch::nn::Module {
     // level's size before the mapper, [B, effnet_embd, H, W]; level_skip is the level's skip
     // when the block takes one, else undefined. The layer reads [resized, norm, level skip].
     torch::Tensor forward_folded(const torch::Tensor& x, const torch::Tensor& level_skip,
-                                 const torch::Tensor& resized) {
+                                 const torch::Tensor& resized, bool bias_folded) {
         std::vector<torch::Tensor> parts{resized.permute({0, 2, 3, 1}), normed(x)};
         if (level_skip.defined()) parts.push_back(level_skip.permute({0, 2, 3, 1}));
         const auto hidden = effnet_fold.forward(*channelwise->fc1, torch::cat(parts, -1));
-        return channelwise->forward_hidden(hidden).permute({0, 3, 1, 2}) + x;
+        return channelwise->add_to(hidden, x, bias_folded);
     }
 
     // The depthwise conv and the norm, as [B, H, W, C] (a view: the norm's output is NHWC in
@@ -249,6 +251,8 @@ struct WuerstchenDiffNeXtImpl::Conditions {
     // scale by add_one_to_scales), in execution order, taken in turn, as condition.kv is.
     nn::LinearGroup t_group;
     torch::Tensor t_all;
+    // The residual blocks' last biases are in t_all (nn::ResidualBiases).
+    bool bias_folded = false;
     size_t t_next = 0, kv_next = 0;
 };
 
@@ -296,11 +300,11 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_res_block(torch::nn::Module& block,
     auto& res = *block.as<ResBlockStageBImpl>();
     const torch::Tensor& effnet_c = k.condition.effnet[mapper_index];
     if (effnet_c.defined() && k.condition.effnet_folded)
-        return res.forward_folded(x, level_skip, effnet_c);
+        return res.forward_folded(x, level_skip, effnet_c, k.bias_folded);
     std::vector<torch::Tensor> skips;
     if (level_skip.defined()) skips.push_back(level_skip);
     if (effnet_c.defined()) skips.push_back(effnet_c);
-    return res.forward(x, skips);
+    return res.forward(x, skips, k.bias_folded);
 }
 
 std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x, Conditions& k) {
@@ -460,9 +464,14 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
     k.r_embed = nn::r_embedding(r, config_.c_r);
     // Every timestep block's mapping of r_embed in one product when packed; else each block
     // maps its own.
+    // Then the residual blocks' last biases move into those mappings (nn::ResidualBiases), and
+    // each residual block sums its product into its input.
     if (k.t_group.ready(k.r_embed.device())) {
         k.t_all = k.t_group.forward(k.r_embed);
         nn::add_one_to_scales(k.t_group, k.t_all);
+        const nn::ResidualBiases biases(blocks);
+        k.bias_folded = biases.ready(k.t_group, k.t_all);
+        if (k.bias_folded) biases.fold_into(k.t_group, k.t_all);
     }
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]

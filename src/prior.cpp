@@ -97,14 +97,22 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     auto r_embed = gen_r_embedding(r);   // [B] -> [B, c_r]
     // Every block's mapping of r_embed in one product, when packed; else each block maps its
     // own.
-    const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
+    // Then the residual blocks' last biases move into those mappings (nn::ResidualBiases), and
+    // each residual block sums its product into its input.
+    const auto units = offload_units();
+    const nn::LinearGroup t_group = nn::timestep_mappers(units);
     torch::Tensor t_all;
+    bool bias_folded = false;
     if (t_group.ready(r_embed.device())) {
         t_all = t_group.forward(r_embed);
         nn::add_one_to_scales(t_group, t_all);
+        const nn::ResidualBiases biases(units);
+        bias_folded = biases.ready(t_group, t_all);
+        if (bias_folded) biases.fold_into(t_group, t_all);
     }
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
-        x = run_unit(block_hook, *res_blocks_[i], [&] { return res_blocks_[i]->forward(x); });
+        x = run_unit(block_hook, *res_blocks_[i],
+                     [&] { return res_blocks_[i]->forward(x, {}, bias_folded); });
         x = run_unit(block_hook, *timestep_blocks_[i], [&] {
             return t_all.defined()
                        ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t_all, i))

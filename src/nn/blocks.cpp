@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/nn/modules/activation.h>
+#include <torch/utils.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -136,6 +138,20 @@ torch::Tensor ChannelwiseMLPImpl::forward_hidden(const torch::Tensor& hidden) {
     return lora_forward(fc2, grn->forward(nn::gelu(hidden)));
 }
 
+torch::Tensor ChannelwiseMLPImpl::add_to(const torch::Tensor& hidden, const torch::Tensor& x,
+                                         bool bias_folded) {
+    if (!bias_folded) return forward_hidden(hidden).permute({0, 3, 1, 2}) + x;
+    const auto h = grn->forward(nn::gelu(hidden));  // [B, H, W, 4C]
+    const auto weight_t = fc2->weight.t();
+    const auto x_nhwc = x.permute({0, 2, 3, 1});
+    if (x_nhwc.is_contiguous() && !at::GradMode::is_enabled()) {
+        // x as the [B*H*W, C] matrix the product accumulates into (beta = 1).
+        x_nhwc.view({-1, x.size(1)}).addmm_(h.reshape({-1, h.size(-1)}), weight_t);
+        return x;
+    }
+    return at::matmul(h, weight_t).permute({0, 3, 1, 2}) + x;
+}
+
 // ---------------------------------------------------------------------------- ResBlock
 
 ResBlockImpl::ResBlockImpl(int64_t c, int64_t c_skip, int64_t kernel_size) {
@@ -146,13 +162,12 @@ ResBlockImpl::ResBlockImpl(int64_t c, int64_t c_skip, int64_t kernel_size) {
     channelwise = register_module("channelwise", ChannelwiseMLP(c, c * 4, c));
 }
 
-torch::Tensor ResBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& x_skip) {
-    const torch::Tensor& x_res = x;
+torch::Tensor ResBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& x_skip,
+                                    bool bias_folded) {
     auto h = x_skip.defined() ? torch::cat({x, x_skip}, 1) : x;
-    // [B, C, H, W] -> [B, H, W, C] for the channelwise MLP, and back.
+    // [B, C, H, W] -> [B, H, W, C] for the channelwise MLP, and back; plus the residual x.
     h = layer_norm_2d(depthwise->forward(h)).permute({0, 2, 3, 1});
-    h = channelwise->forward(h).permute({0, 3, 1, 2});
-    return h + x_res;
+    return channelwise->add_to(lora_forward(channelwise->fc1, h), x, bias_folded);
 }
 
 // ---------------------------------------------------------------------------- Attention
@@ -300,7 +315,107 @@ std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& 
 
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
     const bool kv = kv_mappers(blocks).pack();
-    return timestep_mappers(blocks).pack() && kv;
+    const bool biases = ResidualBiases(blocks).pack();
+    return timestep_mappers(blocks).pack() && kv && biases;
+}
+
+// ---------------------------------------------------------------------------- ResidualBiases
+
+namespace {
+
+ChannelwiseMLPImpl* channelwise_of(torch::nn::Module* block) {
+    if (block == nullptr) return nullptr;
+    for (const auto& child : block->named_children())
+        if (child.key() == "channelwise") return child.value()->as<ChannelwiseMLPImpl>();
+    return nullptr;
+}
+
+}  // namespace
+
+ResidualBiases::ResidualBiases(const std::vector<torch::nn::Module*>& blocks) {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+        if (dynamic_cast<TimestepBlockImpl*>(blocks[i]) == nullptr) continue;
+        auto* mlp = i > 0 ? channelwise_of(blocks[i - 1]) : nullptr;
+        if (mlp == nullptr || !mlp->fc2) {
+            layers_.clear();
+            return;
+        }
+        layers_.push_back(mlp->fc2.get());
+    }
+}
+
+bool ResidualBiases::packed() const {
+    if (layers_.empty() || !layers_[0]->bias.defined()) return false;
+    const torch::Tensor& first = layers_[0]->bias;
+    const auto* base = static_cast<const char*>(first.data_ptr());
+    int64_t offset = 0;
+    for (const auto* layer : layers_) {
+        const torch::Tensor& b = layer->bias;
+        if (!b.defined() || b.dim() != 1 || !b.is_alias_of(first) || !b.is_contiguous() ||
+            b.scalar_type() != first.scalar_type() ||
+            static_cast<const char*>(b.data_ptr()) != base + offset * first.element_size())
+            return false;
+        offset += b.size(0);
+    }
+    return true;
+}
+
+bool ResidualBiases::pack() {
+    if (layers_.empty()) return false;
+    if (packed()) return true;
+    const torch::Tensor& first = layers_[0]->bias;
+    int64_t total = 0;
+    for (const auto* layer : layers_) {
+        const torch::Tensor& b = layer->bias;
+        if (!b.defined() || b.dim() != 1 || b.scalar_type() != first.scalar_type() ||
+            b.device() != first.device())
+            return false;
+        total += b.size(0);
+    }
+    // set_data refuses inference tensors: the buffer is made outside InferenceMode.
+    c10::InferenceMode not_inference(/*enabled=*/false);
+    torch::NoGradGuard no_grad;
+    const auto buffer = at::empty({total}, first.options());
+    int64_t offset = 0;
+    for (auto* layer : layers_) {
+        auto rows = buffer.narrow(0, offset, layer->bias.size(0));
+        rows.copy_(layer->bias);
+        offset += rows.size(0);
+        layer->bias.set_data(rows);
+    }
+    return true;
+}
+
+bool ResidualBiases::ready(const LinearGroup& timesteps, const torch::Tensor& all) const {
+    if (at::GradMode::is_enabled() || layers_.size() != timesteps.size() || !packed()) return false;
+    const torch::Tensor& first = layers_[0]->bias;
+    if (first.device() != all.device() || first.scalar_type() != all.scalar_type() ||
+        all.dim() != 2 || all.size(1) != timesteps.total_out())
+        return false;
+    for (size_t i = 0; i < layers_.size(); ++i)
+        if (2 * layers_[i]->bias.size(0) != timesteps.out_features(i) ||
+            lora_contributes(*layers_[i]))
+            return false;
+    return true;
+}
+
+void ResidualBiases::fold_into(const LinearGroup& timesteps, torch::Tensor& all) const {
+    TORCH_CHECK(ready(timesteps, all), "ResidualBiases::fold_into: not ready");
+    // All biases as one vector: the buffer they view, from the first one's row on.
+    int64_t total = 0;
+    for (const auto* layer : layers_) total += layer->bias.size(0);
+    const auto biases = layers_[0]->bias.as_strided({total}, {1});
+    for (const auto& [first, count] : timesteps.equal_width_runs()) {
+        // A run of equally wide blocks: [B, n, 2C] = [1 + a, b]; their biases [n, C], back to
+        // back from half the run's offset on.
+        const int64_t width = timesteps.out_features(first), half = width / 2;
+        const auto n = static_cast<int64_t>(count);
+        const auto run =
+            all.narrow(1, timesteps.offset(first), n * width).view({all.size(0), n, width});
+        run.narrow(2, half, half)
+            .addcmul_(run.narrow(2, 0, half),
+                      biases.narrow(0, timesteps.offset(first) / 2, n * half).view({n, half}));
+    }
 }
 
 bool pack_attention_projections(const std::vector<torch::nn::Module*>& blocks) {

@@ -69,6 +69,11 @@ struct ChannelwiseMLPImpl : torch::nn::Module {
     // The rest of forward after the first layer: its output [B, H, W, c_hidden] -> [B, H, W,
     // c_out].
     torch::Tensor forward_hidden(const torch::Tensor& hidden);
+    // A residual block's end: forward_hidden(hidden) + x as [B, C, H, W] (x: [B, C, H, W]).
+    // With bias_folded, fc2 adds no bias (ResidualBiases moved it into the next timestep
+    // block's shift) and, where x is NHWC in memory and autograd is off, the product is summed
+    // into x itself in the matrix product (no pass of its own): x is overwritten and returned.
+    torch::Tensor add_to(const torch::Tensor& hidden, const torch::Tensor& x, bool bias_folded);
     torch::nn::Linear fc1{nullptr}, fc2{nullptr};
     GlobalResponseNorm grn{nullptr};
 };
@@ -78,8 +83,10 @@ TORCH_MODULE(ChannelwiseMLP);
 // Keys: depthwise.{weight,bias}, channelwise.*
 struct ResBlockImpl : torch::nn::Module {
     ResBlockImpl(int64_t c, int64_t c_skip = 0, int64_t kernel_size = 3);
-    // x: [B, C, H, W], x_skip: [B, c_skip, H, W] or undefined -> [B, C, H, W]
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& x_skip = {});
+    // x: [B, C, H, W], x_skip: [B, c_skip, H, W] or undefined -> [B, C, H, W]. bias_folded:
+    // see ChannelwiseMLPImpl::add_to (x may then be overwritten).
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& x_skip = {},
+                          bool bias_folded = false);
     torch::nn::Conv2d depthwise{nullptr};
     ChannelwiseMLP channelwise{nullptr};
 };
@@ -134,12 +141,41 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
 // kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own.
 std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
                                          const torch::Tensor& cond);
-// Packs both kinds (the models' pack_condition_mappers); whether both are packed.
+// Packs both kinds and the ResidualBiases (the models' pack_condition_mappers); whether all
+// are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Packs each self-attention AttnBlock's to_q, to_k and to_v (AttentionImpl::projections) among
 // the blocks (the models' pack_attention_projections); whether every one is packed (true when
 // there are none).
 bool pack_attention_projections(const std::vector<torch::nn::Module*>& blocks);
+// Every residual block (a module with a ChannelwiseMLP child "channelwise") is followed by a
+// timestep block in the prior and the decoder, which computes y (1 + a) + b of its output
+// y = fc2(h) + c + x. So fc2's bias c can move into the shift: (y' + c)(1 + a) + b =
+// y' (1 + a) + (b + c (1 + a)). The blocks' mapped [1 + a, b] get c (1 + a) added once per step
+// (one op per run of equally wide blocks), and each residual block then sums its product
+// straight into its input x in the matrix product, instead of writing it and adding x in a
+// pass of its own (ChannelwiseMLPImpl::add_to).
+class ResidualBiases {
+public:
+    // blocks in execution order (a model's offload_units()): the fc2 of the residual block just
+    // before each timestep block, in timestep-block order.
+    explicit ResidualBiases(const std::vector<torch::nn::Module*>& blocks);
+    // Stores those biases back to back in one buffer (the parameters view their rows: same
+    // names, shapes and values), unless already. Returns whether they are (false when some
+    // timestep block follows no residual block, or the biases differ in dtype or device).
+    bool pack();
+    // fold_into may run for `timesteps` (timestep_mappers of the same blocks) and their
+    // mapping `all`: the biases packed, on all's device and in its dtype, one per timestep
+    // block and half its width; no unfused LoRA adapter contributing to an fc2; autograd off.
+    bool ready(const LinearGroup& timesteps, const torch::Tensor& all) const;
+    // all: [B, total_out] after add_one_to_scales -> each block's b += c (1 + a), in place.
+    void fold_into(const LinearGroup& timesteps, torch::Tensor& all) const;
+
+private:
+    bool packed() const;
+    std::vector<torch::nn::LinearImpl*> layers_;  // empty unless every timestep block has one
+};
+
 // `all` = timestep_mappers(...).forward(r_embed), [B, total_out()]: adds 1 to every layer's
 // first half of columns (its a of [a, b]) in place, one op per run of equally wide layers
 // instead of one per block; each layer's columns are then modulate_scaled's factors.

@@ -10,9 +10,6 @@
 
 namespace wuerstchen::nn {
 
-namespace {
-
-// Whether layer's forward would add an unmerged LoRA branch (LoraLinearImpl::forward's test).
 bool lora_contributes(const torch::nn::LinearImpl& layer) {
     const auto* lora = dynamic_cast<const LoraLinearImpl*>(&layer);
     if (lora == nullptr || !lora->lora_enabled()) return false;
@@ -20,6 +17,8 @@ bool lora_contributes(const torch::nn::LinearImpl& layer) {
         if (a.active && !a.merged && a.weight != 0.0) return true;
     return false;
 }
+
+namespace {
 
 bool has_shape(const torch::Tensor& t, std::initializer_list<int64_t> sizes) {
     return t.defined() && t.sizes() == c10::IntArrayRef(sizes);

@@ -24,6 +24,9 @@
 
 namespace wuerstchen::nn {
 
+// Whether layer's forward would add an unmerged LoRA branch (LoraLinearImpl::forward's test).
+bool lora_contributes(const torch::nn::LinearImpl& layer);
+
 class LinearGroup {
 public:
     // The layers in output order. They must outlive the group (groups are made per call).
