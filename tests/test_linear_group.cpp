@@ -653,10 +653,60 @@ TEST(ResidualBiases, NotReadyWhereTheFoldWouldBeWrong) {
     EXPECT_FALSE(biases.ready(t_group, all));
     EXPECT_TRUE(biases.pack());
     EXPECT_TRUE(biases.ready(t_group, all));
-    // A timestep block that follows no residual block: no fold at all.
-    std::vector<torch::nn::Module*> odd = {p.blocks[1], p.blocks[0], p.blocks[3]};
-    nn::ResidualBiases none(odd);
-    EXPECT_FALSE(none.pack());
+    // A timestep block that follows no residual block, or a residual block that no timestep
+    // block follows (its bias would be lost): no fold at all.
+    for (const auto& order :
+         std::vector<std::vector<torch::nn::Module*>>{{p.blocks[1], p.blocks[0], p.blocks[3]},
+                                                      {p.blocks[0], p.blocks[1], p.blocks[2]},
+                                                      {p.blocks[0], p.blocks[2], p.blocks[3]}}) {
+        nn::ResidualBiases none(order);
+        EXPECT_FALSE(none.pack());
+        EXPECT_FALSE(none.ready(nn::timestep_mappers(order), all));
+    }
+}
+
+TEST(ResidualBiases, DecoderLevelsWithoutTheFoldGiveTheSameForward) {
+    // Decoder level configs where a residual block is followed by an attention block, another
+    // residual block or the level's end: the loaders' packed model must not fold (it would drop
+    // those blocks' biases) and so equals the unpacked one.
+    const auto dir = test::make_temp_dir("wuerstchen_residual_biases");
+    for (const auto& levels : std::vector<std::vector<std::string>>{
+             {"CT", "CTA"}, {"CT", "CA"}, {"CT", "CTC"}, {"CCT", "CTA"}}) {
+        DiffNeXtConfig config;
+        config.c_hidden = {8, 16};
+        config.nhead = {-1, 2};
+        config.blocks = {1, 1};
+        config.level_config = levels;
+        config.inject_effnet = {false, true};
+        config.dropout = {0.0, 0.0};
+        config.effnet_embd = 4;
+        config.c_cond = 8;
+        config.c_r = 6;
+        config.clip_embd = 8;
+        torch::manual_seed(3);
+        WuerstchenDiffNeXt plain(config);
+        {
+            torch::NoGradGuard no_grad;
+            for (auto& t : plain->parameters()) t.uniform_(-0.3, 0.3);
+        }
+        WuerstchenDiffNeXt packed(config);
+        {
+            torch::NoGradGuard no_grad;
+            const auto from = plain->parameters();
+            const auto to = packed->parameters();
+            for (size_t i = 0; i < from.size(); ++i) to[i].copy_(from[i]);
+        }
+        packed->pack_condition_mappers();
+        const std::string what = levels[0] + "," + levels[1];
+        c10::InferenceMode guard;
+        const auto x = torch::randn({1, config.c_in, 16, 16});
+        const auto r = torch::rand({1});
+        const auto effnet = torch::randn({1, config.effnet_embd, 6, 6});
+        const auto clip = torch::randn({1, 5, config.clip_embd});
+        const auto expected = plain->forward(x, r, effnet, clip);
+        EXPECT_TRUE(all_close(what + ": packed vs plain", packed->forward(x, r, effnet, clip),
+                              expected, test::scaled_tol(expected, 1e-5)));
+    }
 }
 
 }  // namespace

@@ -67,7 +67,9 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
 
     // As WuerstchenPriorImpl::pack_condition_mappers: every AttnBlock's kv_mapper and every
     // TimestepBlock's mapper (down levels, then up levels) in one buffer per kind, so forward
-    // maps the text condition and the r-embedding for all blocks in one product each.
+    // maps the text condition and the r-embedding for all blocks in one product each; and, when
+    // every residual block is followed by a timestep block (the level configs "CT" and "CTA"),
+    // the residual blocks' last biases, which forward then moves into those blocks' shifts.
     bool pack_condition_mappers();
     // As WuerstchenPriorImpl::pack_attention_projections: each AttnBlock's to_q, to_k and to_v
     // in one buffer, projected in one product.

@@ -63,8 +63,11 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // block. The parameters keep their names, shapes and values, and no weight memory is added.
     // The loaders and pipelines call it unless offloading. Anything that later replaces those
     // weights (a move to another device, a LoRA fuse) undoes it; forward then maps per block, as
-    // it does while an unfused LoRA adapter on a mapper contributes. Returns whether both kinds
-    // are packed (a no-op when they already are).
+    // it does while an unfused LoRA adapter on a mapper contributes. It also stores the residual
+    // blocks' last biases (channelwise.4.bias) back to back, so that forward can move them into
+    // the timestep blocks' mapped shifts and sum each residual block's last product into its
+    // input (nn::ResidualBiases). Returns whether both kinds of mapper are packed (a no-op when
+    // they already are).
     bool pack_condition_mappers();
     // The same for each attention block's to_q, to_k and to_v: one buffer per block, so that its
     // forward projects queries, keys and values in one matrix product instead of three (with the

@@ -315,8 +315,8 @@ std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& 
 
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
     const bool kv = kv_mappers(blocks).pack();
-    const bool biases = ResidualBiases(blocks).pack();
-    return timestep_mappers(blocks).pack() && kv && biases;
+    ResidualBiases(blocks).pack();  // where the fold applies (not part of the result)
+    return timestep_mappers(blocks).pack() && kv;
 }
 
 // ---------------------------------------------------------------------------- ResidualBiases
@@ -333,14 +333,20 @@ ChannelwiseMLPImpl* channelwise_of(torch::nn::Module* block) {
 }  // namespace
 
 ResidualBiases::ResidualBiases(const std::vector<torch::nn::Module*>& blocks) {
+    // One to one: every timestep block right after a residual block, and every residual block
+    // right before a timestep block (a residual block followed by anything else would lose its
+    // bias: the pipelines' fold is all or nothing).
     for (size_t i = 0; i < blocks.size(); ++i) {
-        if (dynamic_cast<TimestepBlockImpl*>(blocks[i]) == nullptr) continue;
-        auto* mlp = i > 0 ? channelwise_of(blocks[i - 1]) : nullptr;
-        if (mlp == nullptr || !mlp->fc2) {
+        const bool timestep = dynamic_cast<TimestepBlockImpl*>(blocks[i]) != nullptr;
+        const bool residual = channelwise_of(blocks[i]) != nullptr;
+        const bool follows_residual = i > 0 && channelwise_of(blocks[i - 1]) != nullptr;
+        const bool precedes_timestep =
+            i + 1 < blocks.size() && dynamic_cast<TimestepBlockImpl*>(blocks[i + 1]) != nullptr;
+        if ((timestep && !follows_residual) || (residual && !precedes_timestep)) {
             layers_.clear();
             return;
         }
-        layers_.push_back(mlp->fc2.get());
+        if (timestep) layers_.push_back(channelwise_of(blocks[i - 1])->fc2.get());
     }
 }
 

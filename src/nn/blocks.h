@@ -141,8 +141,8 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
 // kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own.
 std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
                                          const torch::Tensor& cond);
-// Packs both kinds and the ResidualBiases (the models' pack_condition_mappers); whether all
-// are packed.
+// Packs both kinds, and the ResidualBiases where they apply (the models'
+// pack_condition_mappers); whether both kinds are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Packs each self-attention AttnBlock's to_q, to_k and to_v (AttentionImpl::projections) among
 // the blocks (the models' pack_attention_projections); whether every one is packed (true when
@@ -158,7 +158,8 @@ bool pack_attention_projections(const std::vector<torch::nn::Module*>& blocks);
 class ResidualBiases {
 public:
     // blocks in execution order (a model's offload_units()): the fc2 of the residual block just
-    // before each timestep block, in timestep-block order.
+    // before each timestep block, in timestep-block order; none at all unless every residual
+    // block is followed by a timestep block and every timestep block follows a residual block.
     explicit ResidualBiases(const std::vector<torch::nn::Module*>& blocks);
     // Stores those biases back to back in one buffer (the parameters view their rows: same
     // names, shapes and values), unless already. Returns whether they are (false when some
