@@ -99,7 +99,9 @@ torch::Tensor GlobalResponseNormImpl::forward(const torch::Tensor& x) {
     // The L2 norm over the spatial dims (H, W) per channel, [B, 1, 1, C], in float32 (CUDA
     // reduces half / bfloat16 input to a float32 output in one pass), and d = its mean over the
     // channels + 1e-6.
-    const auto agg = at::norm(x, 2, {1, 2}, /*keepdim=*/true, torch::kFloat32);
+    // (float64 input stays float64: libtorch 2.x refuses a narrowing reduction dtype.)
+    const auto agg = at::norm(x, 2, {1, 2}, /*keepdim=*/true,
+                              at::promote_types(x.scalar_type(), torch::kFloat32));
     const auto d = agg.mean({-1}, /*keepdim=*/true).add_(1e-6);
     // Upstream: gamma * (x * Nx) + beta + x with Nx = agg / d, four passes over x. Here the same
     // sum as beta + x * f with f = 1 + gamma * Nx = (d + gamma * agg) / d: two small float32 ops
