@@ -180,19 +180,54 @@ std::pair<int, int> packed_projections(PriorPipeline& pipe) {
 TEST(Lora, FuseAndUnfuseKeepTheFastLayout) {
     // Fusing gives the merged layers new weights, which undoes their packing; the pipeline packs
     // them again, and again after unfusing, so the projections and mappers stay one product.
+    // Adapters: the reference one (the prior's q, k, v and out of two blocks), and one on a
+    // single text-encoder q_proj and a single kv_mapper (a part of their groups).
     auto pipe = make_pipeline();
     const auto all = packed_projections(pipe).second;
     ASSERT_GT(all, 0);
     EXPECT_EQ(packed_projections(pipe).first, all);
+    const int64_t hidden = pipe.text_encoder()->config().hidden_size;
+    const int64_t c = pipe.prior()->config().c, c_cond = pipe.prior()->config().c_cond;
+    auto g = make_generator(5);
+    const auto path = write_lora(
+        "parts", {{"text_encoder.text_model.encoder.layers.1.self_attn.q_proj.lora_A.weight",
+                   torch::randn({2, hidden}, g)},
+                  {"text_encoder.text_model.encoder.layers.1.self_attn.q_proj.lora_B.weight",
+                   torch::randn({hidden, 2}, g)},
+                  {"prior.blocks.5.kv_mapper.1.lora_A.weight", torch::randn({2, c_cond}, g)},
+                  {"prior.blocks.5.kv_mapper.1.lora_B.weight", torch::randn({c, 2}, g)}});
     pipe.load_lora_weights(lora_file(), "a", 0.7);
-    pipe.fuse_lora(1.3);
+    pipe.load_lora_weights(path, "parts");
+    auto ref = lora_reference();
+    const auto unfused = prior_forward(pipe, ref);
+    const auto ids = torch::tensor(std::vector<int64_t>{1, 3, 5, 2}).unsqueeze(0);
+    const auto encode = [&] {
+        c10::InferenceMode guard;
+        return pipe.text_encoder()->forward(ids).last_hidden_state;
+    };
+    const auto unfused_text = encode();
+    const auto q1 = "encoder.layers.1.self_attn.q_proj.weight";
+    const auto kv1 = "blocks.5.kv_mapper.1.weight";
+    const auto q1_before = pipe.text_encoder()->named_parameters()[q1].clone();
+    const auto kv1_before = pipe.prior()->named_parameters()[kv1].clone();
+    pipe.fuse_lora();
     EXPECT_EQ(packed_projections(pipe).first, all) << "after fuse_lora";
     EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
+    EXPECT_FALSE(torch::equal(pipe.text_encoder()->named_parameters()[q1], q1_before));
+    EXPECT_FALSE(torch::equal(pipe.prior()->named_parameters()[kv1], kv1_before));
+    EXPECT_TRUE(all_close("fused, packed again", prior_forward(pipe, ref), unfused,
+                          scaled_tol(unfused, 1e-4)));
+    EXPECT_TRUE(all_close("text encoder fused, packed again", encode(), unfused_text,
+                          scaled_tol(unfused_text, 1e-4)));
     pipe.unfuse_lora();
     EXPECT_EQ(packed_projections(pipe).first, all) << "after unfuse_lora";
+    EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
+    EXPECT_TRUE(torch::equal(pipe.text_encoder()->named_parameters()[q1], q1_before));
+    EXPECT_TRUE(torch::equal(pipe.prior()->named_parameters()[kv1], kv1_before));
     pipe.fuse_lora();
     pipe.unload_lora_weights();
     EXPECT_EQ(packed_projections(pipe).first, all) << "fused, then unloaded";
+    EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
 }
 
 TEST(Lora, FuseThenUnloadKeepsFusedWeights) {
