@@ -112,7 +112,8 @@ std::vector<std::string> PriorPipeline::lora_adapters() const {
 
 // Fusing gives the layers it merges into new weight tensors (unpacked, and pageable), and
 // unfusing puts back the old ones, which may no longer sit with their group's others: lay the
-// weights out again after either.
+// weights out again after either (groups fused in part stay unpacked until unfuse or unload:
+// see nn::LinearGroup::pack), and after unloading, which drops the originals of fused weights.
 void PriorPipeline::fuse_lora(double lora_scale, const std::vector<std::string>& adapter_names) {
     wuerstchen::fuse_lora(lora_modules(), lora_scale, adapter_names);
     lay_out_weights();
@@ -123,7 +124,10 @@ void PriorPipeline::unfuse_lora() {
     lay_out_weights();
 }
 
-void PriorPipeline::unload_lora_weights() { unload_lora(lora_modules()); }
+void PriorPipeline::unload_lora_weights() {
+    unload_lora(lora_modules());
+    lay_out_weights();
+}
 
 void PriorPipeline::delete_adapters(const std::vector<std::string>& adapter_names) {
     delete_lora_adapters(lora_modules(), adapter_names);

@@ -177,13 +177,27 @@ TEST(LinearGroup, ContributingLoraAdapterDeclinesUntilFused) {
     lora->set_lora_enabled(false);
     EXPECT_TRUE(group.ready(torch::kCPU));
     lora->set_lora_enabled(true);
-    // Fused: the weight holds the branch (a new tensor); repacked, the group computes it.
+    // Fused into one layer only: its weight is a new tensor and its original stays (rows of the
+    // buffer) for the unfuse, so packing again would hold the other layers twice: declined.
     lora->fuse();
+    EXPECT_FALSE(group.ready(torch::kCPU));
+    EXPECT_FALSE(group.pack());
+    lora->unfuse();  // the original rows again: packed as before
+    EXPECT_TRUE(group.packed(torch::kCPU));
+    // Fused into every layer: packed again, the group computes the fused weights.
+    for (size_t i = 0; i < l.layers.size(); ++i) {
+        auto* layer = dynamic_cast<LoraLinearImpl*>(l.layers[i].get());
+        ASSERT_NE(layer, nullptr);
+        if (!layer->has_adapter("style"))
+            layer->add_adapter("style", torch::randn({2, 6}),
+                               torch::randn({layer->weight.size(0), 2}), /*alpha=*/2.0);
+        layer->fuse();
+    }
     const auto x = torch::randn({3, 6});
     const auto expected = l.separate(x);
     EXPECT_FALSE(group.ready(torch::kCPU));
     ASSERT_TRUE(group.pack());
-    EXPECT_TRUE(all_close("group with a fused adapter", group.forward(x), expected, 1e-5));
+    EXPECT_TRUE(all_close("group with fused adapters", group.forward(x), expected, 1e-5));
 }
 
 // Whether both kinds of condition mappers are stored packed: the attention blocks' kv_mapper

@@ -179,9 +179,10 @@ std::pair<int, int> packed_projections(PriorPipeline& pipe) {
 
 TEST(Lora, FuseAndUnfuseKeepTheFastLayout) {
     // Fusing gives the merged layers new weights, which undoes their packing; the pipeline packs
-    // them again, and again after unfusing, so the projections and mappers stay one product.
-    // Adapters: the reference one (the prior's q, k, v and out of two blocks), and one on a
-    // single text-encoder q_proj and a single kv_mapper (a part of their groups).
+    // groups whose layers are all fused again, and everything after unfusing or unloading.
+    // Adapters: the reference one (the prior's q, k, v and out of two blocks: whole groups), and
+    // one on a single text-encoder q_proj and a single kv_mapper (a part of their groups, which
+    // stay unpacked while fused: packing them would hold their other layers twice).
     auto pipe = make_pipeline();
     const auto all = packed_projections(pipe).second;
     ASSERT_GT(all, 0);
@@ -207,27 +208,42 @@ TEST(Lora, FuseAndUnfuseKeepTheFastLayout) {
     };
     const auto unfused_text = encode();
     const auto q1 = "encoder.layers.1.self_attn.q_proj.weight";
-    const auto kv1 = "blocks.5.kv_mapper.1.weight";
+    const auto k1 = "encoder.layers.1.self_attn.k_proj.weight";
+    const auto kv5 = "blocks.5.kv_mapper.1.weight";
     const auto q1_before = pipe.text_encoder()->named_parameters()[q1].clone();
-    const auto kv1_before = pipe.prior()->named_parameters()[kv1].clone();
+    const auto kv5_before = pipe.prior()->named_parameters()[kv5].clone();
+    const void* k1_data = pipe.text_encoder()->named_parameters()[k1].data_ptr();
+
     pipe.fuse_lora();
-    EXPECT_EQ(packed_projections(pipe).first, all) << "after fuse_lora";
-    EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
     EXPECT_FALSE(torch::equal(pipe.text_encoder()->named_parameters()[q1], q1_before));
-    EXPECT_FALSE(torch::equal(pipe.prior()->named_parameters()[kv1], kv1_before));
-    EXPECT_TRUE(all_close("fused, packed again", prior_forward(pipe, ref), unfused,
-                          scaled_tol(unfused, 1e-4)));
-    EXPECT_TRUE(all_close("text encoder fused, packed again", encode(), unfused_text,
-                          scaled_tol(unfused_text, 1e-4)));
+    EXPECT_FALSE(torch::equal(pipe.prior()->named_parameters()[kv5], kv5_before));
+    EXPECT_EQ(packed_projections(pipe).first, all - 1) << "after fuse_lora: text layer 1 apart";
+    EXPECT_EQ(test::attention_projection_layout(*pipe.prior()).packed,
+              test::attention_projection_layout(*pipe.prior()).attention)
+        << "the prior's fully fused q, k, v packed again";
+    EXPECT_FALSE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
+    EXPECT_EQ(pipe.text_encoder()->named_parameters()[k1].data_ptr(), k1_data)
+        << "an unfused layer of a partly fused group is not copied";
+    EXPECT_TRUE(all_close("fused", prior_forward(pipe, ref), unfused, scaled_tol(unfused, 1e-4)));
+    EXPECT_TRUE(
+        all_close("text encoder fused", encode(), unfused_text, scaled_tol(unfused_text, 1e-4)));
+
     pipe.unfuse_lora();
     EXPECT_EQ(packed_projections(pipe).first, all) << "after unfuse_lora";
     EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
     EXPECT_TRUE(torch::equal(pipe.text_encoder()->named_parameters()[q1], q1_before));
-    EXPECT_TRUE(torch::equal(pipe.prior()->named_parameters()[kv1], kv1_before));
+    EXPECT_TRUE(torch::equal(pipe.prior()->named_parameters()[kv5], kv5_before));
+
+    // Fuse, then unload (baking the LoRA in): the originals go, so every group packs again.
     pipe.fuse_lora();
+    const auto baked = prior_forward(pipe, ref);
     pipe.unload_lora_weights();
     EXPECT_EQ(packed_projections(pipe).first, all) << "fused, then unloaded";
     EXPECT_TRUE(test::stored_back_to_back(*pipe.prior(), "kv_mapper.1.weight"));
+    EXPECT_TRUE(
+        all_close("baked in, packed", prior_forward(pipe, ref), baked, scaled_tol(baked, 1e-6)));
+    EXPECT_TRUE(all_close("baked in, text encoder", encode(), unfused_text,
+                          scaled_tol(unfused_text, 1e-4)));
 }
 
 TEST(Lora, FuseThenUnloadKeepsFusedWeights) {

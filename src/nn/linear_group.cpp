@@ -83,8 +83,17 @@ bool LinearGroup::packed(const torch::Device& device) const {
     return rows_packed(&torch::nn::LinearImpl::weight) && rows_packed(&torch::nn::LinearImpl::bias);
 }
 
+bool LinearGroup::partly_fused() const {
+    bool fused = false, unfused = false;
+    for (const auto* layer : layers_) {
+        const auto* lora = dynamic_cast<const LoraLinearImpl*>(layer);
+        (lora != nullptr && lora->fused() ? fused : unfused) = true;
+    }
+    return fused && unfused;
+}
+
 bool LinearGroup::pack() {
-    if (!packable()) return false;
+    if (!packable() || partly_fused()) return false;
     const torch::Tensor& w0 = layers_[0]->weight;
     // set_data refuses inference tensors: the buffers are made outside InferenceMode.
     c10::InferenceMode not_inference(/*enabled=*/false);

@@ -34,7 +34,9 @@ public:
 
     // Packs the layers unless packed() already holds (weights and biases each: only the ones not
     // laid out move); returns packed(). Does nothing (and returns false) when they cannot be
-    // packed: no layers, differing input sizes, dtypes or devices, or a layer without bias.
+    // packed: no layers, differing input sizes, dtypes or devices, or a layer without bias; or
+    // when a LoRA is fused into some of them but not all: the fused ones keep their original
+    // weights (rows of the old buffer) for the unfuse, so packing would hold the others twice.
     bool pack();
 
     // The layers' weights and biases are the rows of one buffer each, in order (pack()'s
@@ -66,6 +68,7 @@ public:
 
 private:
     bool packable() const;  // one input size, dtype and device; every layer has a bias
+    bool partly_fused() const;  // a LoRA fused into some layers (LoraLinearImpl::fused) only
     // The layers' weights (or biases) are the rows of one buffer, in order. Only when packable().
     bool rows_packed(torch::Tensor torch::nn::LinearImpl::*member) const;
 
