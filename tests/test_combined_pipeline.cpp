@@ -1,7 +1,10 @@
 // CombinedPipeline: the combined_seed42 reference through both ways of loading, one generator
 // through both stages, and the two-folder layout giving the same result as the combined save.
 
+#include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
+
+#include <string>
 
 #include "reference_cases.h"
 #include "test_util.h"
@@ -17,6 +20,26 @@ TEST(CombinedPipeline, CombinedSaveMatchesSeed42Reference) {
     const SafeTensors ref = test::reference("pipeline_combined_seed42");
     EXPECT_TRUE(test::all_close("combined_seed42 images", out.images, test::ref_tensor(ref, "images"), 1e-3));
     EXPECT_EQ(out.image_embeddings.sizes(), torch::IntArrayRef({1, 16, 6, 9}));
+}
+
+// A program that loads and runs everything inside c10::InferenceMode: the parameters are
+// inference tensors then, which autograd's view tracking refuses (the packed layers' views), and
+// which carry no version counter (the effnet fold declines them and maps per level). Both
+// layouts give the reference images.
+TEST(CombinedPipeline, LoadedAndRunInInferenceMode) {
+    const SafeTensors ref = test::reference("pipeline_combined_seed42");
+    for (const bool channels_last : {false, true}) {
+        c10::InferenceMode guard;
+        LoadOptions options;
+        options.channels_last = channels_last;
+        CombinedPipeline pipe =
+            CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"), options);
+        ASSERT_TRUE(pipe.prior_pipeline().prior()->parameters()[0].is_inference());
+        const CombinedOutput out = pipe(test::combined_seed42_options());
+        EXPECT_TRUE(test::all_close(std::string("combined_seed42 images in InferenceMode") +
+                                        (channels_last ? ", channels-last" : ""),
+                                    out.images, test::ref_tensor(ref, "images"), 1e-3));
+    }
 }
 
 // LoadOptions::channels_last: every 4-D weight of the three models in NHWC order (which differs

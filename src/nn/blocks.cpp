@@ -412,7 +412,7 @@ void ResidualBiases::fold_into(const LinearGroup& timesteps, torch::Tensor& all)
     // All biases as one vector: the buffer they view, from the first one's row on.
     int64_t total = 0;
     for (const auto* layer : layers_) total += layer->bias.size(0);
-    const auto biases = layers_[0]->bias.as_strided({total}, {1});
+    const auto biases = buffer_view(layers_[0]->bias, {total}, {1});
     for (const auto& [first, count] : timesteps.equal_width_runs()) {
         // A run of equally wide blocks: [B, n, 2C] = [1 + a, b]; their biases [n, C], back to
         // back from half the run's offset on.

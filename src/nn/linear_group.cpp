@@ -18,6 +18,11 @@ bool lora_contributes(const torch::nn::LinearImpl& layer) {
     return false;
 }
 
+torch::Tensor buffer_view(const torch::Tensor& t, c10::IntArrayRef sizes,
+                          c10::IntArrayRef strides) {
+    return at::empty({0}, t.options()).set_(t.storage(), t.storage_offset(), sizes, strides);
+}
+
 namespace {
 
 bool has_shape(const torch::Tensor& t, std::initializer_list<int64_t> sizes) {
@@ -156,8 +161,8 @@ torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
     // Views of the whole buffers from the first layer's rows (ready() placed every layer there).
     const torch::Tensor& w0 = layers_[0]->weight;
     const int64_t in = w0.size(1);
-    const auto weight = w0.detach().as_strided({total_out(), in}, {in, 1});
-    const auto bias = layers_[0]->bias.detach().as_strided({total_out()}, {1});
+    const auto weight = buffer_view(w0, {total_out(), in}, {in, 1});
+    const auto bias = buffer_view(layers_[0]->bias, {total_out()}, {1});
     return linear_forward(x, weight, bias);
 }
 

@@ -27,6 +27,11 @@ namespace wuerstchen::nn {
 // Whether layer's forward would add an unmerged LoRA branch (LoraLinearImpl::forward's test).
 bool lora_contributes(const torch::nn::LinearImpl& layer);
 
+// A view of t's buffer from t's first element on, with these sizes and strides, outside
+// autograd (e.g. the rows of several packed layers at once). Unlike as_strided it also works on
+// parameters made in c10::InferenceMode, whose views autograd refuses to track.
+torch::Tensor buffer_view(const torch::Tensor& t, c10::IntArrayRef sizes, c10::IntArrayRef strides);
+
 class LinearGroup {
 public:
     // The layers in output order. They must outlive the group (groups are made per call).
