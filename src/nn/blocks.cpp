@@ -2,9 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
-#include <c10/core/InferenceMode.h>
 #include <torch/nn/modules/activation.h>
-#include <torch/utils.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -353,44 +351,21 @@ ResidualBiases::ResidualBiases(const std::vector<torch::nn::Module*>& blocks) {
 }
 
 bool ResidualBiases::packed() const {
-    if (layers_.empty() || !layers_[0]->bias.defined()) return false;
-    const torch::Tensor& first = layers_[0]->bias;
-    const auto* base = static_cast<const char*>(first.data_ptr());
-    int64_t offset = 0;
-    for (const auto* layer : layers_) {
-        const torch::Tensor& b = layer->bias;
-        if (!b.defined() || b.dim() != 1 || !b.is_alias_of(first) || !b.is_contiguous() ||
-            b.scalar_type() != first.scalar_type() ||
-            static_cast<const char*>(b.data_ptr()) != base + offset * first.element_size())
-            return false;
-        offset += b.size(0);
-    }
-    return true;
+    for (const auto* layer : layers_)
+        if (!layer->bias.defined() || layer->bias.dim() != 1) return false;
+    return rows_back_to_back(layers_, &torch::nn::LinearImpl::bias);
 }
 
 bool ResidualBiases::pack() {
     if (layers_.empty()) return false;
-    if (packed()) return true;
     const torch::Tensor& first = layers_[0]->bias;
-    int64_t total = 0;
     for (const auto* layer : layers_) {
         const torch::Tensor& b = layer->bias;
         if (!b.defined() || b.dim() != 1 || b.scalar_type() != first.scalar_type() ||
             b.device() != first.device())
             return false;
-        total += b.size(0);
     }
-    // set_data refuses inference tensors: the buffer is made outside InferenceMode.
-    c10::InferenceMode not_inference(/*enabled=*/false);
-    torch::NoGradGuard no_grad;
-    const auto buffer = at::empty({total}, first.options());
-    int64_t offset = 0;
-    for (auto* layer : layers_) {
-        auto rows = buffer.narrow(0, offset, layer->bias.size(0));
-        rows.copy_(layer->bias);
-        offset += rows.size(0);
-        layer->bias.set_data(rows);
-    }
+    put_rows_back_to_back(layers_, &torch::nn::LinearImpl::bias);
     return true;
 }
 

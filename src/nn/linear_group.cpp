@@ -23,6 +23,44 @@ torch::Tensor buffer_view(const torch::Tensor& t, c10::IntArrayRef sizes,
     return at::empty({0}, t.options()).set_(t.storage(), t.storage_offset(), sizes, strides);
 }
 
+bool rows_back_to_back(const std::vector<torch::nn::LinearImpl*>& layers,
+                       torch::Tensor torch::nn::LinearImpl::*member) {
+    if (layers.empty() || !(layers[0]->*member).defined()) return false;
+    const torch::Tensor& first = layers[0]->*member;
+    const auto* base = static_cast<const char*>(first.data_ptr());
+    int64_t offset = 0;  // elements of the buffer before this layer's
+    for (const auto* layer : layers) {
+        const torch::Tensor& t = layer->*member;
+        if (!t.defined() || !t.is_alias_of(first) || !t.is_contiguous() ||
+            t.scalar_type() != first.scalar_type() ||
+            static_cast<const char*>(t.data_ptr()) != base + offset * first.element_size())
+            return false;
+        offset += t.numel();
+    }
+    return true;
+}
+
+void put_rows_back_to_back(const std::vector<torch::nn::LinearImpl*>& layers,
+                           torch::Tensor torch::nn::LinearImpl::*member) {
+    if (layers.empty() || rows_back_to_back(layers, member)) return;
+    // set_data refuses inference tensors: the buffer is made outside InferenceMode.
+    c10::InferenceMode not_inference(/*enabled=*/false);
+    torch::NoGradGuard no_grad;
+    const torch::Tensor& first = layers[0]->*member;
+    std::vector<int64_t> sizes = first.sizes().vec();
+    sizes[0] = 0;
+    for (const auto* layer : layers) sizes[0] += (layer->*member).size(0);
+    const auto buffer = at::empty(sizes, first.options());
+    int64_t offset = 0;
+    for (auto* layer : layers) {
+        torch::Tensor& t = layer->*member;
+        auto rows = buffer.narrow(0, offset, t.size(0));
+        rows.copy_(t);
+        offset += t.size(0);
+        t.set_data(rows);
+    }
+}
+
 namespace {
 
 bool has_shape(const torch::Tensor& t, std::initializer_list<int64_t> sizes) {
@@ -68,24 +106,10 @@ bool LinearGroup::ready(const torch::Device& device) const {
     return true;
 }
 
-bool LinearGroup::rows_packed(torch::Tensor torch::nn::LinearImpl::*member) const {
-    const torch::Tensor& first = layers_[0]->*member;
-    const int64_t row = first.dim() == 2 ? first.size(1) : 1;  // elements per output feature
-    const int64_t item = first.element_size();
-    const auto* base = static_cast<const char*>(first.data_ptr());
-    for (size_t i = 0; i < layers_.size(); ++i) {
-        // Rows offset(i).. of the buffer that the first layer's tensor starts.
-        const torch::Tensor& t = layers_[i]->*member;
-        if (!t.is_alias_of(first) || !t.is_contiguous() ||
-            static_cast<const char*>(t.data_ptr()) != base + offset(i) * row * item)
-            return false;
-    }
-    return true;
-}
-
 bool LinearGroup::packed(const torch::Device& device) const {
     if (!packable() || layers_[0]->weight.device() != device) return false;
-    return rows_packed(&torch::nn::LinearImpl::weight) && rows_packed(&torch::nn::LinearImpl::bias);
+    return rows_back_to_back(layers_, &torch::nn::LinearImpl::weight) &&
+           rows_back_to_back(layers_, &torch::nn::LinearImpl::bias);
 }
 
 bool LinearGroup::partly_fused() const {
@@ -99,24 +123,10 @@ bool LinearGroup::partly_fused() const {
 
 bool LinearGroup::pack() {
     if (!packable() || partly_fused()) return false;
-    const torch::Tensor& w0 = layers_[0]->weight;
-    // set_data refuses inference tensors: the buffers are made outside InferenceMode.
-    c10::InferenceMode not_inference(/*enabled=*/false);
-    torch::NoGradGuard no_grad;
     // Weights and biases each on their own: a LoRA fuse replaces only weights, and moving the
     // biases as well would change more tensors than it must (and the graphs' key with them).
-    for (auto member : {&torch::nn::LinearImpl::weight, &torch::nn::LinearImpl::bias}) {
-        if (rows_packed(member)) continue;
-        const torch::Tensor& first = layers_[0]->*member;
-        std::vector<int64_t> sizes = {total_out()};
-        if (first.dim() == 2) sizes.push_back(first.size(1));
-        const auto buffer = at::empty(sizes, w0.options());
-        for (size_t i = 0; i < layers_.size(); ++i) {
-            auto rows = buffer.narrow(0, offset(i), out_features(i));
-            rows.copy_(layers_[i]->*member);
-            (layers_[i]->*member).set_data(rows);
-        }
-    }
+    put_rows_back_to_back(layers_, &torch::nn::LinearImpl::weight);
+    put_rows_back_to_back(layers_, &torch::nn::LinearImpl::bias);
     return true;
 }
 

@@ -27,6 +27,16 @@ namespace wuerstchen::nn {
 // Whether layer's forward would add an unmerged LoRA branch (LoraLinearImpl::forward's test).
 bool lora_contributes(const torch::nn::LinearImpl& layer);
 
+// Whether each layer's `member` (its weight or its bias) lies in one buffer right after the
+// previous layer's, in order: each contiguous, one dtype.
+bool rows_back_to_back(const std::vector<torch::nn::LinearImpl*>& layers,
+                       torch::Tensor torch::nn::LinearImpl::*member);
+// Unless they already are, moves them into one new buffer so, with the same values (each
+// parameter views its rows). The caller checks that they are defined, of one dtype and device,
+// and alike after their first dimension.
+void put_rows_back_to_back(const std::vector<torch::nn::LinearImpl*>& layers,
+                           torch::Tensor torch::nn::LinearImpl::*member);
+
 // A view of t's buffer from t's first element on, with these sizes and strides, outside
 // autograd (e.g. the rows of several packed layers at once). Unlike as_strided it also works on
 // parameters made in c10::InferenceMode, whose views autograd refuses to track.
@@ -74,8 +84,6 @@ public:
 private:
     bool packable() const;  // one input size, dtype and device; every layer has a bias
     bool partly_fused() const;  // a LoRA fused into some layers (LoraLinearImpl::fused) only
-    // The layers' weights (or biases) are the rows of one buffer, in order. Only when packable().
-    bool rows_packed(torch::Tensor torch::nn::LinearImpl::*member) const;
 
     std::vector<torch::nn::LinearImpl*> layers_;
     std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
