@@ -336,17 +336,20 @@ ResidualBiases::ResidualBiases(const std::vector<torch::nn::Module*>& blocks) {
     // One to one: every timestep block right after a residual block, and every residual block
     // right before a timestep block (a residual block followed by anything else would lose its
     // bias: the pipelines' fold is all or nothing).
+    std::vector<ChannelwiseMLPImpl*> mlps;  // each block's, when it is a residual block
+    std::vector<bool> timestep;
+    for (auto* block : blocks) {
+        mlps.push_back(channelwise_of(block));
+        timestep.push_back(dynamic_cast<TimestepBlockImpl*>(block) != nullptr);
+    }
     for (size_t i = 0; i < blocks.size(); ++i) {
-        const bool timestep = dynamic_cast<TimestepBlockImpl*>(blocks[i]) != nullptr;
-        const bool residual = channelwise_of(blocks[i]) != nullptr;
-        const bool follows_residual = i > 0 && channelwise_of(blocks[i - 1]) != nullptr;
-        const bool precedes_timestep =
-            i + 1 < blocks.size() && dynamic_cast<TimestepBlockImpl*>(blocks[i + 1]) != nullptr;
-        if ((timestep && !follows_residual) || (residual && !precedes_timestep)) {
+        const bool follows_residual = i > 0 && mlps[i - 1] != nullptr;
+        const bool precedes_timestep = i + 1 < blocks.size() && timestep[i + 1];
+        if ((timestep[i] && !follows_residual) || (mlps[i] != nullptr && !precedes_timestep)) {
             layers_.clear();
             return;
         }
-        if (timestep) layers_.push_back(channelwise_of(blocks[i - 1])->fc2.get());
+        if (timestep[i]) layers_.push_back(mlps[i - 1]->fc2.get());
     }
 }
 
