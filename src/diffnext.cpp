@@ -247,12 +247,10 @@ struct WuerstchenDiffNeXtImpl::Conditions {
 
     const DiffNeXtCondition& condition;
     torch::Tensor r_embed;  // [B, c_r]
-    // When packed: every TimestepBlock's mapping of r_embed ([B, sum of 2C], 1 added to each
-    // scale by add_one_to_scales), in execution order, taken in turn, as condition.kv is.
+    // When packed: every TimestepBlock's mapping of r_embed (nn::map_timesteps_packed), in
+    // execution order, taken in turn, as condition.kv is.
     nn::LinearGroup t_group;
-    torch::Tensor t_all;
-    // The residual blocks' last biases are in t_all (nn::ResidualBiases).
-    bool bias_folded = false;
+    nn::TimestepMapping t;
     size_t t_next = 0, kv_next = 0;
 };
 
@@ -286,8 +284,8 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
         return attn->forward(x, c.clip);
     }
     if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
-        if (k.t_all.defined())
-            return ts->modulate_scaled(x, k.t_group.columns(k.t_all, k.t_next++));
+        if (k.t.all.defined())
+            return ts->modulate_scaled(x, k.t_group.columns(k.t.all, k.t_next++));
         return ts->forward(x, k.r_embed);
     }
     return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
@@ -300,11 +298,11 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_res_block(torch::nn::Module& block,
     auto& res = *block.as<ResBlockStageBImpl>();
     const torch::Tensor& effnet_c = k.condition.effnet[mapper_index];
     if (effnet_c.defined() && k.condition.effnet_folded)
-        return res.forward_folded(x, level_skip, effnet_c, k.bias_folded);
+        return res.forward_folded(x, level_skip, effnet_c, k.t.bias_folded);
     std::vector<torch::Tensor> skips;
     if (level_skip.defined()) skips.push_back(level_skip);
     if (effnet_c.defined()) skips.push_back(effnet_c);
-    return res.forward(x, skips, k.bias_folded);
+    return res.forward(x, skips, k.t.bias_folded);
 }
 
 std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x, Conditions& k) {
@@ -462,17 +460,10 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
 
     Conditions k(condition, nn::timestep_mappers(blocks));
     k.r_embed = nn::r_embedding(r, config_.c_r);
-    // Every timestep block's mapping of r_embed in one product when packed; else each block
-    // maps its own.
-    // Then the residual blocks' last biases move into those mappings (nn::ResidualBiases), and
-    // each residual block sums its product into its input.
-    if (k.t_group.ready(k.r_embed.device())) {
-        k.t_all = k.t_group.forward(k.r_embed);
-        nn::add_one_to_scales(k.t_group, k.t_all);
-        const nn::ResidualBiases biases(blocks);
-        k.bias_folded = biases.ready(k.t_group, k.t_all);
-        if (k.bias_folded) biases.fold_into(k.t_group, k.t_all);
-    }
+    // Every timestep block's mapping of r_embed in one product when packed, with the residual
+    // blocks' last biases moved into it (each residual block then sums its product into its
+    // input); else each block maps its own.
+    k.t = nn::map_timesteps_packed(k.t_group, blocks, k.r_embed);
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]
     const auto level_outputs = down_encode(h, k);

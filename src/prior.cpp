@@ -95,27 +95,18 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
             std::to_string(x_in.size(0)));
     auto x = projection->forward(x_in);  // [B, c_in, H, W] -> [B, c, H, W]
     auto r_embed = gen_r_embedding(r);   // [B] -> [B, c_r]
-    // Every block's mapping of r_embed in one product, when packed; else each block maps its
-    // own.
-    // Then the residual blocks' last biases move into those mappings (nn::ResidualBiases), and
-    // each residual block sums its product into its input.
+    // Every block's mapping of r_embed in one product, when packed, with the residual blocks'
+    // last biases moved into it (each residual block then sums its product into its input);
+    // else each block maps its own.
     const auto units = offload_units();
     const nn::LinearGroup t_group = nn::timestep_mappers(units);
-    torch::Tensor t_all;
-    bool bias_folded = false;
-    if (t_group.ready(r_embed.device())) {
-        t_all = t_group.forward(r_embed);
-        nn::add_one_to_scales(t_group, t_all);
-        const nn::ResidualBiases biases(units);
-        bias_folded = biases.ready(t_group, t_all);
-        if (bias_folded) biases.fold_into(t_group, t_all);
-    }
+    const nn::TimestepMapping t = nn::map_timesteps_packed(t_group, units, r_embed);
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i],
-                     [&] { return res_blocks_[i]->forward(x, {}, bias_folded); });
+                     [&] { return res_blocks_[i]->forward(x, {}, t.bias_folded); });
         x = run_unit(block_hook, *timestep_blocks_[i], [&] {
-            return t_all.defined()
-                       ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t_all, i))
+            return t.all.defined()
+                       ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t.all, i))
                        : timestep_blocks_[i]->forward(x, r_embed);
         });
         x = run_unit(block_hook, *attn_blocks_[i], [&] {

@@ -313,6 +313,19 @@ std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& 
     return group.split(group.forward(at::silu(cond)));
 }
 
+TimestepMapping map_timesteps_packed(const LinearGroup& group,
+                                     const std::vector<torch::nn::Module*>& blocks,
+                                     const torch::Tensor& r_embed) {
+    TimestepMapping mapping;
+    if (!group.ready(r_embed.device())) return mapping;
+    mapping.all = group.forward(r_embed);
+    add_one_to_scales(group, mapping.all);
+    const ResidualBiases biases(blocks);
+    mapping.bias_folded = biases.ready(group, mapping.all);
+    if (mapping.bias_folded) biases.fold_into(group, mapping.all);
+    return mapping;
+}
+
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
     const bool kv = kv_mappers(blocks).pack();
     ResidualBiases(blocks).pack();  // where the fold applies (not part of the result)

@@ -177,6 +177,19 @@ private:
     std::vector<torch::nn::LinearImpl*> layers_;  // empty unless every timestep block has one
 };
 
+// Every timestep block's mapping of r_embed ([B, c_r]) in one product, when `group` =
+// timestep_mappers(blocks) is ready on its device: all = [B, group.total_out()] with 1 added to
+// each scale (add_one_to_scales) and, where ResidualBiases(blocks) is ready, the residual
+// blocks' last biases folded into the shifts (bias_folded: the residual blocks then run with
+// it). Else `all` is undefined and each block maps its own.
+struct TimestepMapping {
+    torch::Tensor all;
+    bool bias_folded = false;
+};
+TimestepMapping map_timesteps_packed(const LinearGroup& group,
+                                     const std::vector<torch::nn::Module*>& blocks,
+                                     const torch::Tensor& r_embed);
+
 // `all` = timestep_mappers(...).forward(r_embed), [B, total_out()]: adds 1 to every layer's
 // first half of columns (its a of [a, b]) in place, one op per run of equally wide layers
 // instead of one per block; each layer's columns are then modulate_scaled's factors.
