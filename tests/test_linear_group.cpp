@@ -575,11 +575,15 @@ TEST(InputFold, DeclinesOrUndoes) {
 }
 
 // Residual and timestep blocks in the models' order (R, T, R, T, ...), widths C = 8, 8, 12,
-// every parameter drawn at random (a fresh GRN and some biases are zeros), in float64.
+// every parameter drawn at random (a fresh GRN and some biases are zeros), in float64; the
+// timestep mappers and the residual biases packed (`packed`: both).
 struct ResidualPairs {
     std::vector<nn::ResBlock> res;
     std::vector<nn::TimestepBlock> ts;
     std::vector<torch::nn::Module*> blocks;
+    nn::LinearGroup timesteps{{}};
+    nn::ResidualBiases biases{{}};
+    bool packed = false;
     explicit ResidualPairs(uint64_t seed) {
         torch::NoGradGuard no_grad;
         torch::manual_seed(seed);
@@ -593,6 +597,9 @@ struct ResidualPairs {
                 blocks.push_back(m);
             }
         }
+        timesteps = nn::timestep_mappers(blocks);
+        biases = nn::ResidualBiases(blocks);
+        packed = timesteps.pack() && biases.pack();
     }
 };
 
@@ -600,10 +607,9 @@ TEST(ResidualBiases, FoldedShiftEqualsResidualThenModulation) {
     // T(R(x)) as upstream computes it, against R's product summed into x without fc2's bias and
     // that bias moved into T's shift: b + c (1 + a).
     ResidualPairs p(21);
-    nn::LinearGroup t_group = nn::timestep_mappers(p.blocks);
-    ASSERT_TRUE(t_group.pack());
-    nn::ResidualBiases biases(p.blocks);
-    ASSERT_TRUE(biases.pack());
+    ASSERT_TRUE(p.packed);
+    const nn::LinearGroup& t_group = p.timesteps;
+    nn::ResidualBiases& biases = p.biases;
     // fc2's biases back to back: 8, 8, 12 values.
     const auto& first = p.res[0]->channelwise->fc2->bias;
     for (size_t i = 0; i < p.res.size(); ++i)
@@ -642,10 +648,9 @@ TEST(ResidualBiases, FoldedShiftEqualsResidualThenModulation) {
 
 TEST(ResidualBiases, NotReadyWhereTheFoldWouldBeWrong) {
     ResidualPairs p(22);
-    nn::LinearGroup t_group = nn::timestep_mappers(p.blocks);
-    ASSERT_TRUE(t_group.pack());
-    nn::ResidualBiases biases(p.blocks);
-    ASSERT_TRUE(biases.pack());
+    ASSERT_TRUE(p.packed);
+    const nn::LinearGroup& t_group = p.timesteps;
+    nn::ResidualBiases& biases = p.biases;
     torch::NoGradGuard no_grad;
     const auto all = t_group.forward(torch::randn({1, 6}, torch::kFloat64));
     EXPECT_TRUE(biases.ready(t_group, all));
