@@ -360,28 +360,39 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         const DiffNeXtCondition condition =
             decoder_->map_condition(effnet, text, shape[2], shape[3]);
         const std::vector<torch::Tensor> condition_tensors = condition.tensors();
-        // One denoising step: the decoder on [latents ; latents] for guidance (one batched
-        // forward), mixed as lerp(uncond, text, guidance_scale).
         const double guidance = opt.guidance_scale;
-        const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
-            const auto x = in_memory_format(in[0], options_);
-            const auto& ratio = in[1];
-            const auto mapped = condition.with_tensors({in.begin() + 2, in.end()});
-            if (!cfg) return decoder_->forward(x, ratio, mapped);
-            auto halves = decoder_->forward(at::cat({x, x}, 0), at::cat({ratio, ratio}, 0), mapped)
-                              .chunk(2, 0);  // text, uncond
-            return at::lerp(halves[1], halves[0], guidance);
-        };
         auto graph_key = graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);
         // The folded and the mapped forms of the image embeddings run different blocks' code
         // (and can have the same shapes): one graph each.
         if (graph_key && condition.effnet_folded) *graph_key += "|effnet folded";
-        // Every step's timestep and schedule factors at once, on the device.
+        // Every step's timestep and schedule factors at once, on the device, and, when the
+        // timestep mappers are packed, every step's modulations of the blocks in one product (a
+        // step then reads its row instead of embedding and mapping its ratio).
         const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device);
+        const MappedTimesteps modulations = decoder_->map_timesteps(plan.timesteps);
+        if (graph_key && modulations.residual_biases_folded)
+            *graph_key += "|residual biases folded";
+        // One denoising step: the decoder on [latents ; latents] for guidance (one batched
+        // forward), mixed as lerp(uncond, text, guidance_scale). in[1] is the step's row of
+        // `modulations` (for every sample), else its ratio per sample.
+        const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
+            const auto x = in_memory_format(in[0], options_);
+            const auto mapped = condition.with_tensors({in.begin() + 2, in.end()});
+            const auto run = [&](const torch::Tensor& batch) {
+                if (modulations.defined())
+                    return decoder_->forward(
+                        batch, MappedTimesteps{in[1], modulations.residual_biases_folded}, mapped);
+                return decoder_->forward(batch, cfg ? at::cat({in[1], in[1]}, 0) : in[1], mapped);
+            };
+            if (!cfg) return run(x);
+            auto halves = run(at::cat({x, x}, 0)).chunk(2, 0);  // text, uncond
+            return at::lerp(halves[1], halves[0], guidance);
+        };
         for (int i = 0; i < plan.steps(); ++i) {
-            // ratio = t.expand(B).to(dtype), on the device (no host round trip)
-            const auto ratio = plan.timestep(i, rows);
-            std::vector<torch::Tensor> inputs = {latents, ratio};
+            // The step's row of modulations, else ratio = t.expand(B).to(dtype), on the device
+            // (no host round trip).
+            std::vector<torch::Tensor> inputs = {
+                latents, modulations.defined() ? modulations.row(i).rows : plan.timestep(i, rows)};
             inputs.insert(inputs.end(), condition_tensors.begin(), condition_tensors.end());
             const torch::Tensor predicted =
                 graph_key ? graphs_->run(inputs, *graph_key, denoise, condition_tensors.size())

@@ -242,15 +242,16 @@ DiffNeXtCondition DiffNeXtCondition::with_tensors(const std::vector<torch::Tenso
 
 // What the blocks of one forward read: the call's mapped conditions and this step's r.
 struct WuerstchenDiffNeXtImpl::Conditions {
-    Conditions(const DiffNeXtCondition& mapped, nn::LinearGroup t_mappers)
-        : condition(mapped), t_group(std::move(t_mappers)) {}
+    Conditions(const DiffNeXtCondition& mapped, nn::LinearGroup t_mappers,
+               const MappedTimesteps& mapped_t)
+        : condition(mapped), t_group(std::move(t_mappers)), t(mapped_t) {}
 
     const DiffNeXtCondition& condition;
-    torch::Tensor r_embed;  // [B, c_r]
-    // When packed: every TimestepBlock's mapping of r_embed (nn::map_timesteps_packed), in
-    // execution order, taken in turn, as condition.kv is.
+    torch::Tensor r_embed;  // [B, c_r], when t is undefined
+    // When defined: every TimestepBlock's modulation (map_timesteps), in execution order, taken
+    // in turn, as condition.kv is.
     nn::LinearGroup t_group;
-    nn::TimestepMapping t;
+    const MappedTimesteps& t;
     size_t t_next = 0, kv_next = 0;
 };
 
@@ -284,8 +285,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_other_block(
         return attn->forward(x, c.clip);
     }
     if (auto* ts = block->as<nn::TimestepBlockImpl>()) {
-        if (k.t.all.defined())
-            return ts->modulate_scaled(x, k.t_group.columns(k.t.all, k.t_next++));
+        if (k.t.defined()) return ts->modulate_scaled(x, k.t_group.columns(k.t.rows, k.t_next++));
         return ts->forward(x, k.r_embed);
     }
     return block->as<torch::nn::SequentialImpl>()->forward(x);  // level down/up sampler
@@ -298,11 +298,11 @@ torch::Tensor WuerstchenDiffNeXtImpl::run_res_block(torch::nn::Module& block,
     auto& res = *block.as<ResBlockStageBImpl>();
     const torch::Tensor& effnet_c = k.condition.effnet[mapper_index];
     if (effnet_c.defined() && k.condition.effnet_folded)
-        return res.forward_folded(x, level_skip, effnet_c, k.t.bias_folded);
+        return res.forward_folded(x, level_skip, effnet_c, k.t.residual_biases_folded);
     std::vector<torch::Tensor> skips;
     if (level_skip.defined()) skips.push_back(level_skip);
     if (effnet_c.defined()) skips.push_back(effnet_c);
-    return res.forward(x, skips, k.t.bias_folded);
+    return res.forward(x, skips, k.t.residual_biases_folded);
 }
 
 std::vector<torch::Tensor> WuerstchenDiffNeXtImpl::down_encode(torch::Tensor x, Conditions& k) {
@@ -353,17 +353,23 @@ std::pair<int64_t, int64_t> WuerstchenDiffNeXtImpl::mapper_level_size(size_t ind
 }
 
 void WuerstchenDiffNeXtImpl::check_input(const torch::Tensor& x, const torch::Tensor& r) const {
-    if (x.dim() != 4 || x.size(1) != config_.c_in)
+    check_latents(x);
+    if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0))
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: r must be [B] with B = " + std::to_string(x.size(0)) + ", got " +
+            (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
+}
+
+void WuerstchenDiffNeXtImpl::check_latents(const torch::Tensor& x) const {
+    if (!x.defined() || x.dim() != 4 || x.size(1) != config_.c_in)
         throw InvalidArgument("WuerstchenDiffNeXt: x must be [B, " + std::to_string(config_.c_in) +
-                              ", H, W], got " + c10::str(x.sizes()));
+                              ", H, W], got " +
+                              (x.defined() ? c10::str(x.sizes()) : std::string("undefined")));
     const int64_t m = size_multiple();
     if (x.size(2) % m != 0 || x.size(3) % m != 0)
         throw InvalidArgument(
             "WuerstchenDiffNeXt: the height and width of x must be divisible by " +
             std::to_string(m) + ", got " + c10::str(x.sizes()));
-    if (r.dim() != 1 || r.size(0) != x.size(0))
-        throw InvalidArgument("WuerstchenDiffNeXt: r must be [B] with B = " +
-                              std::to_string(x.size(0)) + ", got " + c10::str(r.sizes()));
     if (config_.c_out != config_.c_in)
         throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
 }
@@ -422,16 +428,51 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
                                               const torch::Tensor& effnet,
                                               const torch::Tensor& clip) {
     check_input(x, r);
-    if (effnet.dim() != 4 || effnet.size(0) != x.size(0) || effnet.size(1) != config_.effnet_embd)
-        throw InvalidArgument("WuerstchenDiffNeXt: effnet must be [" + std::to_string(x.size(0)) +
-                              ", " + std::to_string(config_.effnet_embd) + ", h, w], got " +
-                              c10::str(effnet.sizes()));
+    if (!effnet.defined() || effnet.dim() != 4 || effnet.size(0) != x.size(0) ||
+        effnet.size(1) != config_.effnet_embd)
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: effnet must be [" + std::to_string(x.size(0)) + ", " +
+            std::to_string(config_.effnet_embd) + ", h, w], got " +
+            (effnet.defined() ? c10::str(effnet.sizes()) : std::string("undefined")));
     return forward(x, r, map_condition(effnet, clip, x.size(2), x.size(3)));
+}
+
+MappedTimesteps WuerstchenDiffNeXtImpl::map_timesteps(const torch::Tensor& r) {
+    if (!r.defined() || r.dim() != 1)
+        throw InvalidArgument("WuerstchenDiffNeXt::map_timesteps: r must be [N], got " +
+                              (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
+    const auto blocks = offload_units();
+    return nn::map_timesteps_packed(nn::timestep_mappers(blocks), blocks,
+                                    nn::r_embedding(r, config_.c_r));
 }
 
 torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
                                               const DiffNeXtCondition& condition) {
     check_input(x, r);
+    // Every timestep block's mapping of r's embedding in one product when packed, with the
+    // residual blocks' last biases moved into it (each residual block then sums its product
+    // into its input); else each block maps its own.
+    const auto r_embed = nn::r_embedding(r, config_.c_r);
+    const auto blocks = offload_units();
+    const MappedTimesteps t =
+        nn::map_timesteps_packed(nn::timestep_mappers(blocks), blocks, r_embed);
+    return forward_blocks(x, t, t.defined() ? torch::Tensor() : r_embed, condition);
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const MappedTimesteps& t,
+                                              const DiffNeXtCondition& condition) {
+    check_latents(x);
+    if (!t.defined())
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: the mapped timesteps are undefined (map_timesteps maps nothing "
+            "while the timestep mappers are not packed: pass r)");
+    return forward_blocks(x, t, {}, condition);
+}
+
+torch::Tensor WuerstchenDiffNeXtImpl::forward_blocks(const torch::Tensor& x,
+                                                     const MappedTimesteps& t,
+                                                     const torch::Tensor& r_embed,
+                                                     const DiffNeXtCondition& condition) {
     // The condition must be map_condition's for this batch and these latents' size.
     const auto blocks = offload_units();  // every block, in execution order
     const size_t attention = nn::kv_mappers(blocks).size();
@@ -458,12 +499,11 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
             "changed since (or are not on " +
             x.device().str() + "); map it again");
 
-    Conditions k(condition, nn::timestep_mappers(blocks));
-    k.r_embed = nn::r_embedding(r, config_.c_r);
-    // Every timestep block's mapping of r_embed in one product when packed, with the residual
-    // blocks' last biases moved into it (each residual block then sums its product into its
-    // input); else each block maps its own.
-    k.t = nn::map_timesteps_packed(k.t_group, blocks, k.r_embed);
+    Conditions k(condition, nn::timestep_mappers(blocks), t);
+    if (t.defined())
+        nn::check_mapped_timesteps(t, k.t_group, x.size(0), x.device(), x.scalar_type(),
+                                   "WuerstchenDiffNeXt");
+    k.r_embed = r_embed;
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]
     const auto level_outputs = down_encode(h, k);

@@ -84,8 +84,38 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     return forward(x_in, r, map_condition(c));
 }
 
+MappedTimesteps WuerstchenPriorImpl::map_timesteps(const torch::Tensor& r) {
+    if (!r.defined() || r.dim() != 1)
+        throw InvalidArgument("WuerstchenPrior::map_timesteps: r must be [N], got " +
+                              (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
+    const auto units = offload_units();
+    return nn::map_timesteps_packed(nn::timestep_mappers(units), units, gen_r_embedding(r));
+}
+
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
                                            const PriorCondition& condition) {
+    // Every block's mapping of r's embedding in one product, when packed, with the residual
+    // blocks' last biases moved into it (each residual block then sums its product into its
+    // input); else each block maps its own.
+    const auto r_embed = gen_r_embedding(r);  // [B] -> [B, c_r]
+    const auto units = offload_units();
+    const MappedTimesteps t = nn::map_timesteps_packed(nn::timestep_mappers(units), units, r_embed);
+    return forward_blocks(x_in, t, t.defined() ? torch::Tensor() : r_embed, condition);
+}
+
+torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const MappedTimesteps& t,
+                                           const PriorCondition& condition) {
+    if (!t.defined())
+        throw InvalidArgument(
+            "WuerstchenPrior: the mapped timesteps are undefined (map_timesteps "
+            "maps nothing while the timestep mappers are not packed: pass r)");
+    return forward_blocks(x_in, t, {}, condition);
+}
+
+torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
+                                                  const MappedTimesteps& t,
+                                                  const torch::Tensor& r_embed,
+                                                  const PriorCondition& condition) {
     const torch::Tensor& c_embed = condition.c_embed;
     const std::vector<torch::Tensor>& kv_all = condition.kv;
     if (!c_embed.defined() || c_embed.dim() != 3 || c_embed.size(0) != x_in.size(0) ||
@@ -93,21 +123,17 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
         throw InvalidArgument(
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
             std::to_string(x_in.size(0)));
+    const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
+    if (t.defined())
+        nn::check_mapped_timesteps(t, t_group, x_in.size(0), x_in.device(), x_in.scalar_type(),
+                                   "WuerstchenPrior");
     auto x = projection->forward(x_in);  // [B, c_in, H, W] -> [B, c, H, W]
-    auto r_embed = gen_r_embedding(r);   // [B] -> [B, c_r]
-    // Every block's mapping of r_embed in one product, when packed, with the residual blocks'
-    // last biases moved into it (each residual block then sums its product into its input);
-    // else each block maps its own.
-    const auto units = offload_units();
-    const nn::LinearGroup t_group = nn::timestep_mappers(units);
-    const nn::TimestepMapping t = nn::map_timesteps_packed(t_group, units, r_embed);
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i],
-                     [&] { return res_blocks_[i]->forward(x, {}, t.bias_folded); });
+                     [&] { return res_blocks_[i]->forward(x, {}, t.residual_biases_folded); });
         x = run_unit(block_hook, *timestep_blocks_[i], [&] {
-            return t.all.defined()
-                       ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t.all, i))
-                       : timestep_blocks_[i]->forward(x, r_embed);
+            return t.defined() ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t.rows, i))
+                               : timestep_blocks_[i]->forward(x, r_embed);
         });
         x = run_unit(block_hook, *attn_blocks_[i], [&] {
             return !kv_all.empty() ? attn_blocks_[i]->forward_mapped(x, kv_all[i])

@@ -292,26 +292,36 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     // The text condition as the blocks read it, mapped once for all steps (graph inputs copied
     // once per call).
     const std::vector<torch::Tensor> condition = prior_->map_condition(text_states).tensors();
-    // One denoising step: the prior on [latents ; latents] for guidance (one batched forward),
-    // mixed as lerp(uncond, text, guidance_scale).
     const double guidance = o.guidance_scale;
+    auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
+    // Every step's timestep and schedule factors at once, on the device, and, when the timestep
+    // mappers are packed, every step's modulations of the blocks in one product (a step then
+    // reads its row instead of embedding and mapping its ratio).
+    const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device_);
+    const MappedTimesteps modulations = prior_->map_timesteps(plan.timesteps);
+    if (graph_key && modulations.residual_biases_folded) *graph_key += "|residual biases folded";
+    // One denoising step: the prior on [latents ; latents] for guidance (one batched forward),
+    // mixed as lerp(uncond, text, guidance_scale). in[1] is the step's row of `modulations`
+    // (for every sample), else its ratio per sample.
     const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
         const auto x = in_memory_format(in[0], options_);
-        const auto& ratio = in[1];
         const auto mapped = PriorCondition::from_tensors({in.begin() + 2, in.end()});
-        if (!cfg) return prior_->forward(x, ratio, mapped);
-        auto chunks =
-            prior_->forward(torch::cat({x, x}), torch::cat({ratio, ratio}), mapped).chunk(2);
+        const auto run = [&](const torch::Tensor& batch) {
+            if (modulations.defined())
+                return prior_->forward(
+                    batch, MappedTimesteps{in[1], modulations.residual_biases_folded}, mapped);
+            return prior_->forward(batch, cfg ? torch::cat({in[1], in[1]}) : in[1], mapped);
+        };
+        if (!cfg) return run(x);
+        auto chunks = run(torch::cat({x, x})).chunk(2);
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
-    const auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
-    // Every step's timestep and schedule factors at once, on the device.
-    const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device_);
     for (int i = 0; i < plan.steps(); ++i) {
         const float t = plan.points[static_cast<size_t>(i)];
-        // ratio = t.expand(latents.size(0)).to(dtype)
-        const auto ratio = plan.timestep(i, latents.size(0));
-        std::vector<torch::Tensor> inputs = {latents, ratio};
+        // The step's row of modulations, else ratio = t.expand(latents.size(0)).to(dtype).
+        std::vector<torch::Tensor> inputs = {latents, modulations.defined()
+                                                          ? modulations.row(i).rows
+                                                          : plan.timestep(i, latents.size(0))};
         inputs.insert(inputs.end(), condition.begin(), condition.end());
         torch::Tensor pred = graph_key ? graphs_->run(inputs, *graph_key, denoise, condition.size())
                                        : denoise(inputs);

@@ -18,6 +18,7 @@
 
 #include "wuerstchen/block_hook.h"
 #include "wuerstchen/config.h"
+#include "wuerstchen/mapped_timesteps.h"
 #include "wuerstchen/weights.h"
 
 namespace wuerstchen {
@@ -51,6 +52,15 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // The same with the conditions already mapped by map_condition for x's height and width.
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
                           const DiffNeXtCondition& condition);
+    // The same with r's modulations mapped ahead: `t` = map_timesteps(r) for x's batch, or a
+    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined or not
+    // such rows.
+    torch::Tensor forward(const torch::Tensor& x, const MappedTimesteps& t,
+                          const DiffNeXtCondition& condition);
+    // As WuerstchenPriorImpl::map_timesteps: r: [N] -> every timestep block's modulation for
+    // each (down levels, then up levels), in one product when the timestep mappers are packed
+    // and usable; else undefined.
+    MappedTimesteps map_timesteps(const torch::Tensor& r);
     // effnet and clip as forward takes them, mapped for latents of `height` x `width` (x's last
     // two sizes): the text states by clip_mapper and, when packed, every attention block's
     // kv_mapper; the image embeddings resized to each injecting level's size and mapped. Does not
@@ -124,6 +134,10 @@ private:
                                                   int64_t width) const;
     // x: [B, c_in, H, W] with H, W divisible by size_multiple(), r: [B]; InvalidArgument else.
     void check_input(const torch::Tensor& x, const torch::Tensor& r) const;
+    void check_latents(const torch::Tensor& x) const;  // x alone
+    // The blocks, reading t when defined, else r_embed ([B, c_r]).
+    torch::Tensor forward_blocks(const torch::Tensor& x, const MappedTimesteps& t,
+                                 const torch::Tensor& r_embed, const DiffNeXtCondition& condition);
 
     DiffNeXtConfig config_;
 };

@@ -17,6 +17,7 @@
 
 #include "wuerstchen/block_hook.h"
 #include "wuerstchen/config.h"
+#include "wuerstchen/mapped_timesteps.h"
 #include "wuerstchen/weights.h"
 
 namespace wuerstchen {
@@ -47,6 +48,17 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // The same with c already mapped by map_condition (which does not depend on x or r).
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
                           const PriorCondition& condition);
+    // The same with r's modulations mapped ahead: `t` = map_timesteps(r) for x's batch, or a
+    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined or not
+    // such rows.
+    torch::Tensor forward(const torch::Tensor& x, const MappedTimesteps& t,
+                          const PriorCondition& condition);
+    // r: [N] noise ratios -> every timestep block's modulation for each, in one product, when
+    // the timestep mappers are packed (pack_condition_mappers), on r's device, and no LoRA
+    // adapter on them contributes; else undefined (forward then needs r). A pipeline maps all
+    // of a call's ratios at once, so that a step reads a row instead of embedding r and mapping
+    // it. Throws InvalidArgument when r is not [N].
+    MappedTimesteps map_timesteps(const torch::Tensor& r);
     // c: [B, L, c_cond] -> cond_mapper(c) and, when the kv_mappers are packed
     // (pack_condition_mappers) and no LoRA adapter on them contributes, every attention block's
     // mapping of it in one product. Throws InvalidArgument for another shape.
@@ -86,6 +98,9 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     torch::nn::Conv2d out_conv{nullptr};         // out.1
 
 private:
+    // The blocks, reading t when defined, else r_embed ([B, c_r]).
+    torch::Tensor forward_blocks(const torch::Tensor& x, const MappedTimesteps& t,
+                                 const torch::Tensor& r_embed, const PriorCondition& condition);
     PriorConfig config_;
     std::vector<std::shared_ptr<nn::ResBlockImpl>> res_blocks_;
     std::vector<std::shared_ptr<nn::TimestepBlockImpl>> timestep_blocks_;

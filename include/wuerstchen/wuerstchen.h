@@ -29,6 +29,7 @@
 #include "wuerstchen/error.h"
 #include "wuerstchen/image.h"
 #include "wuerstchen/lora.h"
+#include "wuerstchen/mapped_timesteps.h"
 #include "wuerstchen/paella_vq.h"
 #include "wuerstchen/pipeline_common.h"
 #include "wuerstchen/prior.h"

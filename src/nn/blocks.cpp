@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "nn/init.h"
+#include "wuerstchen/error.h"
 
 namespace wuerstchen::nn {
 
@@ -313,17 +314,33 @@ std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& 
     return group.split(group.forward(at::silu(cond)));
 }
 
-TimestepMapping map_timesteps_packed(const LinearGroup& group,
+MappedTimesteps map_timesteps_packed(const LinearGroup& group,
                                      const std::vector<torch::nn::Module*>& blocks,
                                      const torch::Tensor& r_embed) {
-    TimestepMapping mapping;
-    if (!group.ready(r_embed.device())) return mapping;
-    mapping.all = group.forward(r_embed);
-    add_one_to_scales(group, mapping.all);
+    MappedTimesteps mapped;
+    if (!group.ready(r_embed.device())) return mapped;
+    mapped.rows = group.forward(r_embed);
+    add_one_to_scales(group, mapped.rows);
     const ResidualBiases biases(blocks);
-    mapping.bias_folded = biases.ready(group, mapping.all);
-    if (mapping.bias_folded) biases.fold_into(group, mapping.all);
-    return mapping;
+    mapped.residual_biases_folded = biases.ready(group, mapped.rows);
+    if (mapped.residual_biases_folded) biases.fold_into(group, mapped.rows);
+    return mapped;
+}
+
+void check_mapped_timesteps(const MappedTimesteps& t, const LinearGroup& group, int64_t batch,
+                            const torch::Device& device, torch::ScalarType dtype,
+                            const char* where) {
+    const torch::Tensor& rows = t.rows;
+    if (rows.defined() && group.size() > 0 && rows.dim() == 2 &&
+        (rows.size(0) == 1 || rows.size(0) == batch) && rows.size(1) == group.total_out() &&
+        rows.device() == device && rows.scalar_type() == dtype)
+        return;
+    throw InvalidArgument(
+        std::string(where) + ": the mapped timesteps must be map_timesteps' rows ([1 or " +
+        std::to_string(batch) + ", " + std::to_string(group.total_out()) + "] on " + device.str() +
+        " in " + c10::toString(dtype) + "), got " +
+        (rows.defined() ? c10::str(rows.sizes(), " on ", rows.device(), " in ", rows.scalar_type())
+                        : std::string("undefined rows")));
 }
 
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
@@ -499,3 +516,14 @@ torch::Tensor r_embedding(const torch::Tensor& r, int64_t c_r, double max_positi
 }
 
 }  // namespace wuerstchen::nn
+
+namespace wuerstchen {
+
+MappedTimesteps MappedTimesteps::row(int64_t i) const {
+    if (!rows.defined() || rows.dim() != 2 || i < 0 || i >= rows.size(0))
+        throw InvalidArgument("MappedTimesteps::row: no row " + std::to_string(i) + " in " +
+                              (rows.defined() ? c10::str(rows.sizes()) : std::string("undefined")));
+    return {rows.narrow(0, i, 1), residual_biases_folded};
+}
+
+}  // namespace wuerstchen

@@ -16,6 +16,7 @@
 
 #include "nn/linear_group.h"
 #include "wuerstchen/lora.h"
+#include "wuerstchen/mapped_timesteps.h"
 
 namespace wuerstchen::nn {
 
@@ -177,18 +178,21 @@ private:
     std::vector<torch::nn::LinearImpl*> layers_;  // empty unless every timestep block has one
 };
 
-// Every timestep block's mapping of r_embed ([B, c_r]) in one product, when `group` =
-// timestep_mappers(blocks) is ready on its device: all = [B, group.total_out()] with 1 added to
-// each scale (add_one_to_scales) and, where ResidualBiases(blocks) is ready, the residual
-// blocks' last biases folded into the shifts (bias_folded: the residual blocks then run with
-// it). Else `all` is undefined and each block maps its own.
-struct TimestepMapping {
-    torch::Tensor all;
-    bool bias_folded = false;
-};
-TimestepMapping map_timesteps_packed(const LinearGroup& group,
+// Every timestep block's mapping of r_embed ([N, c_r]) in one product, when `group` =
+// timestep_mappers(blocks) is ready on its device: rows = [N, group.total_out()] with 1 added to
+// each scale (add_one_to_scales) and, where ResidualBiases(blocks) is ready, the residual blocks'
+// last biases folded into the shifts (the residual blocks then run with residual_biases_folded).
+// Else undefined rows, and each block maps its own.
+MappedTimesteps map_timesteps_packed(const LinearGroup& group,
                                      const std::vector<torch::nn::Module*>& blocks,
                                      const torch::Tensor& r_embed);
+
+// Whether `t` are rows a forward of a batch of `batch` on `device` in `dtype` can read with
+// timestep_mappers(...) = `group`: [1 or batch, group.total_out()] there. InvalidArgument naming
+// `where` otherwise.
+void check_mapped_timesteps(const MappedTimesteps& t, const LinearGroup& group, int64_t batch,
+                            const torch::Device& device, torch::ScalarType dtype,
+                            const char* where);
 
 // `all` = timestep_mappers(...).forward(r_embed), [B, total_out()]: adds 1 to every layer's
 // first half of columns (its a of [a, b]) in place, one op per run of equally wide layers

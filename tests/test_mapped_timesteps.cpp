@@ -1,0 +1,204 @@
+// The models' map_timesteps and forward(x, MappedTimesteps, condition): the timestep blocks'
+// modulations for all of a call's ratios in one product, a step reading its row. The same forward
+// as mapping r at the step, no r-embedding or mapper product in the step, typed errors for rows
+// that do not fit, and pipelines that map once per call.
+
+#include <c10/core/InferenceMode.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "reference_cases.h"
+#include "test_util.h"
+#include "wuerstchen/decoder_pipeline.h"
+#include "wuerstchen/diffnext.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/mapped_timesteps.h"
+#include "wuerstchen/prior.h"
+#include "wuerstchen/prior_pipeline.h"
+
+namespace wuerstchen {
+namespace {
+
+using test::all_close;
+using test::count_ops;
+using test::ref_tensor;
+using test::scaled_tol;
+
+// Ratios around those of a reference input r ([2]): r[0] at index 1 and r[1] at index 3, among
+// others, as a pipeline maps a whole schedule.
+torch::Tensor schedule_around(const torch::Tensor& r) {
+    return torch::stack(
+        {torch::ones({}, r.options()), r[0], r[0] * 0.5, r[1], torch::zeros({}, r.options())});
+}
+
+// The rows of map_timesteps(schedule_around(r)) for r[0] and r[1]: rows for the reference's
+// batch of 2, mapped with other ratios in one product.
+template <class Model>
+MappedTimesteps rows_for_reference(Model& model, const torch::Tensor& r) {
+    const MappedTimesteps all = model->map_timesteps(schedule_around(r));
+    EXPECT_TRUE(all.defined());
+    if (!all.defined()) return all;
+    EXPECT_EQ(all.rows.size(0), 5);
+    return {torch::cat({all.rows[1].unsqueeze(0), all.rows[3].unsqueeze(0)}),
+            all.residual_biases_folded};
+}
+
+struct PriorCase {
+    PriorCase() : ref(test::reference("prior_forward")), model(load_prior(dir())) {}
+    static std::string dir() { return test::data_path("tiny-wuerstchen-prior/prior"); }
+    torch::Tensor x() const { return ref_tensor(ref, "x"); }
+    torch::Tensor r() const { return ref_tensor(ref, "r"); }
+    SafeTensors ref;
+    WuerstchenPrior model;
+};
+
+struct DecoderCase {
+    DecoderCase()
+        : ref(test::reference("decoder_forward")),
+          model(load_diffnext(test::data_path("tiny-wuerstchen/decoder"))) {}
+    torch::Tensor x() const { return ref_tensor(ref, "x"); }
+    torch::Tensor r() const { return ref_tensor(ref, "r"); }
+    DiffNeXtCondition condition() {
+        return model->map_condition(ref_tensor(ref, "effnet"), ref_tensor(ref, "clip"), x().size(2),
+                                    x().size(3));
+    }
+    SafeTensors ref;
+    WuerstchenDiffNeXt model;
+};
+
+TEST(MappedTimesteps, PriorRowsGiveTheSameForward) {
+    PriorCase p;
+    c10::InferenceMode guard;
+    const auto condition = p.model->map_condition(ref_tensor(p.ref, "c"));
+    const auto expected = p.model->forward(p.x(), p.r(), condition);
+    const MappedTimesteps rows = rows_for_reference(p.model, p.r());
+    ASSERT_TRUE(rows.residual_biases_folded);
+    // Rows mapped with the schedule in one product: the same sums, rounded alike up to float32.
+    EXPECT_TRUE(all_close("prior, rows of a mapped schedule vs r",
+                          p.model->forward(p.x(), rows, condition), expected,
+                          scaled_tol(expected, 1e-6)));
+    EXPECT_TRUE(all_close("prior, rows vs diffusers", p.model->forward(p.x(), rows, condition),
+                          ref_tensor(p.ref, "out"), 1.5e-3));
+    // One row for a batch at one ratio.
+    const auto same_r = p.r()[1].expand({2});
+    const auto one_ratio = p.model->forward(p.x(), same_r, condition);
+    EXPECT_TRUE(all_close("prior, one row for the batch vs r expanded",
+                          p.model->forward(p.x(), p.model->map_timesteps(p.r()).row(1), condition),
+                          one_ratio, scaled_tol(one_ratio, 1e-6)));
+}
+
+TEST(MappedTimesteps, DecoderRowsGiveTheSameForward) {
+    DecoderCase d;
+    c10::InferenceMode guard;
+    const auto condition = d.condition();
+    const auto expected = d.model->forward(d.x(), d.r(), condition);
+    const MappedTimesteps rows = rows_for_reference(d.model, d.r());
+    ASSERT_TRUE(rows.residual_biases_folded);
+    EXPECT_TRUE(all_close("decoder, rows of a mapped schedule vs r",
+                          d.model->forward(d.x(), rows, condition), expected,
+                          scaled_tol(expected, 1e-6)));
+    EXPECT_TRUE(all_close("decoder, rows vs diffusers", d.model->forward(d.x(), rows, condition),
+                          ref_tensor(d.ref, "out"), 1e-3));
+    const auto same_r = d.r()[0].expand({2});
+    const auto one_ratio = d.model->forward(d.x(), same_r, condition);
+    EXPECT_TRUE(all_close("decoder, one row for the batch vs r expanded",
+                          d.model->forward(d.x(), d.model->map_timesteps(d.r()).row(0), condition),
+                          one_ratio, scaled_tol(one_ratio, 1e-6)));
+}
+
+// With the rows given, a step runs no r-embedding (sin, cos) and one matrix product fewer (the
+// packed timestep mappers'); the scales' +1 and the bias fold were done with the rows too.
+TEST(MappedTimesteps, StepWithRowsSkipsTheEmbeddingAndTheMapperProduct) {
+    PriorCase p;
+    DecoderCase d;
+    c10::InferenceMode guard;
+    const std::vector<std::string> ops = {"aten::sin", "aten::cos", "aten::addmm", "aten::mm"};
+    const auto prior_condition = p.model->map_condition(ref_tensor(p.ref, "c"));
+    const auto prior_rows = p.model->map_timesteps(p.r());
+    const auto decoder_condition = d.condition();
+    const auto decoder_rows = d.model->map_timesteps(d.r());
+    const std::vector<std::pair<std::string, std::function<void()>>> pairs = {
+        {"prior, r", [&] { p.model->forward(p.x(), p.r(), prior_condition); }},
+        {"prior, rows", [&] { p.model->forward(p.x(), prior_rows, prior_condition); }},
+        {"decoder, r", [&] { d.model->forward(d.x(), d.r(), decoder_condition); }},
+        {"decoder, rows", [&] { d.model->forward(d.x(), decoder_rows, decoder_condition); }}};
+    for (size_t i = 0; i < pairs.size(); i += 2) {
+        const auto with_r = count_ops(ops, pairs[i].second);
+        const auto with_rows = count_ops(ops, pairs[i + 1].second);
+        const std::string& what = pairs[i + 1].first;
+        EXPECT_EQ(with_r.at("aten::sin"), 1) << pairs[i].first;
+        EXPECT_EQ(with_rows.at("aten::sin"), 0) << what;
+        EXPECT_EQ(with_rows.at("aten::cos"), 0) << what;
+        EXPECT_EQ(with_r.at("aten::addmm") + with_r.at("aten::mm") -
+                      (with_rows.at("aten::addmm") + with_rows.at("aten::mm")),
+                  1)
+            << what;
+    }
+}
+
+TEST(MappedTimesteps, RejectsRowsThatDoNotFit) {
+    PriorCase p;
+    DecoderCase d;
+    c10::InferenceMode guard;
+    const auto condition = p.model->map_condition(ref_tensor(p.ref, "c"));
+    const MappedTimesteps rows = p.model->map_timesteps(p.r());
+    ASSERT_TRUE(rows.defined());
+    auto with = [&](const torch::Tensor& t) { return MappedTimesteps{t, true}; };
+    // Three rows for a batch of two; one column short; another dtype; the decoder's rows.
+    const auto three = torch::cat({rows.rows, rows.rows.narrow(0, 0, 1)});
+    WUERSTCHEN_EXPECT_THROW_MSG(p.model->forward(p.x(), with(three), condition), InvalidArgument,
+                                "WuerstchenPrior", "map_timesteps", "[3,");
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        p.model->forward(p.x(), with(rows.rows.narrow(1, 0, rows.rows.size(1) - 1)), condition),
+        InvalidArgument, "WuerstchenPrior", "map_timesteps");
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        p.model->forward(p.x(), with(rows.rows.to(torch::kFloat64)), condition), InvalidArgument,
+        "WuerstchenPrior", "Double");
+    WUERSTCHEN_EXPECT_THROW_MSG(p.model->forward(p.x(), d.model->map_timesteps(d.r()), condition),
+                                InvalidArgument, "WuerstchenPrior", "map_timesteps");
+    WUERSTCHEN_EXPECT_THROW_MSG(d.model->forward(d.x(), rows, d.condition()), InvalidArgument,
+                                "WuerstchenDiffNeXt", "map_timesteps");
+    WUERSTCHEN_EXPECT_THROW_MSG(p.model->forward(p.x(), MappedTimesteps{}, condition),
+                                InvalidArgument, "WuerstchenPrior", "undefined");
+    WUERSTCHEN_EXPECT_THROW_MSG(rows.row(2), InvalidArgument, "MappedTimesteps::row", "no row 2");
+    WUERSTCHEN_EXPECT_THROW_MSG(rows.row(-1), InvalidArgument, "no row -1");
+    WUERSTCHEN_EXPECT_THROW_MSG(p.model->map_timesteps(p.r().unsqueeze(0)), InvalidArgument,
+                                "WuerstchenPrior::map_timesteps", "[N]");
+    WUERSTCHEN_EXPECT_THROW_MSG(d.model->map_timesteps(torch::Tensor()), InvalidArgument,
+                                "WuerstchenDiffNeXt::map_timesteps", "undefined");
+}
+
+// Unpacked (offloaded) models map nothing ahead: forward needs r, and says so.
+TEST(MappedTimesteps, UnpackedModelsMapPerStep) {
+    auto prior = load_prior(PriorCase::dir(), test::unpacked_load());
+    auto decoder = load_diffnext(test::data_path("tiny-wuerstchen/decoder"), test::unpacked_load());
+    c10::InferenceMode guard;
+    const auto r = torch::tensor({0.5f, 0.25f});
+    EXPECT_FALSE(prior->map_timesteps(r).defined());
+    EXPECT_FALSE(decoder->map_timesteps(r).defined());
+    PriorCase p;
+    const auto condition = prior->map_condition(ref_tensor(p.ref, "c"));
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(p.x(), prior->map_timesteps(p.r()), condition),
+                                InvalidArgument, "undefined", "pass r");
+}
+
+// The pipelines map every step's ratio in one go: one r-embedding (one sin) per call, whatever
+// the number of steps.
+TEST(MappedTimesteps, PipelinesMapOncePerCall) {
+    auto prior = PriorPipeline::from_pretrained(test::data_path("tiny-wuerstchen-prior"));
+    PriorOptions po = test::prior_seed0_options();
+    po.num_inference_steps = 3;
+    const auto prior_ops = count_ops({"aten::sin"}, [&] { prior(po); });
+    EXPECT_EQ(prior_ops.at("aten::sin"), 1) << "prior pipeline, 3 steps";
+
+    auto decoder = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen"));
+    DecoderOptions dopt = test::decoder_seed22_options(test::reference("pipeline_decoder_seed22"));
+    dopt.num_inference_steps = 3;
+    dopt.decode = false;
+    const auto decoder_ops = count_ops({"aten::sin"}, [&] { decoder(dopt); });
+    EXPECT_EQ(decoder_ops.at("aten::sin"), 1) << "decoder pipeline, 3 steps";
+}
+
+}  // namespace
+}  // namespace wuerstchen
