@@ -380,8 +380,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
             const auto mapped = condition.with_tensors({in.begin() + 2, in.end()});
             const auto run = [&](const torch::Tensor& batch) {
                 if (modulations.defined())
-                    return decoder_->forward(
-                        batch, MappedTimesteps{in[1], modulations.residual_biases_folded}, mapped);
+                    return decoder_->forward(batch, modulations.with_rows(in[1]), mapped);
                 return decoder_->forward(batch, cfg ? at::cat({in[1], in[1]}, 0) : in[1], mapped);
             };
             if (!cfg) return run(x);

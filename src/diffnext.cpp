@@ -441,9 +441,7 @@ MappedTimesteps WuerstchenDiffNeXtImpl::map_timesteps(const torch::Tensor& r) {
     if (!r.defined() || r.dim() != 1)
         throw InvalidArgument("WuerstchenDiffNeXt::map_timesteps: r must be [N], got " +
                               (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
-    const auto blocks = offload_units();
-    return nn::map_timesteps_packed(nn::timestep_mappers(blocks), blocks,
-                                    nn::r_embedding(r, config_.c_r));
+    return nn::map_timesteps_ahead(offload_units(), nn::r_embedding(r, config_.c_r));
 }
 
 torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
@@ -466,6 +464,8 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const Mapp
         throw InvalidArgument(
             "WuerstchenDiffNeXt: the mapped timesteps are undefined (map_timesteps maps nothing "
             "while the timestep mappers are not packed: pass r)");
+    nn::check_mapped_timesteps(t, offload_units(), x.size(0), x.device(), x.scalar_type(),
+                               "WuerstchenDiffNeXt");
     return forward_blocks(x, t, {}, condition);
 }
 
@@ -500,9 +500,6 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward_blocks(const torch::Tensor& x,
             x.device().str() + "); map it again");
 
     Conditions k(condition, nn::timestep_mappers(blocks), t);
-    if (t.defined())
-        nn::check_mapped_timesteps(t, k.t_group, x.size(0), x.device(), x.scalar_type(),
-                                   "WuerstchenDiffNeXt");
     k.r_embed = r_embed;
 
     auto h = embedding->forward(x);  // [B, c_hidden[0], H/p, W/p]

@@ -88,12 +88,12 @@ MappedTimesteps WuerstchenPriorImpl::map_timesteps(const torch::Tensor& r) {
     if (!r.defined() || r.dim() != 1)
         throw InvalidArgument("WuerstchenPrior::map_timesteps: r must be [N], got " +
                               (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
-    const auto units = offload_units();
-    return nn::map_timesteps_packed(nn::timestep_mappers(units), units, gen_r_embedding(r));
+    return nn::map_timesteps_ahead(offload_units(), gen_r_embedding(r));
 }
 
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
                                            const PriorCondition& condition) {
+    check_latents(x_in);
     // Every block's mapping of r's embedding in one product, when packed, with the residual
     // blocks' last biases moved into it (each residual block then sums its product into its
     // input); else each block maps its own.
@@ -105,10 +105,13 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
 
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const MappedTimesteps& t,
                                            const PriorCondition& condition) {
+    check_latents(x_in);
     if (!t.defined())
         throw InvalidArgument(
             "WuerstchenPrior: the mapped timesteps are undefined (map_timesteps "
             "maps nothing while the timestep mappers are not packed: pass r)");
+    nn::check_mapped_timesteps(t, offload_units(), x_in.size(0), x_in.device(), x_in.scalar_type(),
+                               "WuerstchenPrior");
     return forward_blocks(x_in, t, {}, condition);
 }
 
@@ -124,9 +127,6 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
             std::to_string(x_in.size(0)));
     const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
-    if (t.defined())
-        nn::check_mapped_timesteps(t, t_group, x_in.size(0), x_in.device(), x_in.scalar_type(),
-                                   "WuerstchenPrior");
     auto x = projection->forward(x_in);  // [B, c_in, H, W] -> [B, c, H, W]
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i],
@@ -144,6 +144,13 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
     auto ab = out_conv->forward(nn::layer_norm_2d(x)).chunk(2, 1);
     // contiguous(): NCHW order also when the weights are channels-last (a no-op otherwise).
     return ((x_in - ab[0]) / ((1 - ab[1]).abs() + 1e-5)).contiguous();
+}
+
+void WuerstchenPriorImpl::check_latents(const torch::Tensor& x) const {
+    if (!x.defined() || x.dim() != 4 || x.size(1) != config_.c_in)
+        throw InvalidArgument("WuerstchenPrior: x must be [B, " + std::to_string(config_.c_in) +
+                              ", H, W], got " +
+                              (x.defined() ? c10::str(x.sizes()) : std::string("undefined")));
 }
 
 std::vector<torch::nn::Module*> WuerstchenPriorImpl::offload_units() const {

@@ -308,8 +308,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
         const auto mapped = PriorCondition::from_tensors({in.begin() + 2, in.end()});
         const auto run = [&](const torch::Tensor& batch) {
             if (modulations.defined())
-                return prior_->forward(
-                    batch, MappedTimesteps{in[1], modulations.residual_biases_folded}, mapped);
+                return prior_->forward(batch, modulations.with_rows(in[1]), mapped);
             return prior_->forward(batch, cfg ? torch::cat({in[1], in[1]}) : in[1], mapped);
         };
         if (!cfg) return run(x);

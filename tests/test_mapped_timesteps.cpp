@@ -13,6 +13,7 @@
 #include "wuerstchen/decoder_pipeline.h"
 #include "wuerstchen/diffnext.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/lora.h"
 #include "wuerstchen/mapped_timesteps.h"
 #include "wuerstchen/prior.h"
 #include "wuerstchen/prior_pipeline.h"
@@ -40,8 +41,7 @@ MappedTimesteps rows_for_reference(Model& model, const torch::Tensor& r) {
     EXPECT_TRUE(all.defined());
     if (!all.defined()) return all;
     EXPECT_EQ(all.rows.size(0), 5);
-    return {torch::cat({all.rows[1].unsqueeze(0), all.rows[3].unsqueeze(0)}),
-            all.residual_biases_folded};
+    return all.with_rows(torch::cat({all.rows[1].unsqueeze(0), all.rows[3].unsqueeze(0)}));
 }
 
 struct PriorCase {
@@ -167,6 +167,97 @@ TEST(MappedTimesteps, RejectsRowsThatDoNotFit) {
                                 "WuerstchenPrior::map_timesteps", "[N]");
     WUERSTCHEN_EXPECT_THROW_MSG(d.model->map_timesteps(torch::Tensor()), InvalidArgument,
                                 "WuerstchenDiffNeXt::map_timesteps", "undefined");
+}
+
+// Rows hold while the weights they were mapped from do: a forward refuses rows that went stale
+// (else it would read the old modulations, or skip a residual block's new LoRA branch), and
+// rows that map_timesteps did not make.
+TEST(MappedTimesteps, RefusesRowsOfChangedWeights) {
+    PriorCase p;
+    const auto x = p.x();
+    const auto r = p.r();
+    auto& prior = p.model;
+    PriorCondition condition;
+    MappedTimesteps rows;
+    auto remap = [&] {
+        torch::NoGradGuard no_grad;
+        condition = prior->map_condition(ref_tensor(p.ref, "c"));
+        rows = prior->map_timesteps(r);
+        ASSERT_TRUE(rows.defined());
+    };
+    auto forward = [&] {
+        torch::NoGradGuard no_grad;
+        return prior->forward(x, rows, condition);
+    };
+    auto expect_refused = [&](const std::string& what) {
+        SCOPED_TRACE(what);
+        WUERSTCHEN_EXPECT_THROW_MSG(forward(), InvalidArgument, "WuerstchenPrior",
+                                    "map them again");
+    };
+    auto module = [&](const std::string& name) {
+        return prior->named_modules()[name]->as<LoraLinearImpl>();
+    };
+    remap();
+    const auto before = forward();
+
+    // A mapper's weight changed in place; a residual block's last bias replaced.
+    {
+        torch::NoGradGuard no_grad;
+        module("blocks.1.mapper")->weight.mul_(0.5);
+    }
+    expect_refused("mapper changed in place");
+    remap();
+    EXPECT_GT(test::max_abs_diff(forward(), before), 1e-3);
+
+    // A LoRA adapter added to a residual block's fc2 (its branch must run: no fold), then
+    // deleted (the rows hold again).
+    ASSERT_TRUE(rows.residual_biases_folded);
+    auto* fc2 = module("blocks.0.channelwise.4");
+    const int64_t in = fc2->weight.size(1), out = fc2->weight.size(0);
+    fc2->add_adapter("a", torch::randn({2, in}), torch::randn({out, 2}), 2.0);
+    expect_refused("LoRA adapter on an fc2");
+    fc2->delete_adapter("a");
+    EXPECT_NO_THROW(forward());
+
+    // Rows that map_timesteps did not make, or with the other form of the bias fold.
+    const auto made = rows;
+    rows = MappedTimesteps{made.rows, made.residual_biases_folded};
+    expect_refused("rows without a source");
+    rows = made;
+    rows.residual_biases_folded = !made.residual_biases_folded;
+    expect_refused("bias fold flipped");
+    rows = made;
+    EXPECT_NO_THROW(forward());
+    // Autograd on: the fold and the packed product are for inference only.
+    {
+        torch::AutoGradMode grad(true);
+        WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, rows, condition), InvalidArgument,
+                                    "map them again");
+    }
+    // A residual block's last bias replaced (which also ends the fold until packed again).
+    {
+        torch::NoGradGuard no_grad;
+        auto& bias = fc2->bias;
+        bias.set_data(bias.detach().clone());
+    }
+    expect_refused("residual bias replaced");
+    remap();
+    EXPECT_FALSE(rows.residual_biases_folded);
+    torch::Tensor expected;
+    {
+        torch::NoGradGuard no_grad;
+        expected = prior->forward(x, r, condition);
+    }
+    EXPECT_TRUE(all_close("prior, rows without the fold vs r", forward(), expected,
+                          scaled_tol(expected, 1e-6)));
+}
+
+// Weights made in c10::InferenceMode have no version to check rows against: map_timesteps maps
+// nothing ahead for them and each step maps its ratio.
+TEST(MappedTimesteps, InferenceTensorWeightsMapPerStep) {
+    c10::InferenceMode guard;
+    auto prior = load_prior(PriorCase::dir());
+    EXPECT_FALSE(prior->map_timesteps(torch::tensor({0.5f, 0.25f})).defined());
 }
 
 // Unpacked (offloaded) models map nothing ahead: forward needs r, and says so.

@@ -53,8 +53,9 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
                           const DiffNeXtCondition& condition);
     // The same with r's modulations mapped ahead: `t` = map_timesteps(r) for x's batch, or a
-    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined or not
-    // such rows.
+    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined, not
+    // such rows, or stale: the mappers' (or folded residual biases') tensors replaced or changed
+    // since, a LoRA adapter on them added or enabled, or autograd on (see MappedTimesteps).
     torch::Tensor forward(const torch::Tensor& x, const MappedTimesteps& t,
                           const DiffNeXtCondition& condition);
     // As WuerstchenPriorImpl::map_timesteps: r: [N] -> every timestep block's modulation for

@@ -49,8 +49,9 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
                           const PriorCondition& condition);
     // The same with r's modulations mapped ahead: `t` = map_timesteps(r) for x's batch, or a
-    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined or not
-    // such rows.
+    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined, not
+    // such rows, or stale: the mappers' (or folded residual biases') tensors replaced or changed
+    // since, a LoRA adapter on them added or enabled, or autograd on (see MappedTimesteps).
     torch::Tensor forward(const torch::Tensor& x, const MappedTimesteps& t,
                           const PriorCondition& condition);
     // r: [N] noise ratios -> every timestep block's modulation for each, in one product, when
@@ -98,6 +99,8 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     torch::nn::Conv2d out_conv{nullptr};         // out.1
 
 private:
+    // x: [B, c_in, H, W]; InvalidArgument else.
+    void check_latents(const torch::Tensor& x) const;
     // The blocks, reading t when defined, else r_embed ([B, c_r]).
     torch::Tensor forward_blocks(const torch::Tensor& x, const MappedTimesteps& t,
                                  const torch::Tensor& r_embed, const PriorCondition& condition);

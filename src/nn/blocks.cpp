@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "nn/init.h"
@@ -327,20 +329,73 @@ MappedTimesteps map_timesteps_packed(const LinearGroup& group,
     return mapped;
 }
 
-void check_mapped_timesteps(const MappedTimesteps& t, const LinearGroup& group, int64_t batch,
-                            const torch::Device& device, torch::ScalarType dtype,
+namespace {
+
+// What rows mapped by `group` depend on besides r: its layers' weights and biases and, when the
+// residual biases were folded into them, those.
+std::vector<torch::Tensor> timestep_source_tensors(const LinearGroup& group,
+                                                   const ResidualBiases& biases, bool folded) {
+    std::vector<torch::Tensor> tensors;
+    for (size_t i = 0; i < group.size(); ++i) {
+        tensors.push_back(group.layer(i).weight);
+        tensors.push_back(group.layer(i).bias);
+    }
+    if (folded)
+        for (const auto* layer : biases.layers()) tensors.push_back(layer->bias);
+    return tensors;
+}
+
+}  // namespace
+
+MappedTimesteps map_timesteps_ahead(const std::vector<torch::nn::Module*>& blocks,
+                                    const torch::Tensor& r_embed) {
+    const LinearGroup group = timestep_mappers(blocks);
+    MappedTimesteps mapped = map_timesteps_packed(group, blocks, r_embed);
+    if (!mapped.defined()) return mapped;
+    auto source = std::make_shared<TimestepSource>();
+    source->residual_biases_folded = mapped.residual_biases_folded;
+    for (const auto& tensor :
+         timestep_source_tensors(group, ResidualBiases(blocks), mapped.residual_biases_folded)) {
+        source->seen.emplace_back(tensor);
+        if (!source->seen.back().tracked()) return {};
+    }
+    mapped.source = std::move(source);
+    return mapped;
+}
+
+void check_mapped_timesteps(const MappedTimesteps& t, const std::vector<torch::nn::Module*>& blocks,
+                            int64_t batch, const torch::Device& device, torch::ScalarType dtype,
                             const char* where) {
+    const LinearGroup group = timestep_mappers(blocks);
     const torch::Tensor& rows = t.rows;
-    if (rows.defined() && group.size() > 0 && rows.dim() == 2 &&
-        (rows.size(0) == 1 || rows.size(0) == batch) && rows.size(1) == group.total_out() &&
-        rows.device() == device && rows.scalar_type() == dtype)
-        return;
-    throw InvalidArgument(
-        std::string(where) + ": the mapped timesteps must be map_timesteps' rows ([1 or " +
-        std::to_string(batch) + ", " + std::to_string(group.total_out()) + "] on " + device.str() +
-        " in " + c10::toString(dtype) + "), got " +
-        (rows.defined() ? c10::str(rows.sizes(), " on ", rows.device(), " in ", rows.scalar_type())
-                        : std::string("undefined rows")));
+    if (!rows.defined() || group.size() == 0 || rows.dim() != 2 ||
+        (rows.size(0) != 1 && rows.size(0) != batch) || rows.size(1) != group.total_out() ||
+        rows.device() != device || rows.scalar_type() != dtype)
+        throw InvalidArgument(
+            std::string(where) + ": the mapped timesteps must be map_timesteps' rows ([1 or " +
+            std::to_string(batch) + ", " + std::to_string(group.total_out()) + "] on " +
+            device.str() + " in " + c10::toString(dtype) + "), got " +
+            (rows.defined()
+                 ? c10::str(rows.sizes(), " on ", rows.device(), " in ", rows.scalar_type())
+                 : std::string("undefined rows")));
+    // Mapped by this model's map_timesteps from the weights it has now, unchanged since, and
+    // the form they were mapped for still the one the blocks can run.
+    const ResidualBiases biases(blocks);
+    const bool folded = t.residual_biases_folded;
+    bool holds = t.source && t.source->residual_biases_folded == folded && group.ready(device) &&
+                 (!folded || biases.ready(group, rows));
+    if (holds) {
+        const auto tensors = timestep_source_tensors(group, biases, folded);
+        holds = tensors.size() == t.source->seen.size();
+        for (size_t i = 0; holds && i < tensors.size(); ++i)
+            holds = t.source->seen[i].matches(tensors[i]);
+    }
+    if (!holds)
+        throw InvalidArgument(
+            std::string(where) +
+            ": the mapped timesteps are not map_timesteps' for this model's current weights (a "
+            "timestep mapper or residual bias replaced or changed since, a LoRA adapter on one "
+            "added or enabled, or autograd on): map them again");
 }
 
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks) {
@@ -523,7 +578,7 @@ MappedTimesteps MappedTimesteps::row(int64_t i) const {
     if (!rows.defined() || rows.dim() != 2 || i < 0 || i >= rows.size(0))
         throw InvalidArgument("MappedTimesteps::row: no row " + std::to_string(i) + " in " +
                               (rows.defined() ? c10::str(rows.sizes()) : std::string("undefined")));
-    return {rows.narrow(0, i, 1), residual_biases_folded};
+    return with_rows(rows.narrow(0, i, 1));
 }
 
 }  // namespace wuerstchen

@@ -12,6 +12,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <memory>
 #include <vector>
 
 #include "nn/linear_group.h"
@@ -173,6 +174,9 @@ public:
     // all: [B, total_out] after add_one_to_scales -> each block's b += c (1 + a), in place.
     void fold_into(const LinearGroup& timesteps, torch::Tensor& all) const;
 
+    // The fc2 layers, in timestep-block order (empty when the blocks do not pair up).
+    const std::vector<torch::nn::LinearImpl*>& layers() const { return layers_; }
+
 private:
     bool packed() const;
     std::vector<torch::nn::LinearImpl*> layers_;  // empty unless every timestep block has one
@@ -187,11 +191,27 @@ MappedTimesteps map_timesteps_packed(const LinearGroup& group,
                                      const std::vector<torch::nn::Module*>& blocks,
                                      const torch::Tensor& r_embed);
 
-// Whether `t` are rows a forward of a batch of `batch` on `device` in `dtype` can read with
-// timestep_mappers(...) = `group`: [1 or batch, group.total_out()] there. InvalidArgument naming
-// `where` otherwise.
-void check_mapped_timesteps(const MappedTimesteps& t, const LinearGroup& group, int64_t batch,
-                            const torch::Device& device, torch::ScalarType dtype,
+// What map_timesteps' rows were mapped from: every timestep mapper's weight and bias and, when
+// the residual biases were folded into the rows, every residual block's last bias, as they were.
+struct TimestepSource {
+    std::vector<TensorSeen> seen;
+    bool residual_biases_folded = false;
+};
+
+// The models' map_timesteps: map_timesteps_packed with its source noted, so that rows can be
+// checked against the weights when a forward reads them later. Undefined rows when the mappers
+// are not ready, or when their tensors cannot be tracked (inference tensors, which have no
+// version): the forward then maps r per step.
+MappedTimesteps map_timesteps_ahead(const std::vector<torch::nn::Module*>& blocks,
+                                    const torch::Tensor& r_embed);
+
+// Whether `t` are rows that a forward over `blocks` (a model's offload_units()) with a batch of
+// `batch` on `device` in `dtype` can read: map_timesteps_ahead's for these blocks, [1 or batch,
+// total] there, the mappers (and, when folded, the residual biases) still the tensors mapped,
+// unchanged, and still ready (no LoRA adapter on them contributing, autograd off).
+// InvalidArgument naming `where` otherwise.
+void check_mapped_timesteps(const MappedTimesteps& t, const std::vector<torch::nn::Module*>& blocks,
+                            int64_t batch, const torch::Device& device, torch::ScalarType dtype,
                             const char* where);
 
 // `all` = timestep_mappers(...).forward(r_embed), [B, total_out()]: adds 1 to every layer's

@@ -176,29 +176,41 @@ torch::Tensor LinearGroup::forward(const torch::Tensor& x) const {
     return linear_forward(x, weight, bias);
 }
 
+// ---------------------------------------------------------------------------- TensorSeen
+
+namespace {
+
+// Whether t has a version to note (inference tensors, and tensors that took an inference
+// tensor's data, have none).
+bool versioned(const torch::Tensor& t) {
+    return t.defined() && t.has_storage() && !t.is_inference() &&
+           t.unsafeGetTensorImpl()->version_counter().enabled();
+}
+
+}  // namespace
+
+TensorSeen::TensorSeen(const torch::Tensor& t) {
+    if (!versioned(t)) return;
+    tracked_ = true;
+    storage_ = t.storage().getWeakStorageImpl();
+    data_ = t.data_ptr();
+    version_ = t._version();
+}
+
+bool TensorSeen::matches(const torch::Tensor& t) const {
+    if (!tracked() || !versioned(t)) return false;
+    const auto seen = storage_.lock();
+    return seen && t.storage().unsafeGetStorageImpl() == seen.get() && t.data_ptr() == data_ &&
+           t._version() == version_;
+}
+
 // ---------------------------------------------------------------------------- InputFold
-
-InputFold::Seen::Seen(const torch::Tensor& t) {
-    if (!t.defined() || t.is_inference() || !t.has_storage()) return;
-    storage = t.storage().getWeakStorageImpl();
-    data = t.data_ptr();
-    version = t._version();
-}
-
-bool InputFold::Seen::matches(const torch::Tensor& t) const {
-    // A replaced tensor has another buffer; one changed in place (through itself or a view) a
-    // later version.
-    if (!t.defined() || t.is_inference() || !t.has_storage()) return false;
-    const auto seen = storage.lock();
-    return seen && t.storage().unsafeGetStorageImpl() == seen.get() && t.data_ptr() == data &&
-           t._version() == version;
-}
 
 bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {
     const torch::Tensor& w = layer.weight;
     if (!w.defined() || w.dim() != 2 || w.size(1) != in_ || !w.has_storage()) return false;
     // The buffer fold() made: the weight's as fold() noted it.
-    const auto storage = weight_.storage.lock();
+    const auto storage = weight_.storage();
     return storage && w.storage().unsafeGetStorageImpl() == storage.get() &&
            w.storage_offset() == width_ && w.strides() == c10::IntArrayRef({width_ + in_, 1});
 }
@@ -274,10 +286,10 @@ bool InputFold::fold(torch::nn::LinearImpl& layer, const torch::Tensor& map_weig
         bias_ = at::empty_like(b, at::MemoryFormat::Contiguous);
     bias_.copy_(at::addmv(operand(b), w_m, operand(map_bias)));
     // Noted after the writes above (a view of the weight shares its version counter).
-    weight_ = Seen(layer.weight);
-    bias_in_ = Seen(b);
-    map_weight_ = Seen(map_weight);
-    map_bias_ = Seen(map_bias);
+    weight_ = TensorSeen(layer.weight);
+    bias_in_ = TensorSeen(b);
+    map_weight_ = TensorSeen(map_weight);
+    map_bias_ = TensorSeen(map_bias);
     return true;
 }
 

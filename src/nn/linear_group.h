@@ -77,6 +77,7 @@ public:
     std::vector<std::pair<size_t, size_t>> equal_width_runs() const;
 
     size_t size() const { return layers_.size(); }
+    const torch::nn::LinearImpl& layer(size_t i) const { return *layers_[i]; }
     int64_t offset(size_t i) const { return offsets_[i]; }
     int64_t out_features(size_t i) const { return offsets_[i + 1] - offsets_[i]; }
     int64_t total_out() const { return offsets_.back(); }
@@ -87,6 +88,26 @@ private:
 
     std::vector<torch::nn::LinearImpl*> layers_;
     std::vector<int64_t> offsets_;  // size() + 1 entries: each layer's first output column
+};
+
+// A tensor as something computed from it saw it, to tell later whether that still holds: its
+// buffer (a weak reference: it keeps no memory alive, but the StorageImpl's address from being
+// reused for another buffer), data and version. A replaced tensor has another buffer; one changed
+// in place (through itself or a view) a later version. Inference tensors have no version: they
+// are never seen (tracked() is false and nothing matches).
+class TensorSeen {
+public:
+    explicit TensorSeen(const torch::Tensor& t = {});
+    bool tracked() const { return tracked_; }
+    bool matches(const torch::Tensor& t) const;
+    // The buffer's StorageImpl while it exists, else null.
+    c10::intrusive_ptr<c10::StorageImpl> storage() const { return storage_.lock(); }
+
+private:
+    bool tracked_ = false;
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
+    const void* data_ = nullptr;
+    uint32_t version_ = 0;
 };
 
 // A Linear layer whose last `mapped` input features are, for whole calls, an affine map
@@ -132,17 +153,9 @@ private:
 
     int64_t width_ = 0, in_ = 0, mapped_ = 0;
     torch::Tensor bias_;  // [out]: b + W_m m
-    // What fold() read, to tell whether it still holds: the tensor's buffer (a weak reference:
-    // it keeps no memory alive, but the StorageImpl's address from being reused for another
-    // buffer), data and version. weight_'s buffer is the one fold() laid the weight out in.
-    struct Seen {
-        c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
-        const void* data = nullptr;
-        uint32_t version = 0;
-        explicit Seen(const torch::Tensor& t = {});
-        bool matches(const torch::Tensor& t) const;
-    };
-    Seen weight_, bias_in_, map_weight_, map_bias_;
+    // What fold() read, to tell whether it still holds. weight_'s buffer is the one fold() laid
+    // the weight out in.
+    TensorSeen weight_, bias_in_, map_weight_, map_bias_;
 };
 
 }  // namespace wuerstchen::nn
