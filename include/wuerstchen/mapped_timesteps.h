@@ -26,8 +26,11 @@ struct MappedTimesteps {
     // bias of its own): true when the model's forward would fold them itself.
     bool residual_biases_folded = false;
     // What map_timesteps mapped the rows from (the mappers' weights and biases and, when
-    // folded, the residual biases, as they were): the forward refuses rows whose source has
-    // been replaced or changed since, and rows that map_timesteps did not make.
+    // folded, the residual biases, as they were): the forward refuses rows without a source
+    // and rows whose source has been replaced or changed since. It checks the source, not the
+    // rows' values, which are the caller's (with_rows). Writes that no version counter sees
+    // (through Tensor::data(), another tensor set_ onto a weight's memory, or a raw pointer)
+    // need map_timesteps again.
     std::shared_ptr<const nn::TimestepSource> source;
 
     bool defined() const { return rows.defined(); }
