@@ -14,6 +14,7 @@
 #include <tuple>
 #include <utility>
 
+#include "module_walk.h"
 #include "nn/functional.h"
 #include "nn/init.h"
 #include "wuerstchen/error.h"
@@ -61,10 +62,15 @@ std::vector<std::pair<std::string, LoraLinearImpl*>> lora_layers(torch::nn::Modu
 }
 
 std::vector<LoraLinearImpl*> all_layers(const std::vector<torch::nn::Module*>& modules) {
+    // lora_layers' order, without building the paths (place_lora_adapters runs per call).
     std::vector<LoraLinearImpl*> out;
-    for (auto* m : modules)
-        if (m != nullptr)
-            for (const auto& [path, layer] : lora_layers(*m)) out.push_back(layer);
+    for (auto* root : modules)
+        if (root != nullptr)
+            visit_modules(*root, [&](torch::nn::Module& m) {
+                if (&m == root) return false;  // lora_layers leaves the root out
+                if (auto* layer = dynamic_cast<LoraLinearImpl*>(&m)) out.push_back(layer);
+                return false;
+            });
     return out;
 }
 

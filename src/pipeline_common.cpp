@@ -8,6 +8,7 @@
 #include <random>
 #include <sstream>
 
+#include "module_walk.h"
 #include "step_graphs.h"
 #include "wuerstchen/error.h"
 
@@ -92,19 +93,39 @@ torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextMod
 }
 
 torch::Device module_device(const torch::nn::Module& module) {
-    for (const auto& p : module.parameters()) return p.device();
-    return torch::kCPU;
+    torch::Device device = torch::kCPU;
+    visit_modules(module, [&](const torch::nn::Module& m) {
+        for (const auto& p : m.parameters(/*recurse=*/false)) {
+            device = p.device();
+            return true;
+        }
+        return false;
+    });
+    return device;
 }
 
 torch::ScalarType module_dtype(const torch::nn::Module& module) {
-    for (const auto& p : module.parameters())
-        if (p.is_floating_point()) return p.scalar_type();
-    return torch::kFloat32;
+    torch::ScalarType dtype = torch::kFloat32;
+    visit_modules(module, [&](const torch::nn::Module& m) {
+        for (const auto& p : m.parameters(/*recurse=*/false))
+            if (p.is_floating_point()) {
+                dtype = p.scalar_type();
+                return true;
+            }
+        return false;
+    });
+    return dtype;
 }
 
 std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
-    std::vector<torch::Tensor> out = module.parameters();
-    for (auto& b : module.buffers()) out.push_back(b);
+    std::vector<torch::Tensor> out, buffers;
+    visit_modules(module, [&](const torch::nn::Module& m) {
+        for (auto& p : m.parameters(/*recurse=*/false)) out.push_back(std::move(p));
+        for (auto& b : m.buffers(/*recurse=*/false)) buffers.push_back(std::move(b));
+        return false;
+    });
+    out.insert(out.end(), std::make_move_iterator(buffers.begin()),
+               std::make_move_iterator(buffers.end()));
     return out;
 }
 

@@ -1,15 +1,16 @@
 #include "step_graphs.h"
 
+#include <c10/core/InferenceMode.h>
+#include <torch/version.h>
+
 #include <map>
 #include <mutex>
 #include <optional>
 #include <sstream>
 #include <utility>
 
+#include "module_walk.h"
 #include "wuerstchen/lora.h"
-
-#include <c10/core/InferenceMode.h>
-#include <torch/version.h>
 
 // Graph capture needs a CUDA build of a recent libtorch (capture modes and the allocator's
 // endAllocateToPool / releasePool, as in 2.5 and later).
@@ -296,20 +297,43 @@ std::string guidance_key(bool cfg, double guidance_scale) {
 }
 
 std::string weights_fingerprint(const torch::nn::Module& module) {
-    std::ostringstream os;
-    for (const auto& t : module.parameters())
-        os << t.data_ptr() << t.scalar_type() << t.device() << ';';
-    for (const auto& t : module.buffers())
-        os << t.data_ptr() << t.scalar_type() << t.device() << ';';
-    for (const auto& m : module.modules(/*include_self=*/true)) {
-        const auto* lora = dynamic_cast<const LoraLinearImpl*>(m.get());
-        if (lora == nullptr || (lora->adapters().empty() && !lora->fused())) continue;
-        os << 'L' << lora->lora_enabled() << lora->fused();
-        for (const auto& a : lora->adapters())
-            os << a.down.data_ptr() << a.up.data_ptr() << a.weight << a.alpha << a.rslora
-               << a.active << a.merged << ',';
-    }
-    return os.str();
+    // Per module, in visiting order: its parameters and buffers, then its LoRA state, as raw
+    // bytes (a pipeline call makes one before its first kernel: formatting them as text took
+    // as long again).
+    std::string out;
+    auto put = [&out](const auto& value) {
+        out.append(reinterpret_cast<const char*>(&value), sizeof(value));
+    };
+    auto put_tensor = [&](const torch::Tensor& t) {
+        put(t.defined() ? t.data_ptr() : nullptr);
+        if (!t.defined()) return;
+        put(static_cast<int16_t>(t.scalar_type()));
+        put(static_cast<int16_t>(t.device().type()));
+        put(static_cast<int16_t>(t.device().index()));
+    };
+    visit_modules(module, [&](const torch::nn::Module& m) {
+        for (const auto& t : m.parameters(/*recurse=*/false)) put_tensor(t);
+        out += ';';
+        for (const auto& t : m.buffers(/*recurse=*/false)) put_tensor(t);
+        out += ';';
+        const auto* lora = dynamic_cast<const LoraLinearImpl*>(&m);
+        if (lora == nullptr || (lora->adapters().empty() && !lora->fused())) return false;
+        out += 'L';
+        put(lora->lora_enabled());
+        put(lora->fused());
+        for (const auto& a : lora->adapters()) {
+            put_tensor(a.down);
+            put_tensor(a.up);
+            put(a.weight);
+            put(a.alpha);
+            put(a.rslora);
+            put(a.active);
+            put(a.merged);
+            out += ',';
+        }
+        return false;
+    });
+    return out;
 }
 
 }  // namespace wuerstchen

@@ -289,6 +289,37 @@ TEST(StepGraphs, FingerprintFollowsWeightsAndLora) {
     EXPECT_EQ(weights_fingerprint(prior), half);
     pipe.unload_lora_weights();
     EXPECT_EQ(weights_fingerprint(prior), base);
+    // Another dtype (new tensors) and a buffer of its own.
+    prior.to(torch::kFloat64);
+    EXPECT_NE(weights_fingerprint(prior), base);
+    const std::string f64 = weights_fingerprint(prior);
+    prior.register_buffer("extra", torch::zeros({2}));
+    EXPECT_NE(weights_fingerprint(prior), f64);
+}
+
+// The walks that replaced Module's recursive listings (which build every dotted name) list the
+// same tensors in the same order.
+TEST(ModuleWalk, SameTensorsInTheSameOrderAsModuleListings) {
+    auto pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"));
+    pipe.load_lora_weights(data_path("lora/tiny-prior-lora"), "a", 1.0);
+    for (torch::nn::Module* module : std::vector<torch::nn::Module*>{
+             pipe.prior().ptr().get(), pipe.text_encoder().ptr().get()}) {
+        std::vector<torch::Tensor> listed = module->parameters();
+        const auto buffers = module->buffers();
+        listed.insert(listed.end(), buffers.begin(), buffers.end());
+        const auto walked = module_tensors(*module);
+        ASSERT_EQ(walked.size(), listed.size());
+        ASSERT_FALSE(walked.empty());
+        for (size_t i = 0; i < walked.size(); ++i) EXPECT_TRUE(walked[i].is_same(listed[i])) << i;
+        EXPECT_EQ(module_dtype(*module), listed[0].scalar_type());
+        EXPECT_EQ(module_device(*module), listed[0].device());
+    }
+    // A module whose first parameters are not floating point: the first floating one's dtype.
+    torch::nn::Module holder;
+    holder.register_parameter("ids", torch::zeros({2}, torch::kInt64), /*requires_grad=*/false);
+    holder.register_module("child", torch::nn::Linear(2, 2))->to(torch::kFloat64);
+    EXPECT_EQ(module_dtype(holder), torch::kFloat64);
+    EXPECT_EQ(module_dtype(torch::nn::Module()), torch::kFloat32);
 }
 
 }  // namespace
