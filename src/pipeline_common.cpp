@@ -71,8 +71,14 @@ torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextMod
     TokenizerOptions tokenizing;  // padding="max_length", max_length=model_max_length, truncation
     BatchEncoding enc = tokenizer(prompts, tokenizing);
     const torch::Device te_device = module_device(*text_encoder);
-    const std::vector<torch::Tensor> inputs = {enc.input_ids.to(te_device),
-                                               enc.attention_mask.to(te_device)};
+    // To CUDA from page-locked memory, so that the copy is queued behind the device's work
+    // instead of waiting for it (a copy from pageable memory synchronises the stream first).
+    auto to_device = [&](const torch::Tensor& t) {
+        return te_device.is_cuda() ? t.pin_memory().to(te_device, /*non_blocking=*/true)
+                                   : t.to(te_device);
+    };
+    const std::vector<torch::Tensor> inputs = {to_device(enc.input_ids),
+                                               to_device(enc.attention_mask)};
     auto forward = [&](const std::vector<torch::Tensor>& in) {
         return text_encoder->forward(in[0], in[1]).last_hidden_state;
     };

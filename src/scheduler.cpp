@@ -243,8 +243,11 @@ SchedulerStepPlan DDPMWuerstchenScheduler::plan_steps(torch::ScalarType dtype,
     const auto n = static_cast<int64_t>(timesteps_.size()) - 1;
     // The points on the device in one copy; t as step_impl gets it (float32, then the model's
     // dtype), the step targets as it makes them (float32).
-    const auto points =
-        torch::tensor(timesteps_, torch::TensorOptions().dtype(torch::kFloat32)).to(device);
+    // (From page-locked memory to CUDA, queued behind the device's work rather than waiting
+    // for it as a copy from pageable memory does.)
+    auto host = torch::tensor(timesteps_, torch::TensorOptions().dtype(torch::kFloat32));
+    if (device.is_cuda()) host = host.pin_memory();
+    const auto points = host.to(device, /*non_blocking=*/device.is_cuda());
     plan.device = points.device();  // with its index ("cuda" -> "cuda:0"), as tensors report it
     plan.timesteps = points.narrow(0, 0, n).to(dtype);
     // As step_impl, op for op, on all steps at once.
