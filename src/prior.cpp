@@ -121,29 +121,45 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
                                                   const PriorCondition& condition) {
     const torch::Tensor& c_embed = condition.c_embed;
     const std::vector<torch::Tensor>& kv_all = condition.kv;
-    if (!c_embed.defined() || c_embed.dim() != 3 || c_embed.size(0) != x_in.size(0) ||
+    const int64_t batch = x_in.size(0);
+    // Guidance pairs: a condition for twice x's batch ([text ; uncond]) takes x for both halves.
+    const bool pairs = c_embed.defined() && c_embed.dim() == 3 && c_embed.size(0) == 2 * batch;
+    if (!c_embed.defined() || c_embed.dim() != 3 || (c_embed.size(0) != batch && !pairs) ||
         (!kv_all.empty() && kv_all.size() != attn_blocks_.size()))
         throw InvalidArgument(
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
-            std::to_string(x_in.size(0)));
+            std::to_string(batch) + " (or of " + std::to_string(2 * batch) +
+            ", guidance pairs for the same x)");
     const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
+    // Per-sample modulations (rows or r_embed of x's batch) follow x when it doubles.
+    torch::Tensor rows = t.rows, r_rows = r_embed;
     auto x = projection->forward(x_in);  // [B, c_in, H, W] -> [B, c, H, W]
     for (size_t i = 0; i < res_blocks_.size(); ++i) {
         x = run_unit(block_hook, *res_blocks_[i],
                      [&] { return res_blocks_[i]->forward(x, {}, t.residual_biases_folded); });
         x = run_unit(block_hook, *timestep_blocks_[i], [&] {
-            return t.defined() ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(t.rows, i))
-                               : timestep_blocks_[i]->forward(x, r_embed);
+            return rows.defined()
+                       ? timestep_blocks_[i]->modulate_scaled(x, t_group.columns(rows, i))
+                       : timestep_blocks_[i]->forward(x, r_rows);
         });
+        if (pairs && i == 0) {
+            // Up to here both halves compute the same (only the attention blocks read the
+            // condition): the first residual and timestep blocks ran once for both.
+            x = torch::cat({x, x});
+            if (rows.defined() && rows.size(0) > 1) rows = torch::cat({rows, rows});
+            if (r_rows.defined()) r_rows = torch::cat({r_rows, r_rows});
+        }
         x = run_unit(block_hook, *attn_blocks_[i], [&] {
             return !kv_all.empty() ? attn_blocks_[i]->forward_mapped(x, kv_all[i])
                                    : attn_blocks_[i]->forward(x, c_embed);
         });
     }
+    if (pairs && res_blocks_.empty()) x = torch::cat({x, x});
     // [B, c, H, W] -> a, b: [B, c_in, H, W]
     auto ab = out_conv->forward(nn::layer_norm_2d(x)).chunk(2, 1);
+    const auto x_out = pairs ? torch::cat({x_in, x_in}) : x_in;
     // contiguous(): NCHW order also when the weights are channels-last (a no-op otherwise).
-    return ((x_in - ab[0]) / ((1 - ab[1]).abs() + 1e-5)).contiguous();
+    return ((x_out - ab[0]) / ((1 - ab[1]).abs() + 1e-5)).contiguous();
 }
 
 void WuerstchenPriorImpl::check_latents(const torch::Tensor& x) const {

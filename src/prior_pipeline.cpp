@@ -300,19 +300,18 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     const SchedulerStepPlan plan = scheduler.plan_steps(dtype, device_);
     const MappedTimesteps modulations = prior_->map_timesteps(plan.timesteps);
     if (graph_key && modulations.residual_biases_folded) *graph_key += "|residual biases folded";
-    // One denoising step: the prior on [latents ; latents] for guidance (one batched forward),
-    // mixed as lerp(uncond, text, guidance_scale). in[1] is the step's row of `modulations`
-    // (for every sample), else its ratio per sample.
+    // One denoising step: the prior on the latents for both halves of the guidance condition
+    // (one batched forward that runs its first blocks once for both), mixed as lerp(uncond,
+    // text, guidance_scale). in[1] is the step's row of `modulations` (for every sample), else
+    // its ratio per sample.
     const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
         const auto x = in_memory_format(in[0], options_);
         const auto mapped = PriorCondition::from_tensors({in.begin() + 2, in.end()});
-        const auto run = [&](const torch::Tensor& batch) {
-            if (modulations.defined())
-                return prior_->forward(batch, modulations.with_rows(in[1]), mapped);
-            return prior_->forward(batch, cfg ? torch::cat({in[1], in[1]}) : in[1], mapped);
-        };
-        if (!cfg) return run(x);
-        auto chunks = run(torch::cat({x, x})).chunk(2);
+        const auto out = modulations.defined()
+                             ? prior_->forward(x, modulations.with_rows(in[1]), mapped)
+                             : prior_->forward(x, in[1], mapped);
+        if (!cfg) return out;
+        auto chunks = out.chunk(2);
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
     for (int i = 0; i < plan.steps(); ++i) {

@@ -162,14 +162,45 @@ TEST(Prior, RejectsAConditionOfAnotherShape) {
                                 "c must be [B, L, " + std::to_string(prior->config().c_cond));
     WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, c.narrow(2, 0, 3)), InvalidArgument,
                                 "c must be");
-    // A condition mapped for another batch size, or missing blocks.
-    const auto condition = prior->map_condition(torch::cat({c, c}));
+    // A condition mapped for another batch size (twice x's is guidance pairs), or missing
+    // blocks.
+    const auto condition = prior->map_condition(torch::cat({c, c, c}));
     WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, condition), InvalidArgument,
                                 "map_condition's for a batch of " + std::to_string(x.size(0)));
     PriorCondition short_of_blocks = prior->map_condition(c);
     short_of_blocks.kv.pop_back();
     WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, short_of_blocks), InvalidArgument,
                                 "map_condition's");
+}
+
+// A condition for twice x's batch ([text ; uncond], as the pipeline's guidance maps it) takes x
+// (and r) for both halves, running the blocks before the first attention block once: the same
+// as the forward of [x ; x], up to the rounding of products over fewer rows.
+TEST(Prior, GuidancePairsRunTheFirstBlocksOnce) {
+    auto prior = load_prior(data_path(kPriorDir));
+    auto ref = reference("prior_forward");
+    const auto x = ref_tensor(ref, "x");
+    const auto r = ref_tensor(ref, "r");
+    const auto c = ref_tensor(ref, "c");
+    c10::InferenceMode guard;
+    const auto text = c, uncond = c.flip(0) * 0.5;  // any second condition
+    for (int64_t batch : {2, 1}) {
+        const auto xb = x.narrow(0, 0, batch), rb = r.narrow(0, 0, batch);
+        const auto condition = prior->map_condition(
+            torch::cat({text.narrow(0, 0, batch), uncond.narrow(0, 0, batch)}));
+        const auto expected = prior->forward(torch::cat({xb, xb}), torch::cat({rb, rb}), condition);
+        const std::string what = "batch " + std::to_string(batch) + " pairs";
+        EXPECT_TRUE(all_close(what + ", r", prior->forward(xb, rb, condition), expected,
+                              scaled_tol(expected, 1e-5)));
+        const auto rows = prior->map_timesteps(rb);
+        ASSERT_TRUE(rows.defined());
+        EXPECT_TRUE(all_close(what + ", mapped timesteps", prior->forward(xb, rows, condition),
+                              expected, scaled_tol(expected, 1e-5)));
+        EXPECT_TRUE(
+            all_close(what + ", one row", prior->forward(xb, rows.row(0), condition),
+                      prior->forward(torch::cat({xb, xb}), rb[0].expand({2 * batch}), condition),
+                      scaled_tol(expected, 1e-5)));
+    }
 }
 
 TEST(Prior, LoadNamesTheMissingConfig) {

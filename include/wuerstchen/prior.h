@@ -45,13 +45,18 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // x: [B, c_in, H, W] noisy embeddings, r: [B] noise ratios in [0, 1],
     // c: [B, L, c_cond] text states -> [B, c_in, H, W]: (x - a) / (|1 - b| + 1e-5).
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r, const torch::Tensor& c);
-    // The same with c already mapped by map_condition (which does not depend on x or r).
+    // The same with c already mapped by map_condition (which does not depend on x or r). A
+    // condition mapped for twice x's batch (classifier-free guidance: [text ; uncond]) takes x
+    // and r for both halves: the result is forward([x ; x], [r ; r], condition), [2B, ...],
+    // with the blocks before the first attention block (which do not read the condition) run
+    // once for both.
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r,
                           const PriorCondition& condition);
-    // The same with r's modulations mapped ahead: `t` = map_timesteps(r) for x's batch, or a
-    // row() of it for a batch at one ratio. Throws InvalidArgument when t is undefined, not
-    // such rows, or stale: the mappers' (or folded residual biases') tensors replaced or changed
-    // since, a LoRA adapter on them added or enabled, or autograd on (see MappedTimesteps).
+    // The same with r's modulations mapped ahead (guidance pairs as above): `t` =
+    // map_timesteps(r) for x's batch, or a row() of it for a batch at one ratio. Throws
+    // InvalidArgument when t is undefined, not such rows, or stale: the mappers' (or folded
+    // residual biases') tensors replaced or changed since, a LoRA adapter on them added or enabled,
+    // or autograd on (see MappedTimesteps).
     torch::Tensor forward(const torch::Tensor& x, const MappedTimesteps& t,
                           const PriorCondition& condition);
     // r: [N] noise ratios -> every timestep block's modulation for each, in one product, when
