@@ -147,7 +147,7 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
             // condition): the first residual and timestep blocks ran once for both.
             x = torch::cat({x, x});
             if (rows.defined() && rows.size(0) > 1) rows = torch::cat({rows, rows});
-            if (r_rows.defined()) r_rows = torch::cat({r_rows, r_rows});
+            if (r_rows.defined() && r_rows.size(0) > 1) r_rows = torch::cat({r_rows, r_rows});
         }
         x = run_unit(block_hook, *attn_blocks_[i], [&] {
             return !kv_all.empty() ? attn_blocks_[i]->forward_mapped(x, kv_all[i])

@@ -201,6 +201,16 @@ TEST(Prior, GuidancePairsRunTheFirstBlocksOnce) {
                       prior->forward(torch::cat({xb, xb}), rb[0].expand({2 * batch}), condition),
                       scaled_tol(expected, 1e-5)));
     }
+    // Unpacked (as offloaded), each block maps r itself: r for the batch, or one ratio for all.
+    auto unpacked = load_prior(data_path(kPriorDir), test::unpacked_load());
+    const auto condition = unpacked->map_condition(torch::cat({text, uncond}));
+    const auto expected = unpacked->forward(torch::cat({x, x}), torch::cat({r, r}), condition);
+    EXPECT_TRUE(all_close("unpacked pairs, r", unpacked->forward(x, r, condition), expected,
+                          scaled_tol(expected, 1e-5)));
+    const auto one = r.narrow(0, 0, 1);
+    const auto expected_one = unpacked->forward(torch::cat({x, x}), one, condition);
+    EXPECT_TRUE(all_close("unpacked pairs, one ratio", unpacked->forward(x, one, condition),
+                          expected_one, scaled_tol(expected_one, 1e-5)));
 }
 
 TEST(Prior, LoadNamesTheMissingConfig) {

@@ -43,7 +43,8 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     explicit WuerstchenPriorImpl(const PriorConfig& config);
 
     // x: [B, c_in, H, W] noisy embeddings, r: [B] noise ratios in [0, 1],
-    // c: [B, L, c_cond] text states -> [B, c_in, H, W]: (x - a) / (|1 - b| + 1e-5).
+    // c: [B, L, c_cond] text states -> [B, c_in, H, W]: (x - a) / (|1 - b| + 1e-5). A c of 2B
+    // rows is guidance pairs (see below): the result is then [2B, c_in, H, W].
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& r, const torch::Tensor& c);
     // The same with c already mapped by map_condition (which does not depend on x or r). A
     // condition mapped for twice x's batch (classifier-free guidance: [text ; uncond]) takes x
