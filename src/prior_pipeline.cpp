@@ -252,18 +252,34 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
         const bool encodes_text = !has_embeds || (cfg && !o.negative_prompt_embeds.defined());
         const auto on_device =
             stage_scope(text_encoder_, device_, encodes_text ? mode : OffloadMode::none);
-        auto prompt_embeds =
-            has_embeds ? o.prompt_embeds.to(device_, dtype) : encode(o.prompts, dtype);
+        const bool encodes_negative = cfg && !o.negative_prompt_embeds.defined();
+        std::vector<std::string> negative_prompts = o.negative_prompts;
+        if (encodes_negative && negative_prompts.empty())
+            negative_prompts.assign(static_cast<size_t>(batch), "");
+        // Prompts and negative prompts in one batch when both are text: each row is encoded
+        // on its own (upstream encodes them in two calls), and the text encoder's weights are
+        // read once instead of twice.
+        torch::Tensor prompt_embeds, both;
+        if (has_embeds) {
+            prompt_embeds = o.prompt_embeds.to(device_, dtype);
+        } else if (encodes_negative) {
+            std::vector<std::string> texts = o.prompts;
+            texts.insert(texts.end(), negative_prompts.begin(), negative_prompts.end());
+            both = encode(texts, dtype);
+            prompt_embeds = both.narrow(0, 0, batch);
+        } else {
+            prompt_embeds = encode(o.prompts, dtype);
+        }
         prompt_embeds = prompt_embeds.repeat_interleave(n, 0);
         text_states = prompt_embeds;
         if (cfg) {
             torch::Tensor negative;
             if (o.negative_prompt_embeds.defined())
                 negative = o.negative_prompt_embeds.to(device_, dtype);
-            else if (o.negative_prompts.empty())
-                negative = encode(std::vector<std::string>(static_cast<size_t>(batch), ""), dtype);
+            else if (both.defined())
+                negative = both.narrow(0, batch, batch);
             else
-                negative = encode(o.negative_prompts, dtype);
+                negative = encode(negative_prompts, dtype);
             // Upstream repeats the negative states as a block (repeat, then view), the prompt
             // states per prompt (repeat_interleave).
             const int64_t seq_len = negative.size(1);

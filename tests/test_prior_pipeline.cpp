@@ -81,6 +81,47 @@ TEST(PriorPipeline, LatentsNegativePromptTwoImagesMatchesDiffusers) {
     expect_matches("pipeline_prior_latents_neg_x2", out.image_embeddings, rec);
 }
 
+// With guidance, prompts and negative prompts given as text are encoded in one batch (one text
+// encoder forward: its token and position embeddings once), each row as when encoded alone.
+TEST(PriorPipeline, PromptsAndNegativesEncodedInOneBatch) {
+    auto& pipe = pipeline();
+    const std::vector<std::string> prompts = {"horse", "a cozy cabin"};
+    const std::vector<std::string> negatives = {"blurry", ""};
+    torch::Tensor both;
+    const auto ops = test::count_ops({"aten::embedding"}, [&] {
+        std::vector<std::string> texts = prompts;
+        texts.insert(texts.end(), negatives.begin(), negatives.end());
+        both = pipe.encode_prompt(texts);
+    });
+    ASSERT_EQ(ops.at("aten::embedding"), 2);  // one forward
+    for (size_t i = 0; i < 4; ++i) {
+        const auto alone = pipe.encode_prompt({i < 2 ? prompts[i] : negatives[i - 2]});
+        EXPECT_TRUE(all_close("row " + std::to_string(i) + " batched vs alone",
+                              both.narrow(0, static_cast<int64_t>(i), 1), alone,
+                              scaled_tol(alone, 1e-6)));
+    }
+    PriorOptions o;
+    o.prompts = prompts;
+    o.negative_prompts = negatives;
+    o.height = o.width = 128;
+    o.num_inference_steps = 1;
+    o.guidance_scale = 4.0;
+    o.seed = 1;
+    const auto call = test::count_ops({"aten::embedding"}, [&] { pipe(o); });
+    EXPECT_EQ(call.at("aten::embedding"), 2) << "prompts and negative prompts in one forward";
+    // The same call from the states encoded apart.
+    PriorOptions from_states = o;
+    from_states.prompts = {};
+    from_states.negative_prompts = {};
+    from_states.prompt_embeds =
+        torch::cat({pipe.encode_prompt({prompts[0]}), pipe.encode_prompt({prompts[1]})});
+    from_states.negative_prompt_embeds =
+        torch::cat({pipe.encode_prompt({negatives[0]}), pipe.encode_prompt({negatives[1]})});
+    const auto expected = pipe(from_states).image_embeddings;
+    EXPECT_TRUE(all_close("prompts encoded in one batch vs apart", pipe(o).image_embeddings,
+                          expected, scaled_tol(expected, 1e-5)));
+}
+
 TEST(PriorPipeline, BatchWithoutGuidanceMatchesDiffusers) {
     StepRecorder rec;
     PriorOptions o;

@@ -10,6 +10,7 @@
 // every clock read:
 //   text_encoding  both text encoders on the prompt (PriorPipeline / DecoderPipeline
 //                  encode_prompt) and, for each stage with guidance, on the empty negative prompt
+//                  (the prior's in one batch with the prompt, as its pipeline encodes texts)
 //   prior_loop     PriorPipeline with those prompt_embeds: latents draw + stage-C loop
 //   decoder_loop   DecoderPipeline with its prompt_embeds and decode = false: latents draw +
 //                  stage-B loop
@@ -595,9 +596,16 @@ int run_bench(int argc, char** argv) {
         reset_peak_memory(device);
         const auto t0 = Clock::now();
         auto scope = std::make_unique<TraceScope>("stage:text_encoding");
-        torch::Tensor prompt_embeds = prior.encode_prompt({prompt});
-        torch::Tensor negative_embeds;
-        if (prior_cfg) negative_embeds = prior.encode_prompt({""});
+        // As PriorPipeline encodes prompt texts: with guidance, the prompt and the negative
+        // prompt in one batch.
+        torch::Tensor prompt_embeds, negative_embeds;
+        if (prior_cfg) {
+            const torch::Tensor both = prior.encode_prompt({prompt, ""});
+            prompt_embeds = both.narrow(0, 0, 1);
+            negative_embeds = both.narrow(0, 1, 1);
+        } else {
+            prompt_embeds = prior.encode_prompt({prompt});
+        }
         torch::Tensor decoder_embeds = decoder.encode_prompt({prompt});
         torch::Tensor decoder_negative;
         if (decoder_cfg) decoder_negative = decoder.encode_prompt({""});
