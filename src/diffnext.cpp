@@ -460,10 +460,6 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
 torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const MappedTimesteps& t,
                                               const DiffNeXtCondition& condition) {
     check_latents(x);
-    if (!t.defined())
-        throw InvalidArgument(
-            "WuerstchenDiffNeXt: the mapped timesteps are undefined (map_timesteps maps nothing "
-            "while the timestep mappers are not packed: pass r)");
     nn::check_mapped_timesteps(t, offload_units(), x.size(0), x.device(), x.scalar_type(),
                                "WuerstchenDiffNeXt");
     return forward_blocks(x, t, {}, condition);

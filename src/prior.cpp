@@ -106,10 +106,6 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const MappedTimesteps& t,
                                            const PriorCondition& condition) {
     check_latents(x_in);
-    if (!t.defined())
-        throw InvalidArgument(
-            "WuerstchenPrior: the mapped timesteps are undefined (map_timesteps "
-            "maps nothing while the timestep mappers are not packed: pass r)");
     nn::check_mapped_timesteps(t, offload_units(), x_in.size(0), x_in.device(), x_in.scalar_type(),
                                "WuerstchenPrior");
     return forward_blocks(x_in, t, {}, condition);

@@ -366,18 +366,19 @@ MappedTimesteps map_timesteps_ahead(const std::vector<torch::nn::Module*>& block
 void check_mapped_timesteps(const MappedTimesteps& t, const std::vector<torch::nn::Module*>& blocks,
                             int64_t batch, const torch::Device& device, torch::ScalarType dtype,
                             const char* where) {
-    const LinearGroup group = timestep_mappers(blocks);
     const torch::Tensor& rows = t.rows;
-    if (!rows.defined() || group.size() == 0 || rows.dim() != 2 ||
-        (rows.size(0) != 1 && rows.size(0) != batch) || rows.size(1) != group.total_out() ||
-        rows.device() != device || rows.scalar_type() != dtype)
+    if (!rows.defined())
+        throw InvalidArgument(std::string(where) +
+                              ": the mapped timesteps are undefined (map_timesteps maps nothing "
+                              "while the timestep mappers are not packed: pass r)");
+    const LinearGroup group = timestep_mappers(blocks);
+    if (group.size() == 0 || rows.dim() != 2 || (rows.size(0) != 1 && rows.size(0) != batch) ||
+        rows.size(1) != group.total_out() || rows.device() != device || rows.scalar_type() != dtype)
         throw InvalidArgument(
             std::string(where) + ": the mapped timesteps must be map_timesteps' rows ([1 or " +
             std::to_string(batch) + ", " + std::to_string(group.total_out()) + "] on " +
             device.str() + " in " + c10::toString(dtype) + "), got " +
-            (rows.defined()
-                 ? c10::str(rows.sizes(), " on ", rows.device(), " in ", rows.scalar_type())
-                 : std::string("undefined rows")));
+            c10::str(rows.sizes(), " on ", rows.device(), " in ", rows.scalar_type()));
     // Mapped by this model's map_timesteps from the weights it has now, unchanged since, and
     // the form they were mapped for still the one the blocks can run.
     const ResidualBiases biases(blocks);

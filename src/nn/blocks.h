@@ -206,9 +206,9 @@ MappedTimesteps map_timesteps_ahead(const std::vector<torch::nn::Module*>& block
                                     const torch::Tensor& r_embed);
 
 // Whether `t` are rows that a forward over `blocks` (a model's offload_units()) with a batch of
-// `batch` on `device` in `dtype` can read: map_timesteps_ahead's for these blocks, [1 or batch,
-// total] there, the mappers (and, when folded, the residual biases) still the tensors mapped,
-// unchanged, and still ready (no LoRA adapter on them contributing, autograd off).
+// `batch` on `device` in `dtype` can read: defined, map_timesteps_ahead's for these blocks, [1 or
+// batch, total] there, the mappers (and, when folded, the residual biases) still the tensors
+// mapped, unchanged, and still ready (no LoRA adapter on them contributing, autograd off).
 // InvalidArgument naming `where` otherwise.
 void check_mapped_timesteps(const MappedTimesteps& t, const std::vector<torch::nn::Module*>& blocks,
                             int64_t batch, const torch::Device& device, torch::ScalarType dtype,
