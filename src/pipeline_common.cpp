@@ -98,29 +98,35 @@ torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextMod
     return states.to(device, dtype);
 }
 
-torch::Device module_device(const torch::nn::Module& module) {
-    torch::Device device = torch::kCPU;
-    visit_modules(module, [&](const torch::nn::Module& m) {
-        for (const auto& p : m.parameters(/*recurse=*/false)) {
-            device = p.device();
-            return true;
-        }
-        return false;
-    });
-    return device;
-}
+namespace {
 
-torch::ScalarType module_dtype(const torch::nn::Module& module) {
-    torch::ScalarType dtype = torch::kFloat32;
+// The first of the module's parameters (in Module::parameters() order) for which pred holds, or
+// an undefined tensor.
+template <class Pred>
+torch::Tensor first_parameter(const torch::nn::Module& module, Pred pred) {
+    torch::Tensor found;
     visit_modules(module, [&](const torch::nn::Module& m) {
         for (const auto& p : m.parameters(/*recurse=*/false))
-            if (p.is_floating_point()) {
-                dtype = p.scalar_type();
+            if (pred(p)) {
+                found = p;
                 return true;
             }
         return false;
     });
-    return dtype;
+    return found;
+}
+
+}  // namespace
+
+torch::Device module_device(const torch::nn::Module& module) {
+    const auto p = first_parameter(module, [](const torch::Tensor&) { return true; });
+    return p.defined() ? p.device() : torch::Device(torch::kCPU);
+}
+
+torch::ScalarType module_dtype(const torch::nn::Module& module) {
+    const auto p =
+        first_parameter(module, [](const torch::Tensor& t) { return t.is_floating_point(); });
+    return p.defined() ? p.scalar_type() : torch::kFloat32;
 }
 
 std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
