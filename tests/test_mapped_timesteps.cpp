@@ -49,6 +49,7 @@ struct PriorCase {
     static std::string dir() { return test::data_path("tiny-wuerstchen-prior/prior"); }
     torch::Tensor x() const { return ref_tensor(ref, "x"); }
     torch::Tensor r() const { return ref_tensor(ref, "r"); }
+    PriorCondition condition() { return model->map_condition(ref_tensor(ref, "c")); }
     SafeTensors ref;
     WuerstchenPrior model;
 };
@@ -67,44 +68,38 @@ struct DecoderCase {
     WuerstchenDiffNeXt model;
 };
 
+// The model's forward with rows of a mapped schedule equals its forward with r, and matches
+// diffusers within `diffusers_tol`; one row (`row`) serves a batch at one ratio.
+template <class Case>
+void expect_rows_give_the_same_forward(Case& k, const std::string& what, double diffusers_tol,
+                                       int64_t row) {
+    c10::InferenceMode guard;
+    const auto condition = k.condition();
+    const auto expected = k.model->forward(k.x(), k.r(), condition);
+    const MappedTimesteps rows = rows_for_reference(k.model, k.r());
+    ASSERT_TRUE(rows.residual_biases_folded) << what;
+    // Rows mapped with the schedule in one product: the same sums, rounded alike up to float32.
+    EXPECT_TRUE(all_close(what + ", rows of a mapped schedule vs r",
+                          k.model->forward(k.x(), rows, condition), expected,
+                          scaled_tol(expected, 1e-6)));
+    EXPECT_TRUE(all_close(what + ", rows vs diffusers", k.model->forward(k.x(), rows, condition),
+                          ref_tensor(k.ref, "out"), diffusers_tol));
+    const auto same_r = k.r()[row].expand({2});
+    const auto one_ratio = k.model->forward(k.x(), same_r, condition);
+    EXPECT_TRUE(
+        all_close(what + ", one row for the batch vs r expanded",
+                  k.model->forward(k.x(), k.model->map_timesteps(k.r()).row(row), condition),
+                  one_ratio, scaled_tol(one_ratio, 1e-6)));
+}
+
 TEST(MappedTimesteps, PriorRowsGiveTheSameForward) {
     PriorCase p;
-    c10::InferenceMode guard;
-    const auto condition = p.model->map_condition(ref_tensor(p.ref, "c"));
-    const auto expected = p.model->forward(p.x(), p.r(), condition);
-    const MappedTimesteps rows = rows_for_reference(p.model, p.r());
-    ASSERT_TRUE(rows.residual_biases_folded);
-    // Rows mapped with the schedule in one product: the same sums, rounded alike up to float32.
-    EXPECT_TRUE(all_close("prior, rows of a mapped schedule vs r",
-                          p.model->forward(p.x(), rows, condition), expected,
-                          scaled_tol(expected, 1e-6)));
-    EXPECT_TRUE(all_close("prior, rows vs diffusers", p.model->forward(p.x(), rows, condition),
-                          ref_tensor(p.ref, "out"), 1.5e-3));
-    // One row for a batch at one ratio.
-    const auto same_r = p.r()[1].expand({2});
-    const auto one_ratio = p.model->forward(p.x(), same_r, condition);
-    EXPECT_TRUE(all_close("prior, one row for the batch vs r expanded",
-                          p.model->forward(p.x(), p.model->map_timesteps(p.r()).row(1), condition),
-                          one_ratio, scaled_tol(one_ratio, 1e-6)));
+    expect_rows_give_the_same_forward(p, "prior", 1.5e-3, 1);
 }
 
 TEST(MappedTimesteps, DecoderRowsGiveTheSameForward) {
     DecoderCase d;
-    c10::InferenceMode guard;
-    const auto condition = d.condition();
-    const auto expected = d.model->forward(d.x(), d.r(), condition);
-    const MappedTimesteps rows = rows_for_reference(d.model, d.r());
-    ASSERT_TRUE(rows.residual_biases_folded);
-    EXPECT_TRUE(all_close("decoder, rows of a mapped schedule vs r",
-                          d.model->forward(d.x(), rows, condition), expected,
-                          scaled_tol(expected, 1e-6)));
-    EXPECT_TRUE(all_close("decoder, rows vs diffusers", d.model->forward(d.x(), rows, condition),
-                          ref_tensor(d.ref, "out"), 1e-3));
-    const auto same_r = d.r()[0].expand({2});
-    const auto one_ratio = d.model->forward(d.x(), same_r, condition);
-    EXPECT_TRUE(all_close("decoder, one row for the batch vs r expanded",
-                          d.model->forward(d.x(), d.model->map_timesteps(d.r()).row(0), condition),
-                          one_ratio, scaled_tol(one_ratio, 1e-6)));
+    expect_rows_give_the_same_forward(d, "decoder", 1e-3, 0);
 }
 
 // With the rows given, a step runs no r-embedding (sin, cos) and one matrix product fewer (the
@@ -114,7 +109,7 @@ TEST(MappedTimesteps, StepWithRowsSkipsTheEmbeddingAndTheMapperProduct) {
     DecoderCase d;
     c10::InferenceMode guard;
     const std::vector<std::string> ops = {"aten::sin", "aten::cos", "aten::addmm", "aten::mm"};
-    const auto prior_condition = p.model->map_condition(ref_tensor(p.ref, "c"));
+    const auto prior_condition = p.condition();
     const auto prior_rows = p.model->map_timesteps(p.r());
     const auto decoder_condition = d.condition();
     const auto decoder_rows = d.model->map_timesteps(d.r());
@@ -141,7 +136,7 @@ TEST(MappedTimesteps, RejectsRowsThatDoNotFit) {
     PriorCase p;
     DecoderCase d;
     c10::InferenceMode guard;
-    const auto condition = p.model->map_condition(ref_tensor(p.ref, "c"));
+    const auto condition = p.condition();
     const MappedTimesteps rows = p.model->map_timesteps(p.r());
     ASSERT_TRUE(rows.defined());
     auto with = [&](const torch::Tensor& t) { return MappedTimesteps{t, true}; };

@@ -110,12 +110,17 @@ TEST(Prior, ParametersAreTheCheckpointKeys) {
     EXPECT_EQ(model_keys, std::set<std::string>(keys.begin(), keys.end()));
 }
 
+// The prior_forward reference and its inputs.
+struct ForwardInputs {
+    SafeTensors ref = reference("prior_forward");
+    torch::Tensor x = ref_tensor(ref, "x");
+    torch::Tensor r = ref_tensor(ref, "r");
+    torch::Tensor c = ref_tensor(ref, "c");
+};
+
 TEST(Prior, ForwardMatchesDiffusers) {
     auto prior = load_prior(data_path(kPriorDir));
-    auto ref = reference("prior_forward");
-    auto x = ref_tensor(ref, "x");
-    auto r = ref_tensor(ref, "r");
-    auto c = ref_tensor(ref, "c");
+    const auto [ref, x, r, c] = ForwardInputs();
     auto expected = ref_tensor(ref, "out");
     auto expected_r = ref_tensor(ref, "r_embed");
     c10::InferenceMode guard;
@@ -127,10 +132,7 @@ TEST(Prior, ForwardMatchesDiffusers) {
 
 TEST(Prior, ConditionMappedOnceGivesTheSameForward) {
     // A pipeline maps the text condition once per call; each step's forward then reads it.
-    auto ref = reference("prior_forward");
-    const auto x = ref_tensor(ref, "x");
-    const auto r = ref_tensor(ref, "r");
-    const auto c = ref_tensor(ref, "c");
+    const auto [ref, x, r, c] = ForwardInputs();
     auto packed_prior = load_prior(data_path(kPriorDir));
     auto plain_prior = load_prior(data_path(kPriorDir), test::unpacked_load());
     c10::InferenceMode guard;
@@ -153,10 +155,7 @@ TEST(Prior, ConditionMappedOnceGivesTheSameForward) {
 
 TEST(Prior, RejectsAConditionOfAnotherShape) {
     auto prior = load_prior(data_path(kPriorDir));
-    auto ref = reference("prior_forward");
-    const auto x = ref_tensor(ref, "x");
-    const auto r = ref_tensor(ref, "r");
-    const auto c = ref_tensor(ref, "c");
+    const auto [ref, x, r, c] = ForwardInputs();
     c10::InferenceMode guard;
     WUERSTCHEN_EXPECT_THROW_MSG(prior->map_condition(c.narrow(2, 0, 3)), InvalidArgument,
                                 "c must be [B, L, " + std::to_string(prior->config().c_cond));
@@ -178,10 +177,7 @@ TEST(Prior, RejectsAConditionOfAnotherShape) {
 // as the forward of [x ; x], up to the rounding of products over fewer rows.
 TEST(Prior, GuidancePairsRunTheFirstBlocksOnce) {
     auto prior = load_prior(data_path(kPriorDir));
-    auto ref = reference("prior_forward");
-    const auto x = ref_tensor(ref, "x");
-    const auto r = ref_tensor(ref, "r");
-    const auto c = ref_tensor(ref, "c");
+    const auto [ref, x, r, c] = ForwardInputs();
     c10::InferenceMode guard;
     const auto text = c, uncond = c.flip(0) * 0.5;  // any second condition
     for (int64_t batch : {2, 1}) {
