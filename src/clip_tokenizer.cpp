@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <queue>
 #include <sstream>
 #include <system_error>
 #include <unordered_map>
@@ -17,6 +18,7 @@
 #include "json_util.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
 
 namespace wuerstchen {
 
@@ -251,6 +253,7 @@ struct CLIPTokenizer::Impl {
     int64_t bos_id = 0, eos_id = 0, pad_id = 0, unk_id = 0;
     int max_length = kDefaultMaxLength;
     size_t size = 0;
+    int64_t max_id = 0;  // the largest id encoding can give
 
     void init_bytes() {
         const auto table = byte_to_unicode_table();
@@ -348,54 +351,92 @@ struct CLIPTokenizer::Impl {
         size = vocab.size();
         for (const auto& t : added_tokens)
             if (!vocab.count(t.first)) ++size;
+        max_id = std::max({bos_id, eos_id, pad_id, unk_id});
+        for (const auto& [tok, id] : vocab) max_id = std::max(max_id, id);
+        for (const auto& [tok, id] : added_tokens) max_id = std::max(max_id, id);
+    }
+
+    // Rank of the merge of symbols a and b, or -1.
+    int merge_rank(const std::string& a, const std::string& b) const {
+        const auto it = merge_ranks.find(a + "\n" + b);
+        return it != merge_ranks.end() ? it->second : -1;
     }
 
     // Byte-level BPE of one pre-tokenized piece; the last symbol carries the end-of-word suffix.
+    // As CLIP's bpe(): while any neighbouring pair has a merge, take the lowest-ranked pair and
+    // merge each of its occurrences, left to right, without overlap. Candidate pairs wait in a
+    // heap ordered by (rank, position), so a pass pops exactly that pair's occurrences in order;
+    // pairs made by a pass join the heap after it, and entries whose symbols have changed since
+    // are dropped when popped. O(n log n) in the piece's length, where rescanning every pair
+    // after each merge (the reference's way) is quadratic, which a long run of letters (one
+    // piece) would make take minutes.
     void bpe(const std::string& piece, std::vector<int64_t>& ids) const {
-        std::vector<std::string> word;
-        for (const char c : piece) word.push_back(byte_encoder[static_cast<unsigned char>(c)]);
-        if (word.empty()) return;
-        word.back() += end_of_word_suffix;
-        while (word.size() > 1) {
-            int best_rank = std::numeric_limits<int>::max();
-            size_t best = 0;
-            for (size_t k = 0; k + 1 < word.size(); ++k) {
-                const auto it = merge_ranks.find(word[k] + "\n" + word[k + 1]);
-                if (it != merge_ranks.end() && it->second < best_rank) {
-                    best_rank = it->second;
-                    best = k;
-                }
-            }
-            if (best_rank == std::numeric_limits<int>::max()) break;
-            const std::string first = word[best], second = word[best + 1];
-            std::vector<std::string> merged;
-            merged.reserve(word.size());
-            for (size_t k = 0; k < word.size();) {
-                if (k + 1 < word.size() && word[k] == first && word[k + 1] == second) {
-                    merged.push_back(first + second);
-                    k += 2;
-                } else {
-                    merged.push_back(word[k]);
-                    ++k;
-                }
-            }
-            word.swap(merged);
+        const size_t n = piece.size();
+        if (n == 0) return;
+        std::vector<std::string> symbol(n);
+        std::vector<size_t> next(n), prev(n);
+        constexpr size_t kNone = std::numeric_limits<size_t>::max();
+        for (size_t k = 0; k < n; ++k) {
+            symbol[k] = byte_encoder[static_cast<unsigned char>(piece[k])];
+            prev[k] = k == 0 ? kNone : k - 1;
+            next[k] = k + 1 == n ? kNone : k + 1;
         }
-        for (const auto& symbol : word) {
-            const auto it = vocab.find(symbol);
+        symbol.back() += end_of_word_suffix;
+        using Candidate = std::pair<int, size_t>;  // (rank, position of the pair's left symbol)
+        std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
+        std::vector<bool> merged_away(n, false);
+        auto push_pair = [&](size_t k) {
+            if (k == kNone || merged_away[k] || next[k] == kNone) return;
+            const int rank = merge_rank(symbol[k], symbol[next[k]]);
+            if (rank >= 0) heap.emplace(rank, k);
+        };
+        for (size_t k = 0; k + 1 < n; ++k) push_pair(k);
+        std::vector<size_t> touched;
+        while (!heap.empty()) {
+            const int rank = heap.top().first;
+            touched.clear();
+            while (!heap.empty() && heap.top().first == rank) {
+                const size_t k = heap.top().second;
+                heap.pop();
+                if (merged_away[k] || next[k] == kNone ||
+                    merge_rank(symbol[k], symbol[next[k]]) != rank)
+                    continue;  // the pair changed since it was queued
+                const size_t right = next[k];
+                symbol[k] += symbol[right];
+                symbol[right].clear();
+                merged_away[right] = true;
+                next[k] = next[right];
+                if (next[right] != kNone) prev[next[right]] = k;
+                touched.push_back(prev[k]);
+                touched.push_back(k);
+            }
+            std::sort(touched.begin(), touched.end());
+            touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+            for (const size_t k : touched) push_pair(k);
+        }
+        for (size_t k = 0; k != kNone; k = next[k]) {
+            const auto it = vocab.find(symbol[k]);
             ids.push_back(it != vocab.end() ? it->second : unk_id);
         }
     }
 
-    void encode_segment(const std::string& segment, std::vector<int64_t>& ids) const {
+    // Pieces are encoded independently and in order, so the first `limit` ids do not depend on
+    // the text after them: encoding stops once there are that many.
+    void encode_segment(const std::string& segment, std::vector<int64_t>& ids, size_t limit) const {
         if (segment.empty()) return;
-        for (const auto& piece : split_pieces(normalize(decode_utf8(segment)))) bpe(piece, ids);
+        for (const auto& piece : split_pieces(normalize(decode_utf8(segment)))) {
+            if (ids.size() >= limit) return;
+            bpe(piece, ids);
+        }
     }
 
-    std::vector<int64_t> encode_body(const std::string& text) const {
+    // The ids of `text` without bos and eos; at least the first `limit` of them (more when the
+    // last piece encoded runs past it).
+    std::vector<int64_t> encode_body(const std::string& text,
+                                     size_t limit = std::numeric_limits<size_t>::max()) const {
         std::vector<int64_t> ids;
         size_t start = 0;
-        for (size_t pos = 0; pos < text.size();) {
+        for (size_t pos = 0; pos < text.size() && ids.size() < limit;) {
             const std::pair<std::string, int64_t>* hit = nullptr;
             for (const auto& t : added_tokens) {
                 if (text.compare(pos, t.first.size(), t.first) == 0) {
@@ -407,12 +448,13 @@ struct CLIPTokenizer::Impl {
                 ++pos;
                 continue;
             }
-            encode_segment(text.substr(start, pos - start), ids);
+            encode_segment(text.substr(start, pos - start), ids, limit);
+            if (ids.size() >= limit) return ids;
             ids.push_back(hit->second);
             pos += hit->first.size();
             start = pos;
         }
-        encode_segment(text.substr(start), ids);
+        if (ids.size() < limit) encode_segment(text.substr(start), ids, limit);
         return ids;
     }
 };
@@ -570,27 +612,38 @@ CLIPTokenizer CLIPTokenizer::from_pretrained(const std::string& dir) {
 // ====================================================================== encoding
 
 std::vector<int64_t> CLIPTokenizer::encode(const std::string& text) const {
-    std::vector<int64_t> ids{impl_->bos_id};
-    const auto body = impl_->encode_body(text);
+    std::vector<int64_t> ids{impl().bos_id};
+    const auto body = impl().encode_body(text);
     ids.insert(ids.end(), body.begin(), body.end());
-    ids.push_back(impl_->eos_id);
+    ids.push_back(impl().eos_id);
     return ids;
 }
 
 BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
                                         const TokenizerOptions& options) const {
-    const int64_t max_length = options.max_length > 0 ? options.max_length : impl_->max_length;
+    if (options.max_length != -1 && options.max_length < 2)
+        throw InvalidArgument("CLIPTokenizer: `max_length` must be -1 (the model's " +
+                              std::to_string(impl().max_length) +
+                              ") or at least 2 (room for bos and eos), got " +
+                              std::to_string(options.max_length));
+    const int64_t max_length = options.max_length > 0 ? options.max_length : impl().max_length;
     std::vector<std::vector<int64_t>> rows;
     rows.reserve(texts.size());
     int64_t longest = 0;
     for (const auto& text : texts) {
-        auto ids = encode(text);
+        // With truncation only the first max_length - 2 body ids are kept: encode no further.
+        std::vector<int64_t> ids{impl().bos_id};
+        const auto body =
+            impl().encode_body(text, options.truncation ? static_cast<size_t>(max_length - 2)
+                                                        : std::numeric_limits<size_t>::max());
+        ids.insert(ids.end(), body.begin(), body.end());
+        ids.push_back(impl().eos_id);
         if (options.truncation && static_cast<int64_t>(ids.size()) > max_length) {
             // tokenizers reserves room for the two specials, then appends them again.
             const int64_t keep = std::max<int64_t>(max_length - 2, 0);
             std::vector<int64_t> cut(ids.begin() + 1, ids.begin() + 1 + keep);
-            cut.insert(cut.begin(), impl_->bos_id);
-            cut.push_back(impl_->eos_id);
+            cut.insert(cut.begin(), impl().bos_id);
+            cut.push_back(impl().eos_id);
             ids.swap(cut);
         }
         longest = std::max<int64_t>(longest, static_cast<int64_t>(ids.size()));
@@ -598,8 +651,12 @@ BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
     }
     const int64_t length = options.pad_to_max ? std::max(longest, max_length) : longest;
     const auto batch = static_cast<int64_t>(rows.size());
-    auto input_ids = torch::full({batch, length}, impl_->pad_id, torch::kInt64);
-    auto attention_mask = torch::zeros({batch, length}, torch::kInt64);
+    torch::Tensor input_ids, attention_mask;
+    with_memory_errors("CLIPTokenizer", [&] {  // max_length sizes them when padding
+        input_ids = torch::full({batch, length}, impl().pad_id, torch::kInt64);
+        attention_mask = torch::zeros({batch, length}, torch::kInt64);
+        return 0;
+    });
     auto ids_acc = input_ids.accessor<int64_t, 2>();
     auto mask_acc = attention_mask.accessor<int64_t, 2>();
     for (int64_t b = 0; b < batch; ++b) {
@@ -615,19 +672,19 @@ BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
 std::string CLIPTokenizer::decode(const std::vector<int64_t>& ids) const {
     std::string joined;
     for (const int64_t id : ids) {
-        const auto it = impl_->id_to_token.find(id);
-        if (it != impl_->id_to_token.end()) joined += it->second;
+        const auto it = impl().id_to_token.find(id);
+        if (it != impl().id_to_token.end()) joined += it->second;
     }
     std::string bytes;
     for (const int32_t cp : decode_utf8(joined)) {
-        const auto it = impl_->byte_decoder.find(cp);
-        if (it != impl_->byte_decoder.end())
+        const auto it = impl().byte_decoder.find(cp);
+        if (it != impl().byte_decoder.end())
             bytes.push_back(static_cast<char>(it->second));
         else
             append_utf8(bytes, cp);
     }
     std::string text = encode_utf8(decode_utf8(bytes));  // invalid sequences -> U+FFFD
-    const std::string& suffix = impl_->end_of_word_suffix;
+    const std::string& suffix = impl().end_of_word_suffix;
     if (!suffix.empty()) {
         std::string replaced;
         for (size_t pos = 0; pos < text.size();) {
@@ -645,20 +702,26 @@ std::string CLIPTokenizer::decode(const std::vector<int64_t>& ids) const {
     return text.substr(first, text.find_last_not_of(' ') - first + 1);
 }
 
-int64_t CLIPTokenizer::bos_token_id() const { return impl_->bos_id; }
-int64_t CLIPTokenizer::eos_token_id() const { return impl_->eos_id; }
-int64_t CLIPTokenizer::pad_token_id() const { return impl_->pad_id; }
-int64_t CLIPTokenizer::unk_token_id() const { return impl_->unk_id; }
-int CLIPTokenizer::model_max_length() const { return impl_->max_length; }
-size_t CLIPTokenizer::vocab_size() const { return impl_->size; }
+int64_t CLIPTokenizer::bos_token_id() const { return impl().bos_id; }
+int64_t CLIPTokenizer::eos_token_id() const { return impl().eos_id; }
+int64_t CLIPTokenizer::pad_token_id() const { return impl().pad_id; }
+int64_t CLIPTokenizer::unk_token_id() const { return impl().unk_id; }
+int CLIPTokenizer::model_max_length() const { return impl().max_length; }
+size_t CLIPTokenizer::vocab_size() const { return impl().size; }
+int64_t CLIPTokenizer::max_token_id() const { return impl().max_id; }
 
 CLIPTokenizer::CLIPTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+const CLIPTokenizer::Impl& CLIPTokenizer::impl() const {
+    if (!impl_) throw InvalidArgument("CLIPTokenizer: used after it was moved from");
+    return *impl_;
+}
 CLIPTokenizer::CLIPTokenizer(CLIPTokenizer&&) noexcept = default;
 CLIPTokenizer& CLIPTokenizer::operator=(CLIPTokenizer&&) noexcept = default;
 CLIPTokenizer::CLIPTokenizer(const CLIPTokenizer& other)
-    : impl_(std::make_unique<Impl>(*other.impl_)) {}
+    : impl_(std::make_unique<Impl>(other.impl())) {}
 CLIPTokenizer& CLIPTokenizer::operator=(const CLIPTokenizer& other) {
-    if (this != &other) impl_ = std::make_unique<Impl>(*other.impl_);
+    if (this != &other) impl_ = std::make_unique<Impl>(other.impl());
     return *this;
 }
 CLIPTokenizer::~CLIPTokenizer() = default;

@@ -1,6 +1,10 @@
 #include <cstdio>
 #include <iostream>
+#include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -155,6 +159,123 @@ TEST(CLIPTokenizer, TruncationKeepsBosAndEos) {
     EXPECT_EQ(whole.input_ids.size(1), static_cast<int64_t>(full.size()));
 }
 
+// With truncation only the kept ids are encoded: the same rows as encoding all and cutting.
+TEST(CLIPTokenizer, TruncationStopsEncodingAtTheLimit) {
+    const auto tok = tiny(kPriorTokenizer);
+    std::string text;
+    for (int i = 0; i < 30; ++i) text += "horse fire ";
+    text += std::string(200000, 'a') + " fighter";  // a long last piece, cut away entirely
+    const auto full = tok.encode(text);
+    for (const int max_length : {2, 3, 10, 77}) {
+        TokenizerOptions options;
+        options.max_length = max_length;
+        const auto enc = tok({text, "horse"}, options);
+        ASSERT_EQ(enc.input_ids.sizes(), (std::vector<int64_t>{2, max_length}));
+        std::vector<int64_t> expected(full.begin(), full.begin() + max_length - 1);
+        expected.push_back(tok.eos_token_id());
+        const auto row = enc.input_ids[0].contiguous();
+        EXPECT_EQ(
+            std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + max_length),
+            expected)
+            << "max_length " << max_length;
+    }
+}
+
+TEST(CLIPTokenizer, RejectsMaxLengthWithoutRoomForSpecials) {
+    const auto tok = tiny(kPriorTokenizer);
+    for (const int max_length : {1, 0, -5}) {
+        TokenizerOptions options;
+        options.max_length = max_length;
+        WUERSTCHEN_EXPECT_THROW_MSG(tok({"horse"}, options), InvalidArgument, "`max_length`",
+                                    std::to_string(max_length));
+    }
+}
+
+// CLIP's merge loop as the reference writes it: while a neighbouring pair has a merge, merge
+// every occurrence of the lowest-ranked one, left to right. For words of lower-case ASCII
+// letters (which byte-level BPE maps to themselves, and pre-tokenisation keeps as one piece).
+std::vector<int64_t> reference_bpe(const std::string& word,
+                                   const std::map<std::pair<std::string, std::string>, int>& ranks,
+                                   const nlohmann::json& vocab, int64_t unk) {
+    std::vector<std::string> symbols;
+    for (const char c : word) symbols.emplace_back(1, c);
+    symbols.back() += "</w>";
+    while (symbols.size() > 1) {
+        int best = std::numeric_limits<int>::max();
+        std::pair<std::string, std::string> pair;
+        for (size_t k = 0; k + 1 < symbols.size(); ++k) {
+            const auto it = ranks.find({symbols[k], symbols[k + 1]});
+            if (it != ranks.end() && it->second < best) {
+                best = it->second;
+                pair = it->first;
+            }
+        }
+        if (best == std::numeric_limits<int>::max()) break;
+        std::vector<std::string> merged;
+        for (size_t k = 0; k < symbols.size(); ++k) {
+            if (k + 1 < symbols.size() && symbols[k] == pair.first &&
+                symbols[k + 1] == pair.second) {
+                merged.push_back(pair.first + pair.second);
+                ++k;
+            } else {
+                merged.push_back(symbols[k]);
+            }
+        }
+        symbols.swap(merged);
+    }
+    std::vector<int64_t> ids;
+    for (const auto& s : symbols)
+        ids.push_back(vocab.contains(s) ? vocab.at(s).get<int64_t>() : unk);
+    return ids;
+}
+
+// The tokenizer's heap-ordered merges give the reference loop's ids on random words (short,
+// long, repetitive), with the tiny vocabulary and, when present, the real one.
+TEST(CLIPTokenizer, BpeMatchesTheReferenceMergeLoop) {
+    std::vector<std::string> folders = {test::data_path(kPriorTokenizer)};
+    const std::string real = test::shared_path("clip-bpe");
+    if (test::file_exists(real + "/vocab.json") && test::file_exists(real + "/merges.txt"))
+        folders.push_back(legacy_folder(real, "!"));
+    else
+        std::cout << "[ skipped  ] the real CLIP vocabulary is not at " << real << "\n";
+    for (const auto& dir : folders) {
+        const auto tok = CLIPTokenizer::from_pretrained(dir);
+        const auto vocab = nlohmann::json::parse(read_text_file(dir + "/vocab.json"));
+        std::map<std::pair<std::string, std::string>, int> ranks;
+        std::istringstream merges(read_text_file(dir + "/merges.txt"));
+        for (std::string line; std::getline(merges, line);) {
+            if (line.empty() || line.rfind("#version", 0) == 0) continue;
+            const auto space = line.find(' ');
+            ranks.emplace(std::make_pair(line.substr(0, space), line.substr(space + 1)),
+                          static_cast<int>(ranks.size()));
+        }
+        std::mt19937 rng(7);
+        const std::string common = "etaoinshrdlucmfwyp";  // frequent letters make many merges
+        std::vector<std::string> words = {"a", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "abababababab",
+                                          "thethethethe", "horsehorsehorse"};
+        for (int i = 0; i < 300; ++i) {
+            const size_t length = i < 290 ? 1 + rng() % 24 : 200 + rng() % 800;
+            std::string word;
+            for (size_t k = 0; k < length; ++k)
+                word +=
+                    rng() % 4 ? common[rng() % common.size()] : static_cast<char>('a' + rng() % 26);
+            words.push_back(word);
+        }
+        size_t checked = 0;
+        for (const auto& word : words) {
+            std::vector<int64_t> expected = {tok.bos_token_id()};
+            const auto body = reference_bpe(word, ranks, vocab, tok.unk_token_id());
+            expected.insert(expected.end(), body.begin(), body.end());
+            expected.push_back(tok.eos_token_id());
+            EXPECT_EQ(tok.encode(word), expected) << dir << ": " << word;
+            checked += body.size();
+        }
+        std::cout << "[ bpe ] " << dir << ": " << words.size() << " words, " << checked
+                  << " tokens, all as the reference loop\n";
+        if (dir != folders.front()) test::remove_tree(dir);
+    }
+}
+
 TEST(CLIPTokenizer, BatchShapesAndPadding) {
     const auto tok = tiny(kDecoderTokenizer);
     const std::vector<std::string> texts = {"horse", "an image of a shiba inu"};
@@ -183,6 +304,8 @@ TEST(CLIPTokenizer, CopyAndMove) {
     const CLIPTokenizer copy = tok;
     CLIPTokenizer moved = std::move(tok);
     EXPECT_EQ(copy.encode("horse"), moved.encode("horse"));
+    // NOLINTNEXTLINE(bugprone-use-after-move): a moved-from tokenizer says so, it does not crash
+    WUERSTCHEN_EXPECT_THROW_MSG(tok.encode("horse"), InvalidArgument, "moved from");
 }
 
 TEST(CLIPTokenizer, ErrorFolderWithoutVocabulary) {

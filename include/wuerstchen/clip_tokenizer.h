@@ -43,6 +43,9 @@ public:
     int64_t unk_token_id() const;
     int model_max_length() const;
     size_t vocab_size() const;
+    // The largest id it gives (vocabulary, added and special tokens): a text encoder needs a
+    // larger vocab_size.
+    int64_t max_token_id() const;
 
     CLIPTokenizer(CLIPTokenizer&&) noexcept;
     CLIPTokenizer& operator=(CLIPTokenizer&&) noexcept;
@@ -53,6 +56,7 @@ public:
 private:
     struct Impl;
     explicit CLIPTokenizer(std::unique_ptr<Impl> impl);
+    const Impl& impl() const;  // throws InvalidArgument after a move
     std::unique_ptr<Impl> impl_;
 };
 
