@@ -208,7 +208,22 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
     if (input_ids.dim() != 2)
         throw InvalidArgument("CLIPTextModel: input_ids must be [B, L], got " +
                               std::to_string(input_ids.dim()) + " dimensions");
+    if (!at::isIntegralType(input_ids.scalar_type(), /*includeBool=*/false))
+        throw InvalidArgument("CLIPTextModel: input_ids must be integer token ids, got " +
+                              std::string(c10::toString(input_ids.scalar_type())));
     const int64_t batch = input_ids.size(0), length = input_ids.size(1);
+    if (length < 1) throw InvalidArgument("CLIPTextModel: input_ids hold no tokens (L = 0)");
+    // Ids on the CPU are checked here (an out-of-range embedding index would be an untyped
+    // error, on CUDA a device-side assert); ids already on a GPU are not, as the check would
+    // wait for the device (the pipelines check their tokenizer against the vocabulary instead).
+    if (input_ids.device().is_cpu() && batch > 0) {
+        const auto [lowest, highest] = at::aminmax(input_ids);
+        const int64_t low = lowest.item<int64_t>(), high = highest.item<int64_t>();
+        if (low < 0 || high >= config_.vocab_size)
+            throw InvalidArgument(
+                "CLIPTextModel: input_ids hold token id " + std::to_string(low < 0 ? low : high) +
+                ", outside the vocabulary [0, " + std::to_string(config_.vocab_size) + ")");
+    }
     if (length > config_.max_position_embeddings)
         throw InvalidArgument("CLIPTextModel: sequence length " + std::to_string(length) +
                               " exceeds max_position_embeddings " +

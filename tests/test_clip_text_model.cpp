@@ -161,6 +161,16 @@ TEST(CLIPTextModel, RejectsBadInputsAndConfig) {
     CLIPTextModel model(config);
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(torch::zeros({1, 5}, torch::kInt64)),
                                 InvalidArgument, "max_position_embeddings");
+    // Ids outside the vocabulary, no tokens, or ids that are not integers.
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(torch::tensor({{1, 10}}, torch::kInt64)),
+                                InvalidArgument, "token id 10", "[0, 10)");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(torch::tensor({{-1, 2}}, torch::kInt64)),
+                                InvalidArgument, "token id -1");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(torch::zeros({1, 0}, torch::kInt64)),
+                                InvalidArgument, "no tokens");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(torch::zeros({1, 3}, torch::kFloat32)),
+                                InvalidArgument, "integer", "Float");
+    EXPECT_NO_THROW(model->forward(torch::tensor({{0, 9, 3}}, torch::kInt32)));
     config.hidden_act = "swish_the_fish";
     WUERSTCHEN_EXPECT_THROW_MSG(CLIPTextModel{config}, ConfigError, "hidden_act", "swish_the_fish");
 }
