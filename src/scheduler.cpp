@@ -81,8 +81,13 @@ DDPMWuerstchenScheduler::DDPMWuerstchenScheduler(const SchedulerConfig& config) 
 void DDPMWuerstchenScheduler::set_timesteps(int num_inference_steps) {
     check_positive("DDPMWuerstchenScheduler::set_timesteps", "num_inference_steps",
                    num_inference_steps);
+    if (num_inference_steps > kMaxSteps)
+        throw InvalidArgument("DDPMWuerstchenScheduler::set_timesteps: `num_inference_steps` is " +
+                              std::to_string(num_inference_steps) + "; at most " +
+                              std::to_string(kMaxSteps) +
+                              " steps keep the float32 points distinct");
     // torch.linspace(1.0, 0.0, n + 1): use torch's own float32 algorithm for identical points.
-    auto ts = at::linspace(1.0, 0.0, num_inference_steps + 1,
+    auto ts = at::linspace(1.0, 0.0, int64_t{num_inference_steps} + 1,
                            torch::TensorOptions().dtype(torch::kFloat32))
                   .contiguous();
     const float* p = ts.data_ptr<float>();
@@ -124,6 +129,9 @@ size_t DDPMWuerstchenScheduler::nearest_index(double t) const {
     if (timesteps_.empty())
         throw InvalidArgument("DDPMWuerstchenScheduler: call set_timesteps before stepping");
     // (self.timesteps - timestep[0]).abs().argmin() in float32; the first minimum wins.
+    if (!std::isfinite(t))
+        throw InvalidArgument("DDPMWuerstchenScheduler: the timestep must be finite, got " +
+                              std::to_string(t));
     const float tf = static_cast<float>(t);
     size_t best = 0;
     float best_d = std::fabs(timesteps_[0] - tf);
@@ -145,6 +153,10 @@ float DDPMWuerstchenScheduler::previous_timestep(double t) const {
 }
 
 torch::Tensor DDPMWuerstchenScheduler::previous_timestep(const torch::Tensor& t) const {
+    if (!t.defined() || t.dim() != 1 || t.size(0) < 1)
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::previous_timestep: `timestep` must have shape [B], got " +
+            (t.defined() ? c10::str(t.sizes()) : std::string("undefined")));
     const float prev = previous_timestep(t[0].item<double>());
     return torch::full({t.size(0)}, prev,
                        torch::TensorOptions().dtype(torch::kFloat32).device(t.device()));
@@ -153,6 +165,7 @@ torch::Tensor DDPMWuerstchenScheduler::previous_timestep(const torch::Tensor& t)
 torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output,
                                             const torch::Tensor& t, const torch::Tensor& sample,
                                             at::Generator& generator) const {
+    check_output(model_output, sample);
     if (!t.defined() || t.dim() != 1 || t.size(0) != sample.size(0))
         throw InvalidArgument("DDPMWuerstchenScheduler::step: `timestep` must have shape [" +
                               std::to_string(sample.size(0)) + "]");
@@ -175,6 +188,7 @@ torch::Tensor batch_timestep(double t, const torch::Tensor& model_output,
 torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, double t,
                                             const torch::Tensor& sample,
                                             at::Generator& generator) const {
+    check_output(model_output, sample);
     const float prev = previous_timestep(t);
     return step_impl(model_output, batch_timestep(t, model_output, sample), prev, sample,
                      &generator, {});
@@ -189,8 +203,21 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output, d
                      noise);
 }
 
+void DDPMWuerstchenScheduler::check_output(const torch::Tensor& model_output,
+                                           const torch::Tensor& sample) {
+    if (!sample.defined() || sample.dim() < 1)
+        throw InvalidArgument("DDPMWuerstchenScheduler::step: `sample` must be a tensor [B, ...]");
+    if (!model_output.defined() || model_output.sizes() != sample.sizes())
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::step: `model_output` must have the "
+            "sample's shape " +
+            c10::str(sample.sizes()) + ", got " +
+            (model_output.defined() ? c10::str(model_output.sizes()) : std::string("undefined")));
+}
+
 void DDPMWuerstchenScheduler::check_noise(const torch::Tensor& model_output,
                                           const torch::Tensor& sample, const torch::Tensor& noise) {
+    check_output(model_output, sample);
     if (!noise.defined() || noise.sizes() != sample.sizes())
         throw InvalidArgument("DDPMWuerstchenScheduler::step: `noise` must have the sample's "
                               "shape " + c10::str(sample.sizes()) + ", got " +
@@ -291,6 +318,23 @@ torch::Tensor DDPMWuerstchenScheduler::step(const torch::Tensor& model_output,
 torch::Tensor DDPMWuerstchenScheduler::add_noise(const torch::Tensor& original_samples,
                                                  const torch::Tensor& noise,
                                                  const torch::Tensor& t) const {
+    if (!original_samples.defined() || original_samples.dim() < 1)
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::add_noise: `original_samples` must be a tensor [B, ...]");
+    const int64_t batch = original_samples.size(0);
+    if (!noise.defined() || noise.sizes() != original_samples.sizes())
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::add_noise: `noise` must have the "
+            "samples' shape " +
+            c10::str(original_samples.sizes()) + ", got " +
+            (noise.defined() ? c10::str(noise.sizes()) : std::string("undefined")));
+    if (!t.defined() || t.dim() != 1 || (t.size(0) != batch && t.size(0) != 1) ||
+        !t.is_floating_point())
+        throw InvalidArgument(
+            "DDPMWuerstchenScheduler::add_noise: `timesteps` must be a floating "
+            "tensor [" +
+            std::to_string(batch) + "] or [1], got " +
+            (t.defined() ? c10::str(t.sizes()) : std::string("undefined")));
     const auto view = batch_view(t.size(0), original_samples);
     auto a = alpha_cumprod(t.to(original_samples.device())).view(view);
     auto noisy = a.sqrt() * original_samples + (1 - a).sqrt() * noise;

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -282,10 +284,54 @@ TEST(Scheduler, RejectsBadTimesteps) {
                                 InvalidArgument, "timesteps", "descending");
     WUERSTCHEN_EXPECT_THROW_MSG(sched.set_timesteps(std::vector<double>{1.5, 0.0}), InvalidArgument,
                                 "timesteps", "[0, 1]");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.set_timesteps(std::numeric_limits<int>::max()),
+                                InvalidArgument, "num_inference_steps", "at most");
     sched.set_timesteps(4);
     auto gen = make_generator(0);
     auto x = torch::zeros({1, 1, 1, 1});
     WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, 0.0, x, gen), InvalidArgument, "last point");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.step(x, std::nan(""), x, gen), InvalidArgument, "finite");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.previous_timestep(std::nan("")), InvalidArgument, "finite");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.previous_timestep(torch::tensor(0.5)), InvalidArgument,
+                                "`timestep`", "[B]");
+}
+
+// The model output must have the sample's shape: no broadcast, no batch taken from it.
+TEST(Scheduler, RejectsAModelOutputOfAnotherShape) {
+    DDPMWuerstchenScheduler sched;
+    sched.set_timesteps(4);
+    auto gen = make_generator(0);
+    const auto sample = torch::zeros({1, 4, 8, 8});
+    for (const auto& output : {torch::zeros({1, 4, 8, 1}), torch::zeros({2, 4, 8, 8}),
+                               torch::zeros({1, 4, 8, 9}), torch::Tensor()}) {
+        WUERSTCHEN_EXPECT_THROW_MSG(sched.step(output, 1.0, sample, gen), InvalidArgument,
+                                    "`model_output`", "[1, 4, 8, 8]");
+        WUERSTCHEN_EXPECT_THROW_MSG(sched.step(output, 1.0, sample, torch::zeros_like(sample)),
+                                    InvalidArgument, "`model_output`", "[1, 4, 8, 8]");
+        WUERSTCHEN_EXPECT_THROW_MSG(sched.step(output, torch::ones({1}), sample, gen),
+                                    InvalidArgument, "`model_output`", "[1, 4, 8, 8]");
+    }
+    const auto plan = sched.plan_steps(torch::kFloat32, torch::kCPU);
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        sched.step(torch::zeros({1, 4, 8, 1}), plan, 0, sample, torch::zeros_like(sample)),
+        InvalidArgument, "`model_output`", "[1, 4, 8, 8]");
+}
+
+TEST(Scheduler, AddNoiseRejectsMismatchedInputs) {
+    DDPMWuerstchenScheduler sched;
+    const auto x = torch::zeros({2, 4, 3, 3});
+    const auto t = torch::full({2}, 0.5);
+    EXPECT_NO_THROW(sched.add_noise(x, x, torch::full({1}, 0.5)));  // one t for the batch
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, x, torch::full({3}, 0.5)), InvalidArgument,
+                                "`timesteps`", "[2] or [1]");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, x, torch::tensor(0.5)), InvalidArgument,
+                                "`timesteps`");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, x, torch::Tensor()), InvalidArgument,
+                                "`timesteps`", "undefined");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, torch::zeros({2, 4, 3, 1}), t), InvalidArgument,
+                                "`noise`", "[2, 4, 3, 3]");
+    WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(torch::Tensor(), x, t), InvalidArgument,
+                                "`original_samples`");
 }
 
 }  // namespace

@@ -43,8 +43,12 @@ public:
     const SchedulerConfig& config() const { return config_; }
 
     // torch.linspace(1, 0, num_inference_steps + 1) in float32. Throws InvalidArgument when
-    // num_inference_steps < 1.
+    // num_inference_steps < 1 or > kMaxSteps.
     void set_timesteps(int num_inference_steps);
+    // The most steps set_timesteps(n) takes: its points are 1/n apart, and float32's spacing
+    // just below 1 is 2^-24, so 2^22 steps keep neighbours at least 4 ulps apart (near 2^24
+    // they would round to the same value).
+    static constexpr int kMaxSteps = 1 << 22;
     // Custom points, rounded to float32 like torch.Tensor(list). They must be strictly descending
     // within [0, 1], at least two (InvalidArgument otherwise).
     void set_timesteps(const std::vector<double>& timesteps);
@@ -96,7 +100,8 @@ public:
     torch::Tensor step(const torch::Tensor& model_output, const SchedulerStepPlan& plan, int i,
                        const torch::Tensor& sample, const torch::Tensor& noise) const;
 
-    // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B].
+    // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B] or [1] (for the whole batch); noise of
+    // original_samples' shape. Throws InvalidArgument otherwise.
     torch::Tensor add_noise(const torch::Tensor& original_samples, const torch::Tensor& noise,
                             const torch::Tensor& t) const;
 
@@ -108,6 +113,8 @@ private:
     // step()'s checks of `noise` against sample and model_output.
     static void check_noise(const torch::Tensor& model_output, const torch::Tensor& sample,
                             const torch::Tensor& noise);
+    // step()'s checks of model_output against sample: both defined, the same shape.
+    static void check_output(const torch::Tensor& model_output, const torch::Tensor& sample);
     // Draws the noise from `generator` unless `noise` is defined.
     torch::Tensor step_impl(const torch::Tensor& model_output, const torch::Tensor& t, float prev_t,
                             const torch::Tensor& sample, at::Generator* generator,
