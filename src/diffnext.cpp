@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "nn/blocks.h"
+#include "nn/functional.h"
 #include "nn/init.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
 
 namespace wuerstchen {
 
@@ -228,9 +230,9 @@ std::vector<torch::Tensor> DiffNeXtCondition::tensors() const {
 }
 
 DiffNeXtCondition DiffNeXtCondition::with_tensors(const std::vector<torch::Tensor>& tensors) const {
-    TORCH_CHECK(tensors.size() == this->tensors().size(),
-                "DiffNeXtCondition::with_tensors: ", tensors.size(), " tensors for a layout of ",
-                this->tensors().size());
+    if (tensors.size() != this->tensors().size())
+        throw InvalidArgument("DiffNeXtCondition::with_tensors: " + std::to_string(tensors.size()) +
+                              " tensors for a layout of " + std::to_string(this->tensors().size()));
     DiffNeXtCondition out;
     out.effnet_folded = effnet_folded;
     size_t next = 0;
@@ -354,17 +356,16 @@ std::pair<int64_t, int64_t> WuerstchenDiffNeXtImpl::mapper_level_size(size_t ind
 
 void WuerstchenDiffNeXtImpl::check_input(const torch::Tensor& x, const torch::Tensor& r) const {
     check_latents(x);
-    if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0))
-        throw InvalidArgument(
-            "WuerstchenDiffNeXt: r must be [B] with B = " + std::to_string(x.size(0)) + ", got " +
-            (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
+    if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0) || !r.is_floating_point())
+        throw InvalidArgument("WuerstchenDiffNeXt: r must be a floating tensor [B] with B = " +
+                              std::to_string(x.size(0)) + ", got " +
+                              (r.defined()
+                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
+                                   : std::string("undefined")));
 }
 
 void WuerstchenDiffNeXtImpl::check_latents(const torch::Tensor& x) const {
-    if (!x.defined() || x.dim() != 4 || x.size(1) != config_.c_in)
-        throw InvalidArgument("WuerstchenDiffNeXt: x must be [B, " + std::to_string(config_.c_in) +
-                              ", H, W], got " +
-                              (x.defined() ? c10::str(x.sizes()) : std::string("undefined")));
+    nn::check_nchw("WuerstchenDiffNeXt", "x", x, config_.c_in, module_dtype(*this));
     const int64_t m = size_multiple();
     if (x.size(2) % m != 0 || x.size(3) % m != 0)
         throw InvalidArgument(
@@ -429,7 +430,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
                                               const torch::Tensor& clip) {
     check_input(x, r);
     if (!effnet.defined() || effnet.dim() != 4 || effnet.size(0) != x.size(0) ||
-        effnet.size(1) != config_.effnet_embd)
+        effnet.size(1) != config_.effnet_embd || effnet.size(2) < 1 || effnet.size(3) < 1)
         throw InvalidArgument(
             "WuerstchenDiffNeXt: effnet must be [" + std::to_string(x.size(0)) + ", " +
             std::to_string(config_.effnet_embd) + ", h, w], got " +

@@ -16,6 +16,7 @@
 #include "nn/functional.h"
 #include "nn/init.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/pipeline_common.h"
 
 namespace wuerstchen {
 
@@ -209,10 +210,8 @@ PaellaVQModelImpl::PaellaVQModelImpl(const PaellaVQConfig& config) : config_(con
 }
 
 torch::Tensor PaellaVQModelImpl::encode(const torch::Tensor& image) {
-    if (image.dim() != 4 || image.size(1) != config_.in_channels)
-        throw InvalidArgument("PaellaVQModel::encode: image must be [B, " +
-                              std::to_string(config_.in_channels) + ", H, W], got " +
-                              c10::str(image.sizes()));
+    nn::check_nchw("PaellaVQModel::encode", "image", image, config_.in_channels,
+                   module_dtype(*this));
     const int64_t m = static_cast<int64_t>(config_.up_down_scale_factor) << (config_.levels - 1);
     if (image.size(2) % m != 0 || image.size(3) % m != 0)
         throw InvalidArgument(
@@ -223,10 +222,8 @@ torch::Tensor PaellaVQModelImpl::encode(const torch::Tensor& image) {
 }
 
 torch::Tensor PaellaVQModelImpl::decode(const torch::Tensor& latents, bool force_not_quantize) {
-    if (latents.dim() != 4 || latents.size(1) != config_.latent_channels)
-        throw InvalidArgument("PaellaVQModel::decode: latents must be [B, " +
-                              std::to_string(config_.latent_channels) + ", h, w], got " +
-                              c10::str(latents.sizes()));
+    nn::check_nchw("PaellaVQModel::decode", "latents", latents, config_.latent_channels,
+                   module_dtype(*this));
     const torch::Tensor quant =
         force_not_quantize ? latents : vquantizer->forward(latents).quantized;
     return out_block->forward(up_blocks->forward(quant)).contiguous();

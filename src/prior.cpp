@@ -4,15 +4,18 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/linear.h>
 
+#include <algorithm>
 #include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "nn/blocks.h"
+#include "nn/functional.h"
 #include "nn/init.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
+#include "wuerstchen/pipeline_common.h"
 
 namespace wuerstchen {
 
@@ -94,6 +97,14 @@ MappedTimesteps WuerstchenPriorImpl::map_timesteps(const torch::Tensor& r) {
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
                                            const PriorCondition& condition) {
     check_latents(x_in);
+    // One ratio per sample, or one for the whole batch (upstream broadcasts it).
+    if (!r.defined() || r.dim() != 1 || (r.size(0) != x_in.size(0) && r.size(0) != 1) ||
+        !r.is_floating_point())
+        throw InvalidArgument("WuerstchenPrior: r must be a floating tensor [" +
+                              std::to_string(x_in.size(0)) + "] or [1], got " +
+                              (r.defined()
+                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
+                                   : std::string("undefined")));
     // Every block's mapping of r's embedding in one product, when packed, with the residual
     // blocks' last biases moved into it (each residual block then sums its product into its
     // input); else each block maps its own.
@@ -120,12 +131,18 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
     const int64_t batch = x_in.size(0);
     // Guidance pairs: a condition for twice x's batch ([text ; uncond]) takes x for both halves.
     const bool pairs = c_embed.defined() && c_embed.dim() == 3 && c_embed.size(0) == 2 * batch;
+    auto fits = [&](const torch::Tensor& mapped) {  // [c_embed's batch, L, c]
+        return mapped.defined() && mapped.dim() == 3 && mapped.size(0) == c_embed.size(0) &&
+               mapped.size(1) == c_embed.size(1) && mapped.size(2) == config_.c &&
+               mapped.scalar_type() == x_in.scalar_type();
+    };
     if (!c_embed.defined() || c_embed.dim() != 3 || (c_embed.size(0) != batch && !pairs) ||
-        (!kv_all.empty() && kv_all.size() != attn_blocks_.size()))
+        !fits(c_embed) || (!kv_all.empty() && kv_all.size() != attn_blocks_.size()) ||
+        !std::all_of(kv_all.begin(), kv_all.end(), fits))
         throw InvalidArgument(
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
             std::to_string(batch) + " (or of " + std::to_string(2 * batch) +
-            ", guidance pairs for the same x)");
+            ", guidance pairs for the same x), in x's dtype");
     const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
     // Per-sample modulations (rows or r_embed of x's batch) follow x when it doubles.
     torch::Tensor rows = t.rows, r_rows = r_embed;
@@ -159,10 +176,7 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
 }
 
 void WuerstchenPriorImpl::check_latents(const torch::Tensor& x) const {
-    if (!x.defined() || x.dim() != 4 || x.size(1) != config_.c_in)
-        throw InvalidArgument("WuerstchenPrior: x must be [B, " + std::to_string(config_.c_in) +
-                              ", H, W], got " +
-                              (x.defined() ? c10::str(x.sizes()) : std::string("undefined")));
+    nn::check_nchw("WuerstchenPrior", "x", x, config_.c_in, module_dtype(*this));
 }
 
 std::vector<torch::nn::Module*> WuerstchenPriorImpl::offload_units() const {

@@ -211,6 +211,15 @@ TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
         InvalidArgument, "map_condition's for x");
     WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet, clip, h + 1, w), InvalidArgument,
                                 "divisible by " + std::to_string(m));
+    // Inputs with no pixels, or in another dtype than the model's.
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, effnet.narrow(2, 0, 0), clip), InvalidArgument,
+                                "effnet must be");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x.narrow(2, 0, 0), r, effnet, clip), InvalidArgument,
+                                "x must be", "H, W >= 1");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x.to(torch::kFloat64), r, effnet, clip),
+                                InvalidArgument, "x must be a Float tensor", "Double");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r.to(torch::kLong), effnet, clip),
+                                InvalidArgument, "r must be a floating tensor");
     WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet.narrow(1, 0, 1), clip, h, w),
                                 InvalidArgument, "effnet must be");
     WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet, clip.narrow(2, 0, 3), h, w),
@@ -221,7 +230,7 @@ TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
     EXPECT_TRUE(no_text.kv.empty());
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, no_text), InvalidArgument, "clip is required");
     auto condition = model->map_condition(effnet, clip, h, w);
-    EXPECT_THROW(condition.with_tensors({}), c10::Error);
+    WUERSTCHEN_EXPECT_THROW_MSG(condition.with_tensors({}), InvalidArgument, "0 tensors");
     ASSERT_FALSE(condition.kv.empty());  // packed: one per attention block
     condition.kv.pop_back();
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, condition), InvalidArgument,

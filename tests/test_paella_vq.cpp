@@ -134,7 +134,14 @@ TEST_F(PaellaVQTest, RejectsBadShapes) {
     WUERSTCHEN_EXPECT_THROW_MSG(vq->encode(torch::rand({1, 3, 62, 48})), InvalidArgument,
                                 "divisible by 4");
     WUERSTCHEN_EXPECT_THROW_MSG(vq->decode(torch::rand({1, 3, 8, 8})), InvalidArgument, "latents",
-                                "[B, 4, h, w]");
+                                "[B, 4, H, W]");
+    // No pixels, or another dtype than the model's.
+    WUERSTCHEN_EXPECT_THROW_MSG(vq->decode(torch::rand({1, 4, 0, 0})), InvalidArgument, "latents",
+                                "H, W >= 1");
+    WUERSTCHEN_EXPECT_THROW_MSG(vq->encode(torch::rand({1, 3, 0, 0})), InvalidArgument, "image",
+                                "H, W >= 1");
+    WUERSTCHEN_EXPECT_THROW_MSG(vq->decode(torch::rand({1, 4, 8, 8}, torch::kFloat64)),
+                                InvalidArgument, "latents", "Double");
 }
 
 }  // namespace

@@ -170,6 +170,35 @@ TEST(Prior, RejectsAConditionOfAnotherShape) {
     short_of_blocks.kv.pop_back();
     WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, short_of_blocks), InvalidArgument,
                                 "map_condition's");
+    // A hand-made condition of another width, or in another dtype.
+    PriorCondition narrow = prior->map_condition(c);
+    narrow.kv.back() = narrow.kv.back().narrow(2, 0, 3);
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, narrow), InvalidArgument, "map_condition's");
+    PriorCondition wide = prior->map_condition(c);
+    wide.c_embed = torch::cat({wide.c_embed, wide.c_embed}, 2);
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, wide), InvalidArgument, "map_condition's");
+    PriorCondition doubles = prior->map_condition(c);
+    for (auto& kv : doubles.kv) kv = kv.to(torch::kFloat64);
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, doubles), InvalidArgument, "dtype");
+}
+
+// x and r as the prior takes them: 4-D latents with pixels in the model's dtype, r per sample
+// or one for all.
+TEST(Prior, RejectsBadLatentsAndRatios) {
+    auto prior = load_prior(data_path(kPriorDir));
+    const auto [ref, x, r, c] = ForwardInputs();
+    c10::InferenceMode guard;
+    const auto condition = prior->map_condition(c);
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x.narrow(3, 0, 0), r, condition), InvalidArgument,
+                                "x must be", "H, W >= 1");
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x.to(torch::kFloat64), r, condition),
+                                InvalidArgument, "x must be a Float tensor", "Double");
+    for (const auto& bad_r : {torch::ones({x.size(0) + 1}), torch::tensor(0.5), torch::ones({1, 1}),
+                              torch::Tensor(), torch::ones({1}, torch::kLong)})
+        WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, bad_r, condition), InvalidArgument,
+                                    "r must be a floating tensor");
+    // One ratio for the whole batch is upstream's broadcast.
+    EXPECT_NO_THROW(prior->forward(x, r.narrow(0, 0, 1), condition));
 }
 
 // A condition for twice x's batch ([text ; uncond], as the pipeline's guidance maps it) takes x

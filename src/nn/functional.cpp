@@ -2,7 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
+
+#include "wuerstchen/error.h"
 
 namespace wuerstchen::nn {
 
@@ -17,6 +20,18 @@ torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight
     std::vector<int64_t> out_sizes = x.sizes().vec();
     out_sizes.back() = weight.size(0);
     return at::addmm(bias, x.reshape({x.numel() / in, in}), weight.t()).view(out_sizes);
+}
+
+void check_nchw(const char* where, const char* name, const torch::Tensor& t, int64_t channels,
+                torch::ScalarType dtype) {
+    const bool ok = t.defined() && t.dim() == 4 && t.size(1) == channels && t.size(2) >= 1 &&
+                    t.size(3) >= 1 && t.scalar_type() == dtype;
+    if (ok) return;
+    throw InvalidArgument(std::string(where) + ": " + name + " must be a " + c10::toString(dtype) +
+                          " tensor [B, " + std::to_string(channels) +
+                          ", H, W] with H, W >= 1, got " +
+                          (t.defined() ? c10::str(t.sizes()) + " " + c10::toString(t.scalar_type())
+                                       : std::string("undefined")));
 }
 
 }  // namespace wuerstchen::nn

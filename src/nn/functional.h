@@ -4,6 +4,8 @@
 
 #include <torch/types.h>
 
+#include <string>
+
 namespace wuerstchen::nn {
 
 // y = x W^T + b for x: [..., in], W: [out, in], b: [out] or undefined -> [..., out].
@@ -14,5 +16,11 @@ namespace wuerstchen::nn {
 // pass over the output to add the bias whenever x has more than two dimensions.
 torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight,
                              const torch::Tensor& bias);
+
+// Checks a module's 4-D input: defined, [B, channels, H, W] with H, W >= 1 (an empty batch
+// gives an empty output), in `dtype` (the module's). Throws InvalidArgument "<where>: <name> must
+// be ..." naming what it got.
+void check_nchw(const char* where, const char* name, const torch::Tensor& t, int64_t channels,
+                torch::ScalarType dtype);
 
 }  // namespace wuerstchen::nn
