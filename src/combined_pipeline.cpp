@@ -1,11 +1,12 @@
 #include "wuerstchen/combined_pipeline.h"
 
-#include "wuerstchen/error.h"
-#include "step_noise.h"
-
+#include <algorithm>
 #include <optional>
 #include <utility>
 #include <vector>
+
+#include "step_noise.h"
+#include "wuerstchen/error.h"
 
 namespace wuerstchen {
 
@@ -63,8 +64,9 @@ std::vector<NoiseDraw> CombinedPipeline::draw_plan(const CombinedOptions& option
     const int64_t decoder_steps = options.decoder_timesteps.empty()
                                       ? options.num_inference_steps
                                       : static_cast<int64_t>(options.decoder_timesteps.size()) - 1;
-    if (prompts < 1 || n < 1 || prior_steps < 1 || decoder_steps < 1 || options.height < 1 ||
-        options.width < 1)
+    constexpr int64_t most = DDPMWuerstchenScheduler::kMaxSteps;
+    if (prompts < 1 || n < 1 || prior_steps < 1 || decoder_steps < 1 || prior_steps > most ||
+        decoder_steps > most || options.height < 1 || options.width < 1)
         return {};
     const int64_t h = prior_.latent_size(options.height);
     const int64_t w = prior_.latent_size(options.width);
@@ -103,8 +105,13 @@ CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
     };
     DecoderOptions decoder;
     decoder.image_embeddings = out.image_embeddings;
-    decoder.prompts = options.prompts.empty() ? std::vector<std::string>{""} : per_image(options.prompts);
     decoder.negative_prompts = per_image(options.negative_prompts);
+    // Given prior text states, the decoder sees "" (as upstream): once for all images, or once
+    // per image when negative prompts come one per image.
+    if (options.prompts.empty())
+        decoder.prompts.assign(std::max<size_t>(decoder.negative_prompts.size(), 1), "");
+    else
+        decoder.prompts = per_image(options.prompts);
     decoder.num_inference_steps = options.num_inference_steps;
     decoder.timesteps = options.decoder_timesteps;
     decoder.guidance_scale = options.decoder_guidance_scale;

@@ -76,6 +76,12 @@ DecoderPipeline::DecoderPipeline(DecoderComponents c, const LoadOptions& options
         throw InvalidArgument(
             "DecoderPipeline: the text encoder, decoder and vqgan components must all be set");
     check_dtype_on_device(kWhere, module_dtype(*decoder_), options_.device);
+    check_tokenizer_fits(kWhere, tokenizer_, *text_encoder_);
+    if (text_encoder_->config().hidden_size != decoder_->config().clip_embd)
+        throw InvalidArgument("DecoderPipeline: the text encoder's hidden_size (" +
+                              std::to_string(text_encoder_->config().hidden_size) +
+                              ") differs from the decoder's clip_embd (" +
+                              std::to_string(decoder_->config().clip_embd) + ")");
     const OffloadMode mode = offload_mode(kWhere, options_);
     if (mode == OffloadMode::sequential) {
         pin_module(*text_encoder_);  // page-locked, for asynchronous block copies
@@ -126,9 +132,15 @@ DecoderPipeline DecoderPipeline::from_pretrained(const std::string& dir,
 
 std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int64_t w) const {
     // int(image_embeddings.size(2) * latent_dim_scale): a double product, truncated.
-    return {batch, decoder_->config().c_in,
-            static_cast<int64_t>(static_cast<double>(h) * latent_dim_scale_),
-            static_cast<int64_t>(static_cast<double>(w) * latent_dim_scale_)};
+    auto scaled = [this](int64_t size) {
+        const double latent = static_cast<double>(size) * latent_dim_scale_;
+        if (!(latent < 0x1p62))  // an int64 holds it
+            invalid("image_embeddings", "has a size " + std::to_string(size) +
+                                            " that latent_dim_scale " +
+                                            c10::str(latent_dim_scale_) + " scales beyond 2^62");
+        return static_cast<int64_t>(latent);
+    };
+    return {batch, decoder_->config().c_in, scaled(h), scaled(w)};
 }
 
 size_t DecoderPipeline::captured_graphs() const { return graphs_->size(); }
@@ -260,7 +272,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         check_positive(kWhere, "num_inference_steps", opt.num_inference_steps);
     else
         check_timesteps(kWhere, "timesteps", opt.timesteps);
-    check_finite(kWhere, "guidance_scale", opt.guidance_scale);
+    check_guidance_scale(kWhere, "guidance_scale", opt.guidance_scale, dtype);
     const bool cfg = opt.guidance_scale > 1.0;
     const bool has_negative_embeds = opt.negative_prompt_embeds.defined();
     if (has_negative_embeds && !opt.negative_prompts.empty())
@@ -298,6 +310,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                     std::to_string(shape[2]) + "x" + std::to_string(shape[3]) +
                     " (latent_dim_scale " + c10::str(latent_dim_scale_) +
                     "); the decoder needs both divisible by " + std::to_string(multiple));
+    check_allocatable(kWhere, "`image_embeddings`, `num_images_per_prompt` and latent_dim_scale",
+                      shape, torch::kFloat32);
     if (opt.latents.defined()) check_shape(kWhere, "latents", opt.latents, shape);
 
     DDPMWuerstchenScheduler scheduler(scheduler_);

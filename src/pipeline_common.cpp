@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <sstream>
 
@@ -187,6 +188,51 @@ void check_finite(const char* where, const char* name, double value) {
         os << "must be finite, got " << value;
         invalid(where, name, os.str());
     }
+}
+
+void check_tokenizer_fits(const char* where, const CLIPTokenizer& tokenizer,
+                          const CLIPTextModelImpl& text_encoder) {
+    const CLIPTextConfig& config = text_encoder.config();
+    if (tokenizer.max_token_id() >= config.vocab_size)
+        throw InvalidArgument(std::string(where) + ": the tokenizer gives ids up to " +
+                              std::to_string(tokenizer.max_token_id()) +
+                              " but the text encoder's vocab_size is " +
+                              std::to_string(config.vocab_size) + ": they are not a matching pair");
+    if (tokenizer.model_max_length() > config.max_position_embeddings)
+        throw InvalidArgument(std::string(where) + ": the tokenizer pads to " +
+                              std::to_string(tokenizer.model_max_length()) +
+                              " tokens but the text encoder's max_position_embeddings is " +
+                              std::to_string(config.max_position_embeddings));
+}
+
+void check_guidance_scale(const char* where, const char* name, double value,
+                          torch::ScalarType dtype) {
+    check_finite(where, name, value);
+    double largest = std::numeric_limits<float>::max();
+    if (dtype == torch::kFloat16) largest = std::numeric_limits<c10::Half>::max();
+    if (dtype == torch::kBFloat16) largest = std::numeric_limits<c10::BFloat16>::max();
+    if (dtype == torch::kFloat64) largest = std::numeric_limits<double>::max();
+    if (std::abs(value) > largest) {
+        std::ostringstream os;
+        os << "is " << value << ", beyond the largest " << c10::toString(dtype) << " (" << largest
+           << ") that the guidance mix runs in";
+        invalid(where, name, os.str());
+    }
+}
+
+void check_allocatable(const char* where, const char* what, at::IntArrayRef shape,
+                       torch::ScalarType dtype) {
+    int64_t bytes = static_cast<int64_t>(c10::elementSize(dtype));
+    bool overflow = false;
+    for (const int64_t size : shape) {
+        if (size < 1)
+            throw InvalidArgument(std::string(where) + ": " + what + " give a tensor of shape " +
+                                  shape_string(shape) + "; every size must be at least 1");
+        overflow = overflow || __builtin_mul_overflow(bytes, size, &bytes);
+    }
+    if (overflow)
+        throw InvalidArgument(std::string(where) + ": " + what + " give a tensor of shape " +
+                              shape_string(shape) + ", too large to address (over 2^63 bytes)");
 }
 
 void check_timesteps(const char* where, const char* name, const std::vector<double>& timesteps) {

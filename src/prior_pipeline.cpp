@@ -43,6 +43,10 @@ PriorPipeline::PriorPipeline(CLIPTokenizer tokenizer, CLIPTextModel text_encoder
     lay_out_weights();
     if (!(config_.resolution_multiple > 0) || !std::isfinite(config_.resolution_multiple))
         invalid("`resolution_multiple` must be a positive number");
+    if (!std::isfinite(config_.latent_mean) || !std::isfinite(config_.latent_std))
+        invalid("`latent_mean` and `latent_std` must be finite, got " +
+                c10::str(config_.latent_mean) + " and " + c10::str(config_.latent_std));
+    check_tokenizer_fits(kWhere, tokenizer_, *text_encoder_);
     if (text_encoder_->config().hidden_size != prior_->config().c_cond)
         invalid("the text encoder's hidden_size (" +
                 std::to_string(text_encoder_->config().hidden_size) +
@@ -145,8 +149,12 @@ void PriorPipeline::save_lora_weights(const std::string& path,
 
 int64_t PriorPipeline::latent_size(int64_t pixels) const {
     // ceil(height / self.config.resolution_multiple), in double as Python does.
-    return static_cast<int64_t>(
-        std::ceil(static_cast<double>(pixels) / config_.resolution_multiple));
+    const double size = std::ceil(static_cast<double>(pixels) / config_.resolution_multiple);
+    if (!(std::abs(size) < 0x1p62))  // an int64 holds it (and a product of a few such sizes fails
+                                     // the allocation checks instead of the conversion)
+        invalid(std::to_string(pixels) + " pixels at resolution_multiple " +
+                c10::str(config_.resolution_multiple) + " give a latent size beyond 2^62");
+    return static_cast<int64_t>(size);
 }
 
 torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
@@ -191,7 +199,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     check_positive(kWhere, "height", o.height);
     check_positive(kWhere, "width", o.width);
     check_positive(kWhere, "num_images_per_prompt", o.num_images_per_prompt);
-    check_finite(kWhere, "guidance_scale", o.guidance_scale);
+    check_guidance_scale(kWhere, "guidance_scale", o.guidance_scale, module_dtype(*prior_));
     if (o.timesteps.empty())
         check_positive(kWhere, "num_inference_steps", o.num_inference_steps);
     else
@@ -204,10 +212,12 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     if (!has_prompts && !has_embeds)
         invalid("`prompts` is empty and `prompt_embeds` is not set: pass one of them");
     const int64_t c_cond = prior_->config().c_cond;
-    if (has_embeds && (o.prompt_embeds.dim() != 3 || o.prompt_embeds.size(0) < 1 ||
-                       o.prompt_embeds.size(2) != c_cond))
-        invalid("`prompt_embeds` must have shape [B, L, " + std::to_string(c_cond) + "], got " +
-                shape_string(o.prompt_embeds.sizes()));
+    if (has_embeds &&
+        (o.prompt_embeds.dim() != 3 || o.prompt_embeds.size(0) < 1 || o.prompt_embeds.size(1) < 1 ||
+         o.prompt_embeds.size(2) != c_cond || !o.prompt_embeds.is_floating_point()))
+        invalid("`prompt_embeds` must be a floating tensor [B, L, " + std::to_string(c_cond) +
+                "] with B, L >= 1, got " + shape_string(o.prompt_embeds.sizes()) + " " +
+                std::string(c10::toString(o.prompt_embeds.scalar_type())));
     const int64_t batch =
         has_prompts ? static_cast<int64_t>(o.prompts.size()) : o.prompt_embeds.size(0);
     const bool cfg = o.guidance_scale > 1.0;  // do_classifier_free_guidance
@@ -224,14 +234,34 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
                     shape_string(o.negative_prompt_embeds.sizes()) +
                     " but `prompt_embeds` has shape " + shape_string(o.prompt_embeds.sizes()));
         if (o.negative_prompt_embeds.dim() != 3 || o.negative_prompt_embeds.size(0) != batch ||
-            o.negative_prompt_embeds.size(2) != c_cond)
-            invalid("`negative_prompt_embeds` must have shape [" + std::to_string(batch) + ", L, " +
-                    std::to_string(c_cond) + "], got " +
-                    shape_string(o.negative_prompt_embeds.sizes()));
+            o.negative_prompt_embeds.size(1) < 1 || o.negative_prompt_embeds.size(2) != c_cond ||
+            !o.negative_prompt_embeds.is_floating_point())
+            invalid("`negative_prompt_embeds` must be a floating tensor [" + std::to_string(batch) +
+                    ", L, " + std::to_string(c_cond) + "] with L >= 1, got " +
+                    shape_string(o.negative_prompt_embeds.sizes()) + " " +
+                    std::string(c10::toString(o.negative_prompt_embeds.scalar_type())));
+    }
+    // Both halves of a guided batch go through one forward: the same token count. Text is
+    // encoded to the tokenizer's model_max_length.
+    if (cfg) {
+        const int64_t encoded_len = tokenizer_.model_max_length();
+        const int64_t prompt_len = has_embeds ? o.prompt_embeds.size(1) : encoded_len;
+        const int64_t negative_len =
+            o.negative_prompt_embeds.defined() ? o.negative_prompt_embeds.size(1) : encoded_len;
+        if (prompt_len != negative_len)
+            invalid(std::string(has_embeds ? "`prompt_embeds`" : "the prompts") + " give " +
+                    std::to_string(prompt_len) + " tokens but " +
+                    (o.negative_prompt_embeds.defined() ? "`negative_prompt_embeds`"
+                                                        : "the negative prompts") +
+                    " give " + std::to_string(negative_len) +
+                    ": with guidance both halves need the same length (text is encoded to " +
+                    std::to_string(encoded_len) + " tokens)");
     }
     const int64_t n = o.num_images_per_prompt;
     const std::vector<int64_t> latent_shape = {batch * n, prior_->config().c_in,
                                                latent_size(o.height), latent_size(o.width)};
+    check_allocatable(kWhere, "`height`, `width` and `num_images_per_prompt`", latent_shape,
+                      torch::kFloat32);
     if (o.latents.defined()) check_shape(kWhere, "latents", o.latents, latent_shape);
 
     at::Generator generator = call_generator(o.generator, o.seed);

@@ -4,6 +4,7 @@
 #include <c10/core/InferenceMode.h>
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <string>
 
 #include "reference_cases.h"
@@ -184,6 +185,26 @@ TEST(CombinedPipeline, CancelInEitherStageLeavesPipelineUsable) {
     EXPECT_TRUE(test::all_close("combined_seed42 after cancel", out.images, test::ref_tensor(ref, "images"), 1e-3));
 }
 
+// Prior text states with one negative prompt per prompt and decoder guidance: the decoder gets
+// "" for each image, so its negatives line up (it refused the call before).
+TEST(CombinedPipeline, PromptEmbedsWithNegativesPerPromptAndDecoderGuidance) {
+    CombinedPipeline pipe =
+        CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
+    CombinedOptions o = test::combined_seed42_options();
+    o.height = o.width = 128;
+    o.num_images_per_prompt = 2;
+    o.negative_prompts = {"blurry", "dark"};
+    o.decoder_guidance_scale = 2.0;
+    o.prompts = {"horse", "a cozy cabin"};
+    const CombinedOutput from_text = pipe(o);
+    o.prompt_embeds = pipe.prior_pipeline().encode_prompt(o.prompts);
+    o.prompts.clear();
+    const CombinedOutput from_states = pipe(o);
+    EXPECT_EQ(from_states.images.sizes(), torch::IntArrayRef({4, 3, 128, 128}));
+    EXPECT_TRUE(test::all_close("prior stage from text states", from_states.image_embeddings,
+                                from_text.image_embeddings, 1e-5));
+}
+
 TEST(CombinedPipeline, BadArguments) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
     CombinedOptions o = test::combined_seed42_options();
@@ -192,6 +213,9 @@ TEST(CombinedPipeline, BadArguments) {
     o = test::combined_seed42_options();
     o.num_inference_steps = 0;
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "num_inference_steps");
+    o = test::combined_seed42_options();
+    o.prior_num_inference_steps = std::numeric_limits<int>::max();
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "num_inference_steps", "at most");
     WUERSTCHEN_EXPECT_THROW_MSG(CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-prior")), Error,
                                 "tiny-wuerstchen-prior");
 }

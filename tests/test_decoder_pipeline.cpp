@@ -207,6 +207,23 @@ TEST_F(DecoderPipelineTest, MissingComponentIsInvalidArgument) {
                                 InvalidArgument, "DecoderPipeline", "must all be set");
 }
 
+// A text encoder that does not fit the tokenizer or the decoder is refused when the pipeline
+// is made, not at the first call.
+TEST_F(DecoderPipelineTest, MismatchedTextEncoderIsInvalidArgument) {
+    CLIPTextConfig config = pipe_->text_encoder()->config();
+    config.vocab_size = 100;  // the tokenizer's ids go up to 624
+    DecoderComponents small_vocab{pipe_->tokenizer(), CLIPTextModel(config),     pipe_->decoder(),
+                                  pipe_->vqgan(),     pipe_->scheduler_config(), 10.67};
+    WUERSTCHEN_EXPECT_THROW_MSG(DecoderPipeline::from_components(std::move(small_vocab)),
+                                InvalidArgument, "DecoderPipeline", "vocab_size is 100");
+    config = pipe_->text_encoder()->config();
+    config.hidden_size += 8;
+    DecoderComponents wide{pipe_->tokenizer(), CLIPTextModel(config),     pipe_->decoder(),
+                           pipe_->vqgan(),     pipe_->scheduler_config(), 10.67};
+    WUERSTCHEN_EXPECT_THROW_MSG(DecoderPipeline::from_components(std::move(wide)), InvalidArgument,
+                                "DecoderPipeline", "clip_embd");
+}
+
 TEST_F(DecoderPipelineTest, LatentOutputSkipsVQGAN) {
     const auto ref = test::reference("pipeline_decoder_seed22");
     DecoderOptions opt = test::decoder_seed22_options(ref);
@@ -237,6 +254,11 @@ TEST_F(DecoderPipelineTest, RejectsBadArguments) {
     o.image_embeddings = torch::randn({1, 16, 5, 6});
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`image_embeddings`", "53x64",
                                 "divisible by 4");
+
+    // The guidance mix runs in the decoder's dtype: a scale beyond its range is refused.
+    o = good;
+    o.guidance_scale = 1e300;
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "`guidance_scale`", "Float");
 
     o = good;
     o.image_embeddings = torch::randn({2, 16, 6, 6});

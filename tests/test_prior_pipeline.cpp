@@ -250,10 +250,44 @@ TEST(PriorPipeline, RejectsBadArguments) {
                                     o.negative_prompt_embeds = torch::zeros({1, 70, 32});
                                 })),
                                 InvalidArgument, "`negative_prompt_embeds`", "[1, 70, 32]");
+    // With guidance both halves go through one forward: their token counts must agree.
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.negative_prompt_embeds = torch::zeros({1, 70, 32});
+                                })),
+                                InvalidArgument, "`negative_prompt_embeds`", "70", "77");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompts.clear();
+                                    o.prompt_embeds = torch::zeros({1, 60, 32});
+                                })),
+                                InvalidArgument, "`prompt_embeds`", "60", "77");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompts.clear();
+                                    o.prompt_embeds = torch::zeros({1, 0, 32});
+                                })),
+                                InvalidArgument, "`prompt_embeds`", "[1, 0, 32]");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.prompts.clear();
+                                    o.prompt_embeds = torch::zeros({1, 77, 32}, torch::kLong);
+                                })),
+                                InvalidArgument, "`prompt_embeds`", "floating", "Long");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.negative_prompt_embeds = torch::zeros({1, 0, 32});
+                                })),
+                                InvalidArgument, "`negative_prompt_embeds`", "[1, 0, 32]");
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
                                     o.latents = torch::zeros({1, 16, 6, 5});
                                 })),
                                 InvalidArgument, "`latents`", "[1, 16, 6, 5]", "[1, 16, 6, 6]");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) { o.guidance_scale = 1e300; })),
+                                InvalidArgument, "`guidance_scale`", "Float");
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([](PriorOptions& o) {
+                                    o.height = o.width = std::numeric_limits<int>::max();
+                                    o.num_images_per_prompt = 1000;
+                                })),
+                                InvalidArgument, "`height`", "too large");
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        pipe(bad([](PriorOptions& o) { o.num_inference_steps = std::numeric_limits<int>::max(); })),
+        InvalidArgument, "`num_inference_steps`", "at most");
     auto gen = make_generator(1);
     WUERSTCHEN_EXPECT_THROW_MSG(pipe(bad([&gen](PriorOptions& o) { o.generator = &gen; })),
                                 InvalidArgument, "`seed`", "`generator`");

@@ -98,6 +98,18 @@ auto with_memory_errors(const char* where, F&& call) -> decltype(call()) {
 
 void check_positive(const char* where, const char* name, int64_t value);
 void check_finite(const char* where, const char* name, double value);
+// The tokenizer's ids and padded length fit the text encoder: every id below its vocab_size,
+// model_max_length within its max_position_embeddings.
+void check_tokenizer_fits(const char* where, const CLIPTokenizer& tokenizer,
+                          const CLIPTextModelImpl& text_encoder);
+// A guidance scale: finite, and within the largest magnitude of `dtype`, the dtype its lerp of
+// the two halves runs in.
+void check_guidance_scale(const char* where, const char* name, double value,
+                          torch::ScalarType dtype);
+// A tensor the call would allocate: every size at least 1, and its byte count within int64
+// (`what` says which arguments set the shape).
+void check_allocatable(const char* where, const char* what, at::IntArrayRef shape,
+                       torch::ScalarType dtype);
 // Custom timesteps: at least two points, finite, within [0, 1], strictly descending.
 void check_timesteps(const char* where, const char* name, const std::vector<double>& timesteps);
 // The pipelines' dtype on their device: float16 on the CPU needs libtorch 2.2 or later (earlier
