@@ -290,7 +290,13 @@ void save_safetensors(const std::string& path,
         offset += nbytes;
         cpu.push_back(std::move(c));
     }
-    std::string text = header.dump();
+    std::string text;
+    try {
+        text = header.dump();
+    } catch (const nlohmann::json::type_error& e) {  // a name or value that is not UTF-8
+        throw InvalidArgument("save_safetensors: " + path +
+                              ": tensor names and metadata must be valid UTF-8 (" + e.what() + ")");
+    }
     // Pad the header with spaces so the data region starts 8-byte aligned, as the reference writer does.
     while ((8 + text.size()) % 8 != 0) text.push_back(' ');
     std::ofstream out(path, std::ios::binary | std::ios::trunc);

@@ -1,11 +1,11 @@
 #include "wuerstchen/weights.h"
 
 #include <sys/stat.h>
-
-#include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 
 #include <algorithm>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
@@ -60,11 +60,14 @@ torch::Device parse_device(const std::string& name) {
     if (name == "cuda") return torch::Device(torch::kCUDA, 0);
     if (name.rfind("cuda:", 0) == 0) {
         const std::string idx = name.substr(5);
+        // DeviceIndex is 8 bits in libtorch 1.13 (16 in 2.x): cuda:0 .. cuda:127.
         if (!idx.empty() && idx.size() < 4 &&
-            std::all_of(idx.begin(), idx.end(), [](char c) { return c >= '0' && c <= '9'; }))
+            std::all_of(idx.begin(), idx.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+            std::stoi(idx) <= 127)
             return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(std::stoi(idx)));
     }
-    throw InvalidArgument("device: unknown value '" + name + "' (expected cpu, cuda or cuda:N)");
+    throw InvalidArgument("device: unknown value '" + name +
+                          "' (expected cpu, cuda or cuda:N with N < 128)");
 }
 
 std::vector<std::string> find_weight_files(const std::string& dir, const std::string& stem) {
@@ -124,6 +127,7 @@ torch::Tensor in_memory_format(const torch::Tensor& t, const LoadOptions& option
 
 void load_weights(torch::nn::Module& module, const std::vector<std::string>& files,
                   const LoadOptions& options) {
+    check_load_options(options);
     if (files.empty()) throw WeightError("load_weights: no weight files given");
     std::map<std::string, torch::Tensor> targets;
     for (auto& p : module.named_parameters(/*recurse=*/true)) targets[p.key()] = p.value();
@@ -193,7 +197,30 @@ UninitializedParameters::UninitializedParameters() { ++uninitialized_depth; }
 UninitializedParameters::~UninitializedParameters() { --uninitialized_depth; }
 bool UninitializedParameters::active() { return uninitialized_depth > 0; }
 
+void check_load_options(const LoadOptions& options) {
+    const torch::ScalarType dtype = options.dtype;
+    if (dtype != torch::kFloat32 && dtype != torch::kFloat16 && dtype != torch::kBFloat16)
+        throw InvalidArgument(std::string("LoadOptions: `dtype` must be float32, float16 or "
+                                          "bfloat16, got ") +
+                              c10::toString(dtype));
+    const torch::Device device = options.device;
+    if (!device.is_cpu() && !device.is_cuda())
+        throw InvalidArgument("LoadOptions: `device` must be the CPU or a CUDA device, got " +
+                              device.str());
+    if (device.is_cuda()) {
+        const auto count = static_cast<int64_t>(torch::cuda::device_count());
+        if (count == 0)
+            throw InvalidArgument("LoadOptions: `device` " + device.str() +
+                                  ": CUDA is not available (no GPU visible, or a libtorch "
+                                  "without CUDA)");
+        if (device.has_index() && device.index() >= count)
+            throw InvalidArgument("LoadOptions: `device` " + device.str() + ": there are " +
+                                  std::to_string(count) + " CUDA devices");
+    }
+}
+
 void prepare_module(torch::nn::Module& module, const LoadOptions& options) {
+    check_load_options(options);
     module.eval();
     torch::NoGradGuard no_grad;
     // Module::to(device, dtype) would also cast integer buffers (BatchNorm's step counter).

@@ -40,7 +40,34 @@ TEST(Image, SavePngsNumbersAndDecodes) {
     stbi_image_free(data);
 }
 
+// uint8 images are pixels already, in either layout: written as they are, not scaled by 255.
+TEST(Image, Uint8ImagesKeepTheirValues) {
+    const auto chw = torch::randint(0, 256, {3, 4, 5}, torch::kUInt8);
+    EXPECT_TRUE(torch::equal(to_uint8_hwc(chw)[0], chw.permute({1, 2, 0})));
+    const std::string dir = test::make_temp_dir("png_u8_");
+    for (const auto& image : {chw, chw.permute({1, 2, 0}).contiguous()}) {
+        save_png(dir + "/u8.png", image);
+        int w = 0, h = 0, c = 0;
+        unsigned char* data = stbi_load((dir + "/u8.png").c_str(), &w, &h, &c, 3);
+        ASSERT_NE(data, nullptr);
+        EXPECT_EQ(
+            std::memcmp(data, chw.permute({1, 2, 0}).contiguous().data_ptr<uint8_t>(), 4 * 5 * 3),
+            0);
+        stbi_image_free(data);
+    }
+    test::remove_tree(dir);
+}
+
 TEST(Image, Errors) {
+    WUERSTCHEN_EXPECT_THROW_MSG(save_pngs("x.png", torch::Tensor()), InvalidArgument, "save_pngs",
+                                "undefined");
+    WUERSTCHEN_EXPECT_THROW_MSG(save_pngs("x.png", torch::zeros({0, 3, 4, 4})), InvalidArgument,
+                                "save_pngs", "no images");
+    WUERSTCHEN_EXPECT_THROW_MSG(save_pngs("x.png", torch::tensor(1.0)), InvalidArgument,
+                                "save_pngs");
+    WUERSTCHEN_EXPECT_THROW_MSG(save_png("x.png", torch::Tensor()), InvalidArgument, "undefined");
+    WUERSTCHEN_EXPECT_THROW_MSG(to_uint8_hwc(torch::zeros({1, 3, 2, 2}, torch::kInt32)),
+                                InvalidArgument, "images", "Int");
     WUERSTCHEN_EXPECT_THROW_MSG(to_uint8_hwc(torch::zeros({1, 4, 2, 2})), InvalidArgument, "images",
                                 "3 channels");
     WUERSTCHEN_EXPECT_THROW_MSG(save_png("/nonexistent-dir/x.png", torch::zeros({3, 2, 2})), IoError,

@@ -164,5 +164,17 @@ TEST_F(SafeTensorsTest, SaveRejectsUnsupportedDtype) {
         InvalidArgument, "'d'");
 }
 
+// The header is JSON: names and metadata that are not UTF-8 are refused, not an escaped
+// nlohmann exception.
+TEST_F(SafeTensorsTest, SaveRejectsNamesThatAreNotUtf8) {
+    const std::string bad = "w\xff\xfe";
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        save_safetensors(dir_ + "/x.safetensors", {{bad, torch::zeros({2})}}), InvalidArgument,
+        "UTF-8");
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        save_safetensors(dir_ + "/x.safetensors", {{"w", torch::zeros({2})}}, {{"note", bad}}),
+        InvalidArgument, "UTF-8");
+}
+
 }  // namespace
 }  // namespace wuerstchen

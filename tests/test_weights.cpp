@@ -2,11 +2,13 @@
 // sharded checkpoints and transformers' legacy key names.
 
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/linear.h>
 
 #include "test_util.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/prior.h"
 #include "wuerstchen/safetensors.h"
 #include "wuerstchen/weights.h"
 
@@ -114,6 +116,27 @@ TEST(ParseOptions, DtypeAndDevice) {
     EXPECT_TRUE(parse_device("cpu").is_cpu());
     EXPECT_EQ(parse_device("cuda:1").index(), 1);
     WUERSTCHEN_EXPECT_THROW_MSG(parse_device("tpu"), InvalidArgument, "device", "'tpu'");
+    // DeviceIndex is 8 bits in libtorch 1.13: cuda:200 must not wrap to cuda:-56.
+    WUERSTCHEN_EXPECT_THROW_MSG(parse_device("cuda:200"), InvalidArgument, "device", "'cuda:200'");
+    EXPECT_EQ(parse_device("cuda:127").index(), 127);
+}
+
+// The loaders refuse options they cannot honour with InvalidArgument, before reading weights.
+TEST(ParseOptions, LoadOptionsChecked) {
+    LoadOptions options;
+    EXPECT_NO_THROW(check_load_options(options));
+    options.dtype = torch::kInt32;
+    WUERSTCHEN_EXPECT_THROW_MSG(check_load_options(options), InvalidArgument, "`dtype`", "Int");
+    WUERSTCHEN_EXPECT_THROW_MSG(load_prior(test::data_path("tiny-wuerstchen-prior/prior"), options),
+                                InvalidArgument, "`dtype`");
+    options = LoadOptions{};
+    options.device = torch::Device(torch::kCUDA, 0);
+    if (!torch::cuda::is_available())
+        WUERSTCHEN_EXPECT_THROW_MSG(check_load_options(options), InvalidArgument, "`device`",
+                                    "CUDA is not available");
+    options.device = torch::Device(torch::kCUDA, 100);
+    WUERSTCHEN_EXPECT_THROW_MSG(check_load_options(options), InvalidArgument, "`device`",
+                                "cuda:100");
 }
 
 // LoadOptions::channels_last: 4-D floating tensors become NHWC; everything else is left alone.

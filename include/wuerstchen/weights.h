@@ -41,6 +41,10 @@ struct LoadOptions {
 // channels-last for options.channels_last (a copy unless it is already), else `t` itself.
 torch::Tensor in_memory_format(const torch::Tensor& t, const LoadOptions& options);
 
+// Throws InvalidArgument for a dtype other than float32 / float16 / bfloat16, or a device that
+// is neither the CPU nor an available CUDA device. The loaders check their options with it.
+void check_load_options(const LoadOptions& options);
+
 // Parses "fp32" / "float32", "fp16" / "float16" / "half", "bf16" / "bfloat16".
 // Throws InvalidArgument naming the value otherwise.
 torch::ScalarType parse_dtype(const std::string& name);
