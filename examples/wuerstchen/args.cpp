@@ -43,6 +43,13 @@ void Args::parse(int argc, char** argv, int first) {
             value = "1";
         } else if (!value) {
             if (i + 1 >= argc) throw UsageError("flag '--" + name + "' needs a value (" + spec->value_name + ")");
+            // "--prompt --seed 3": the next word is one of this command's flags, not a value
+            // (write --prompt=--seed for that text).
+            const std::string next = argv[i + 1];
+            if (next.rfind("--", 0) == 0 && next.size() > 2 &&
+                (find(next.substr(2, next.find('=') - 2)) != nullptr || next == "--help"))
+                throw UsageError("flag '--" + name + "' needs a value (" + spec->value_name +
+                                 "), got the flag '" + next + "'");
             value = argv[++i];
         }
         auto& slot = values_[name];
@@ -91,7 +98,7 @@ std::optional<uint64_t> Args::seed(const std::string& name) const {
     errno = 0;
     char* end = nullptr;
     const unsigned long long x = std::strtoull(v.c_str(), &end, 10);
-    if (v.empty() || v[0] == '-' || *end != '\0' || errno == ERANGE)
+    if (v.empty() || v[0] < '0' || v[0] > '9' || *end != '\0' || errno == ERANGE)
         throw UsageError("flag '--" + name + "' expects a non-negative integer, got '" + v + "'");
     return static_cast<uint64_t>(x);
 }

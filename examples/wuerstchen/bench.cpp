@@ -722,7 +722,9 @@ int run_bench(int argc, char** argv) {
     out["channels_last"] = load.channels_last;
     out["cudnn_benchmark"] = at::globalContext().benchmarkCuDNN();
     out["prior_steps"] = prior_steps;
-    out["prior_timesteps"] = prior_timesteps.empty() ? "linspace" : "custom";
+    out["prior_timesteps"] = prior_timesteps.empty()                      ? "linspace"
+                             : prior_timesteps == kDefaultStageCTimesteps ? "default"
+                                                                          : "custom";
     out["prior_guidance"] = prior_guidance;
     out["decoder_steps"] = decoder_steps;
     out["decoder_guidance"] = decoder_guidance;

@@ -1,35 +1,35 @@
 #include "commands.h"
 
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <sched.h>
 #include <sys/stat.h>
-
-#include <nlohmann/json.hpp>
+#include <torch/cuda.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <thread>
 #include <utility>
 
-#include <ATen/Context.h>
-#include <ATen/Parallel.h>
-#include <torch/cuda.h>
-
 #include "args.h"
 #include "progress.h"
 #include "wuerstchen/clip_tokenizer.h"
 #include "wuerstchen/combined_pipeline.h"
-#include "wuerstchen/image.h"
-#include "wuerstchen/scheduler.h"
 #include "wuerstchen/config.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/image.h"
 #include "wuerstchen/safetensors.h"
+#include "wuerstchen/scheduler.h"
 #include "wuerstchen/weights.h"
 
 namespace wuerstchen::cli {
@@ -140,7 +140,12 @@ void apply_loras(const Args& args, PriorPipeline& prior) {
                 scale = v;
             }
         }
-        if (!exists(path)) throw IoError(path + ": no such file or folder (--lora " + spec + ")");
+        if (!exists(path)) {
+            if (colon != std::string::npos && path == spec && exists(spec.substr(0, colon)))
+                throw UsageError("--lora " + spec + ": '" + spec.substr(colon + 1) +
+                                 "' is not a number (FILE[:SCALE])");
+            throw IoError(path + ": no such file or folder (--lora " + spec + ")");
+        }
         const std::string name = "lora" + std::to_string(names.size());
         prior.load_lora_weights(path, name, scale);
         names.push_back(name);
@@ -215,7 +220,10 @@ int usable_cores() {
 void set_threads(const Args& args) {
     if (args.has("threads")) {
         const int n = args.integer("threads", 1);
-        if (n < 1) throw UsageError("--threads must be at least 1, got " + std::to_string(n));
+        const int logical = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        if (n < 1 || n > logical)
+            throw UsageError("--threads must be between 1 and the " + std::to_string(logical) +
+                             " logical CPUs here, got " + std::to_string(n));
         at::set_num_threads(n);
     } else if (std::getenv("OMP_NUM_THREADS") == nullptr &&
                std::getenv("MKL_NUM_THREADS") == nullptr) {
@@ -268,6 +276,11 @@ std::vector<double> parse_timesteps(const std::string& flag, const std::string& 
         if (comma == std::string::npos) break;
         start = comma + 1;
     }
+    try {  // as the pipelines will check them, but before any model loads
+        check_timesteps(("--" + flag).c_str(), "LIST", out);
+    } catch (const InvalidArgument& e) {
+        throw UsageError(e.what());
+    }
     return out;
 }
 
@@ -309,11 +322,15 @@ void decoder_options(const Args& args, CombinedOptions& o) {
     o.decoder_guidance_scale = args.number("decoder-guidance", 0.0);
 }
 
-void check_prompt_with_guidance(const CombinedOptions& o, bool decoder) {
-    const bool guided = o.prior_guidance_scale > 1 || (decoder && o.decoder_guidance_scale > 1);
-    if (guided && !o.prompts.empty() && o.prompts[0].find_first_not_of(" \t\n") == std::string::npos)
-        throw UsageError("--prompt is empty: with guidance > 1 the conditional and unconditional "
-                         "passes would be identical; give a prompt or set the guidance to 1");
+// With prior guidance, an empty prompt makes both halves identical. The decoder's are not: its
+// unconditional half also drops the image embeddings.
+void check_prompt_with_guidance(const CombinedOptions& o) {
+    if (o.prior_guidance_scale > 1 && !o.prompts.empty() &&
+        o.prompts[0].find_first_not_of(" \t\n") == std::string::npos)
+        throw UsageError(
+            "--prompt is empty: with --prior-guidance > 1 the conditional and "
+            "unconditional passes would be identical; give a prompt or set "
+            "--prior-guidance 1");
 }
 
 // CLIP sees at most model_max_length tokens (bos + 75 + eos): like diffusers, say on stderr which
@@ -353,11 +370,32 @@ void write_tensors(const std::string& path, const std::vector<std::pair<std::str
     save_safetensors(path, f32, {{"producer", "libwuerstchen"}});
 }
 
-void check_output_dir(const std::string& flag, const std::string& path) {
+// An output named by `flag`, checked before any model loads: a file name in a writable folder,
+// not a folder itself, writable if it exists, and for images ending in .png (the format
+// written). Images of a batch get numbered names in the same folder.
+void check_output(const std::string& flag, const std::string& path, bool png) {
+    if (path.empty()) throw UsageError("--" + flag + " needs a file name");
+    if (is_dir(path)) throw IoError(path + ": is a folder (--" + flag + " names a file)");
+    if (png) {
+        const auto dot = path.find_last_of('.');
+        std::string ext = dot == std::string::npos || path.find('/', dot) != std::string::npos
+                              ? std::string()
+                              : path.substr(dot);
+        std::transform(ext.begin(), ext.end(), ext.begin(),
+                       [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        if (ext != ".png")
+            throw UsageError("--" + flag + " " + path +
+                             ": images are written as PNG; give a file name ending in .png");
+    }
     const auto slash = path.find_last_of('/');
-    if (slash == std::string::npos) return;
-    const std::string dir = slash == 0 ? "/" : path.substr(0, slash);
+    const std::string dir = slash == std::string::npos ? "."
+                            : slash == 0               ? "/"
+                                                       : path.substr(0, slash);
     if (!is_dir(dir)) throw IoError(dir + ": no such folder (--" + flag + " " + path + ")");
+    if (::access(dir.c_str(), W_OK) != 0)
+        throw IoError(dir + ": folder not writable (--" + flag + " " + path + ")");
+    if (exists(path) && ::access(path.c_str(), W_OK) != 0)
+        throw IoError(path + ": file not writable (--" + flag + ")");
 }
 
 }  // namespace
@@ -383,10 +421,11 @@ int run_generate(int argc, char** argv) {
     CombinedOptions o;
     prior_options(args, o);
     decoder_options(args, o);
-    check_prompt_with_guidance(o, true);
+    check_prompt_with_guidance(o);
     const std::string output = args.str("output", "out.png");
-    check_output_dir("output", output);
-    if (args.has("output-tensors")) check_output_dir("output-tensors", args.str("output-tensors"));
+    check_output("output", output, /*png=*/true);
+    if (args.has("output-tensors"))
+        check_output("output-tensors", args.str("output-tensors"), /*png=*/false);
     const LoadOptions load = load_options(args);
     if (combined) require_dir("model", args.str("model"));
     else {
@@ -424,9 +463,9 @@ int run_prior(int argc, char** argv) {
     if (!args.positional().empty()) throw UsageError("unexpected argument '" + args.positional()[0] + "'");
     CombinedOptions o;
     prior_options(args, o);
-    check_prompt_with_guidance(o, false);
+    check_prompt_with_guidance(o);
     if (!args.has("output-tensors")) throw UsageError("missing required flag '--output-tensors'");
-    check_output_dir("output-tensors", args.str("output-tensors"));
+    check_output("output-tensors", args.str("output-tensors"), /*png=*/false);
     const LoadOptions load = load_options(args);
     require_dir("prior", args.str("prior"));
     PriorPipeline pipe = PriorPipeline::from_pretrained(args.str("prior"), load);
@@ -458,7 +497,9 @@ int run_decode(int argc, char** argv) {
     if (!args.positional().empty()) throw UsageError("unexpected argument '" + args.positional()[0] + "'");
     if (!args.has("embeddings")) throw UsageError("missing required flag '--embeddings'");
     if (!args.has("output")) throw UsageError("missing required flag '--output'");
-    check_output_dir("output", args.str("output"));
+    check_output("output", args.str("output"), /*png=*/true);
+    if (args.has("output-tensors"))
+        check_output("output-tensors", args.str("output-tensors"), /*png=*/false);
     CombinedOptions o;
     decoder_options(args, o);
     const LoadOptions load = load_options(args);
@@ -481,8 +522,11 @@ int run_decode(int argc, char** argv) {
     const DecoderOutput out = pipe(d);
     for (const auto& path : save_pngs(args.str("output"), out.images))
         if (!args.has("quiet")) std::fprintf(stderr, "wrote %s\n", path.c_str());
-    if (args.has("output-tensors"))
+    if (args.has("output-tensors")) {
         write_tensors(args.str("output-tensors"), {{"image_embeddings", d.image_embeddings}, {"images", out.images}});
+        if (!args.has("quiet"))
+            std::fprintf(stderr, "wrote %s\n", args.str("output-tensors").c_str());
+    }
     return 0;
 }
 

@@ -3,10 +3,12 @@
 // errors with a non-zero exit for bad input.
 
 #include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
-#include <sched.h>
-#include <sys/wait.h>
 
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb_image.h>
@@ -264,6 +266,82 @@ TEST(CLI, ErrorsAreOneLineAndNonZero) {
     expect_one_line_error(run_cli({"generate", "--model", data("tiny-wuerstchen-combined"), "--prompt", "x",
                                    "--seed", "-3"}),
                           {"--seed"});
+    expect_one_line_error(run_cli({"generate", "--model", data("tiny-wuerstchen-combined"),
+                                   "--prompt", "x", "--seed", " -1"}),
+                          {"--seed"});
+}
+
+// Problems the CLI can see in its arguments are usage errors (exit 2) found before any model
+// loads: outputs that cannot be written or are not PNG names, bad schedules, a flag where a
+// value belongs.
+TEST(CLI, ArgumentProblemsFoundBeforeLoading) {
+    const std::string dir = test::make_temp_dir("cli_args_");
+    // A model folder that does not exist: these must fail on their own problem first.
+    const std::vector<std::string> base = {
+        "generate", "--model", "/nonexistent/model", "--prompt", "x", "--device", "cpu"};
+    auto with = [&](std::vector<std::string> extra) {
+        std::vector<std::string> args = base;
+        args.insert(args.end(), extra.begin(), extra.end());
+        return run_cli(args);
+    };
+    CliResult r = with({"--output", dir + "/out.jpg"});
+    expect_one_line_error(r, {"--output", "out.jpg", ".png"});
+    EXPECT_EQ(r.status, 2);
+    expect_one_line_error(with({"--output", ""}), {"--output needs a file name"});
+    expect_one_line_error(with({"--output", dir}), {dir, "is a folder"});
+    expect_one_line_error(with({"--output-tensors", dir}), {dir, "is a folder"});
+    if (::geteuid() != 0) {  // root writes anywhere
+        ASSERT_EQ(::chmod(dir.c_str(), 0500), 0);
+        expect_one_line_error(with({"--output", dir + "/out.png"}),
+                              {dir, "not writable", "--output"});
+        ASSERT_EQ(::chmod(dir.c_str(), 0700), 0);
+    }
+    for (const char* bad : {"0,0.5,1", "nan,0", "0.5", "1.5,0"}) {
+        r = with({"--prior-timesteps", bad});
+        expect_one_line_error(r, {"--prior-timesteps"});
+        EXPECT_EQ(r.status, 2) << bad;
+    }
+    r = run_cli(
+        {"generate", "--model", data("tiny-wuerstchen-combined"), "--prompt", "--seed", "3"});
+    expect_one_line_error(r, {"'--prompt' needs a value", "'--seed'"});
+    expect_one_line_error(
+        run_cli({"decode", "--decoder", "/nonexistent/decoder", "--embeddings", "e.safetensors",
+                 "--output", dir + "/x.png", "--output-tensors", dir, "--device", "cpu"}),
+        {dir, "is a folder"});
+    test::remove_tree(dir);
+}
+
+// Decoder guidance with an empty prompt is two different passes (the unconditional one also
+// drops the image embeddings): allowed, unlike prior guidance.
+TEST(CLI, EmptyPromptWithDecoderGuidanceOnly) {
+    const std::string dir = test::make_temp_dir("cli_empty_");
+    const CliResult r = run_cli({"generate",
+                                 "--model",
+                                 data("tiny-wuerstchen-combined"),
+                                 "--prompt",
+                                 "",
+                                 "--prior-guidance",
+                                 "1",
+                                 "--decoder-guidance",
+                                 "4",
+                                 "--height",
+                                 "128",
+                                 "--width",
+                                 "128",
+                                 "--prior-steps",
+                                 "2",
+                                 "--decoder-steps",
+                                 "2",
+                                 "--device",
+                                 "cpu",
+                                 "--seed",
+                                 "1",
+                                 "--output",
+                                 dir + "/e.png",
+                                 "--quiet"});
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_TRUE(test::file_exists(dir + "/e.png"));
+    test::remove_tree(dir);
 }
 
 TEST(CLI, HelpForEachCommand) {
@@ -380,8 +458,12 @@ TEST(CLI, BenchUsageErrors) {
                           {"--tiny goes with --random-weights"});
     expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--runs", "0"}),
                           {"--runs must be at least 1"});
-    expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--threads", "0"}),
-                          {"--threads must be at least 1"});
+    expect_one_line_error(
+        run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--threads", "0"}),
+        {"--threads must be between 1 and"});
+    expect_one_line_error(
+        run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--threads", "100000"}),
+        {"--threads must be between 1 and", "100000"});
     expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--offload"}),
                           {"--offload needs --device cuda"});
     expect_one_line_error(
