@@ -213,11 +213,13 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
                               std::string(c10::toString(input_ids.scalar_type())));
     const int64_t batch = input_ids.size(0), length = input_ids.size(1);
     if (length < 1) throw InvalidArgument("CLIPTextModel: input_ids hold no tokens (L = 0)");
-    // Ids on the CPU are checked here (an out-of-range embedding index would be an untyped
-    // error, on CUDA a device-side assert); ids already on a GPU are not, as the check would
-    // wait for the device (the pipelines check their tokenizer against the vocabulary instead).
-    if (input_ids.device().is_cpu() && batch > 0) {
-        const auto [lowest, highest] = at::aminmax(input_ids);
+    // Ids are range-checked where they are or arrive on the CPU (an out-of-range embedding
+    // index would be an untyped error, on CUDA a device-side assert); ids on a GPU for a model
+    // on a GPU are not, as the check would wait for the device (the pipelines check their
+    // tokenizer against the vocabulary instead).
+    const auto device = token_embedding_->weight.device();
+    if ((input_ids.device().is_cpu() || device.is_cpu()) && batch > 0) {
+        const auto [lowest, highest] = at::aminmax(input_ids.to(torch::kCPU));
         const int64_t low = lowest.item<int64_t>(), high = highest.item<int64_t>();
         if (low < 0 || high >= config_.vocab_size)
             throw InvalidArgument(
@@ -231,7 +233,6 @@ CLIPTextOutput CLIPTextModelImpl::forward(const torch::Tensor& input_ids,
     if (attention_mask.defined() && attention_mask.sizes() != input_ids.sizes())
         throw InvalidArgument("CLIPTextModel: attention_mask shape differs from input_ids");
 
-    const auto device = token_embedding_->weight.device();
     const auto ids = input_ids.to(device, torch::kInt64);
 
     // Embeddings: token + absolute position.  [B, L] -> [B, L, D]

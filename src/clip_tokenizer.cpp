@@ -621,10 +621,13 @@ std::vector<int64_t> CLIPTokenizer::encode(const std::string& text) const {
 
 BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
                                         const TokenizerOptions& options) const {
-    if (options.max_length != -1 && options.max_length < 2)
+    // Truncation keeps bos and eos, so it needs room for both.
+    const int shortest = options.truncation ? 2 : 1;
+    if (options.max_length != -1 && options.max_length < shortest)
         throw InvalidArgument("CLIPTokenizer: `max_length` must be -1 (the model's " +
-                              std::to_string(impl().max_length) +
-                              ") or at least 2 (room for bos and eos), got " +
+                              std::to_string(impl().max_length) + ") or at least " +
+                              std::to_string(shortest) +
+                              (options.truncation ? " (room for bos and eos)" : "") + ", got " +
                               std::to_string(options.max_length));
     const int64_t max_length = options.max_length > 0 ? options.max_length : impl().max_length;
     std::vector<std::vector<int64_t>> rows;

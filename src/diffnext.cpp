@@ -356,12 +356,13 @@ std::pair<int64_t, int64_t> WuerstchenDiffNeXtImpl::mapper_level_size(size_t ind
 
 void WuerstchenDiffNeXtImpl::check_input(const torch::Tensor& x, const torch::Tensor& r) const {
     check_latents(x);
-    if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0) || !r.is_floating_point())
-        throw InvalidArgument("WuerstchenDiffNeXt: r must be a floating tensor [B] with B = " +
-                              std::to_string(x.size(0)) + ", got " +
-                              (r.defined()
-                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
-                                   : std::string("undefined")));
+    if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0) ||
+        r.scalar_type() != x.scalar_type())
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: r must be a " + std::string(c10::toString(x.scalar_type())) +
+            " tensor [B] with B = " + std::to_string(x.size(0)) + ", got " +
+            (r.defined() ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
+                         : std::string("undefined")));
 }
 
 void WuerstchenDiffNeXtImpl::check_latents(const torch::Tensor& x) const {
@@ -384,12 +385,17 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
             "WuerstchenDiffNeXt: the latents' height and width must be "
             "positive and divisible by " +
             std::to_string(m) + ", got " + std::to_string(height) + "x" + std::to_string(width));
-    if (!effnet.defined() || effnet.dim() != 4 || effnet.size(1) != config_.effnet_embd)
-        throw InvalidArgument("WuerstchenDiffNeXt: effnet must be [B, " +
-                              std::to_string(config_.effnet_embd) + ", h, w], got " +
-                              (effnet.defined() ? c10::str(effnet.sizes()) : "undefined"));
-    if (clip.defined() &&
-        (clip.dim() != 3 || clip.size(0) != effnet.size(0) || clip.size(2) != config_.clip_embd))
+    // Both in the model's dtype: upstream maps effnet in its own dtype, clip through Linears.
+    const torch::ScalarType dtype = module_dtype(*this);
+    if (!effnet.defined() || effnet.dim() != 4 || effnet.size(1) != config_.effnet_embd ||
+        effnet.size(2) < 1 || effnet.size(3) < 1 || effnet.scalar_type() != dtype)
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: effnet must be [B, " + std::to_string(config_.effnet_embd) +
+            ", h, w] in the model's " + c10::toString(dtype) + ", got " +
+            (effnet.defined() ? c10::str(effnet.sizes()) + " " + c10::toString(effnet.scalar_type())
+                              : std::string("undefined")));
+    if (clip.defined() && (clip.dim() != 3 || clip.size(0) != effnet.size(0) ||
+                           clip.size(2) != config_.clip_embd || clip.scalar_type() != dtype))
         throw InvalidArgument("WuerstchenDiffNeXt: clip must be [" +
                               std::to_string(effnet.size(0)) + ", L, " +
                               std::to_string(config_.clip_embd) + "] (effnet's batch), got " +
@@ -439,9 +445,13 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
 }
 
 MappedTimesteps WuerstchenDiffNeXtImpl::map_timesteps(const torch::Tensor& r) {
-    if (!r.defined() || r.dim() != 1)
-        throw InvalidArgument("WuerstchenDiffNeXt::map_timesteps: r must be [N], got " +
-                              (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
+    const torch::ScalarType dtype = module_dtype(*this);
+    if (!r.defined() || r.dim() != 1 || r.scalar_type() != dtype)
+        throw InvalidArgument("WuerstchenDiffNeXt::map_timesteps: r must be a " +
+                              std::string(c10::toString(dtype)) + " tensor [N], got " +
+                              (r.defined()
+                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
+                                   : std::string("undefined")));
     return nn::map_timesteps_ahead(offload_units(), nn::r_embedding(r, config_.c_r));
 }
 

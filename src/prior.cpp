@@ -72,10 +72,13 @@ PriorCondition PriorCondition::from_tensors(std::vector<torch::Tensor> tensors) 
 }
 
 PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c) {
-    if (!c.defined() || c.dim() != 3 || c.size(2) != config_.c_cond)
-        throw InvalidArgument("WuerstchenPrior: c must be [B, L, " +
-                              std::to_string(config_.c_cond) + "], got " +
-                              (c.defined() ? c10::str(c.sizes()) : std::string("undefined")));
+    const torch::ScalarType dtype = module_dtype(*this);
+    if (!c.defined() || c.dim() != 3 || c.size(2) != config_.c_cond || c.scalar_type() != dtype)
+        throw InvalidArgument(
+            "WuerstchenPrior: c must be [B, L, " + std::to_string(config_.c_cond) +
+            "] in the model's " + c10::toString(dtype) + ", got " +
+            (c.defined() ? c10::str(c.sizes()) + " " + c10::toString(c.scalar_type())
+                         : std::string("undefined")));
     PriorCondition condition;
     condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
     condition.kv = nn::map_kv_packed(offload_units(), condition.c_embed);
@@ -88,9 +91,13 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
 }
 
 MappedTimesteps WuerstchenPriorImpl::map_timesteps(const torch::Tensor& r) {
-    if (!r.defined() || r.dim() != 1)
-        throw InvalidArgument("WuerstchenPrior::map_timesteps: r must be [N], got " +
-                              (r.defined() ? c10::str(r.sizes()) : std::string("undefined")));
+    const torch::ScalarType dtype = module_dtype(*this);
+    if (!r.defined() || r.dim() != 1 || r.scalar_type() != dtype)
+        throw InvalidArgument("WuerstchenPrior::map_timesteps: r must be a " +
+                              std::string(c10::toString(dtype)) + " tensor [N], got " +
+                              (r.defined()
+                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
+                                   : std::string("undefined")));
     return nn::map_timesteps_ahead(offload_units(), gen_r_embedding(r));
 }
 
@@ -99,12 +106,12 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
     check_latents(x_in);
     // One ratio per sample, or one for the whole batch (upstream broadcasts it).
     if (!r.defined() || r.dim() != 1 || (r.size(0) != x_in.size(0) && r.size(0) != 1) ||
-        !r.is_floating_point())
-        throw InvalidArgument("WuerstchenPrior: r must be a floating tensor [" +
-                              std::to_string(x_in.size(0)) + "] or [1], got " +
-                              (r.defined()
-                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
-                                   : std::string("undefined")));
+        r.scalar_type() != x_in.scalar_type())
+        throw InvalidArgument(
+            "WuerstchenPrior: r must be a " + std::string(c10::toString(x_in.scalar_type())) +
+            " tensor [" + std::to_string(x_in.size(0)) + "] or [1], got " +
+            (r.defined() ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
+                         : std::string("undefined")));
     // Every block's mapping of r's embedding in one product, when packed, with the residual
     // blocks' last biases moved into it (each residual block then sums its product into its
     // input); else each block maps its own.

@@ -322,19 +322,25 @@ torch::Tensor DDPMWuerstchenScheduler::add_noise(const torch::Tensor& original_s
         throw InvalidArgument(
             "DDPMWuerstchenScheduler::add_noise: `original_samples` must be a tensor [B, ...]");
     const int64_t batch = original_samples.size(0);
-    if (!noise.defined() || noise.sizes() != original_samples.sizes())
+    // As upstream, noise may broadcast to the samples' shape (not beyond it).
+    bool fits = false;
+    if (noise.defined()) {
+        try {
+            fits = at::infer_size(noise.sizes(), original_samples.sizes()) ==
+                   original_samples.sizes().vec();
+        } catch (const c10::Error&) {  // not broadcastable
+        }
+    }
+    if (!fits)
         throw InvalidArgument(
-            "DDPMWuerstchenScheduler::add_noise: `noise` must have the "
+            "DDPMWuerstchenScheduler::add_noise: `noise` must have (or broadcast to) the "
             "samples' shape " +
             c10::str(original_samples.sizes()) + ", got " +
             (noise.defined() ? c10::str(noise.sizes()) : std::string("undefined")));
-    if (!t.defined() || t.dim() != 1 || (t.size(0) != batch && t.size(0) != 1) ||
-        !t.is_floating_point())
-        throw InvalidArgument(
-            "DDPMWuerstchenScheduler::add_noise: `timesteps` must be a floating "
-            "tensor [" +
-            std::to_string(batch) + "] or [1], got " +
-            (t.defined() ? c10::str(t.sizes()) : std::string("undefined")));
+    if (!t.defined() || t.dim() != 1 || (t.size(0) != batch && t.size(0) != 1))
+        throw InvalidArgument("DDPMWuerstchenScheduler::add_noise: `timesteps` must be a tensor [" +
+                              std::to_string(batch) + "] or [1], got " +
+                              (t.defined() ? c10::str(t.sizes()) : std::string("undefined")));
     const auto view = batch_view(t.size(0), original_samples);
     auto a = alpha_cumprod(t.to(original_samples.device())).view(view);
     auto noisy = a.sqrt() * original_samples + (1 - a).sqrt() * noise;

@@ -60,7 +60,7 @@ torch::Device parse_device(const std::string& name) {
     if (name == "cuda") return torch::Device(torch::kCUDA, 0);
     if (name.rfind("cuda:", 0) == 0) {
         const std::string idx = name.substr(5);
-        // DeviceIndex is 8 bits in libtorch 1.13 (16 in 2.x): cuda:0 .. cuda:127.
+        // DeviceIndex is 8 bits (int8_t): cuda:0 .. cuda:127.
         if (!idx.empty() && idx.size() < 4 &&
             std::all_of(idx.begin(), idx.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
             std::stoi(idx) <= 127)
@@ -199,9 +199,10 @@ bool UninitializedParameters::active() { return uninitialized_depth > 0; }
 
 void check_load_options(const LoadOptions& options) {
     const torch::ScalarType dtype = options.dtype;
-    if (dtype != torch::kFloat32 && dtype != torch::kFloat16 && dtype != torch::kBFloat16)
-        throw InvalidArgument(std::string("LoadOptions: `dtype` must be float32, float16 or "
-                                          "bfloat16, got ") +
+    if (dtype != torch::kFloat32 && dtype != torch::kFloat16 && dtype != torch::kBFloat16 &&
+        dtype != torch::kFloat64)
+        throw InvalidArgument(std::string("LoadOptions: `dtype` must be float32, float16, "
+                                          "bfloat16 or float64, got ") +
                               c10::toString(dtype));
     const torch::Device device = options.device;
     if (!device.is_cpu() && !device.is_cuda())

@@ -189,6 +189,12 @@ TEST(CLIPTokenizer, RejectsMaxLengthWithoutRoomForSpecials) {
         WUERSTCHEN_EXPECT_THROW_MSG(tok({"horse"}, options), InvalidArgument, "`max_length`",
                                     std::to_string(max_length));
     }
+    // Without truncation max_length only sets the padded length: 1 is fine.
+    TokenizerOptions padding_only;
+    padding_only.truncation = false;
+    padding_only.max_length = 1;
+    EXPECT_EQ(tok({"horse"}, padding_only).input_ids.size(1),
+              static_cast<int64_t>(tok.encode("horse").size()));
 }
 
 // CLIP's merge loop as the reference writes it: while a neighbouring pair has a merge, merge

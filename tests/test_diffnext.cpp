@@ -219,7 +219,15 @@ TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x.to(torch::kFloat64), r, effnet, clip),
                                 InvalidArgument, "x must be a Float tensor", "Double");
     WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r.to(torch::kLong), effnet, clip),
-                                InvalidArgument, "r must be a floating tensor");
+                                InvalidArgument, "r must be a Float tensor");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r.to(torch::kFloat64), effnet, clip),
+                                InvalidArgument, "r must be a Float tensor", "Double");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->map_timesteps(r.to(torch::kFloat64)), InvalidArgument,
+                                "r must be a Float tensor");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet.to(torch::kFloat64), clip, h, w),
+                                InvalidArgument, "effnet must be", "Double");
+    WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet, clip.to(torch::kFloat64), h, w),
+                                InvalidArgument, "clip must be");
     WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet.narrow(1, 0, 1), clip, h, w),
                                 InvalidArgument, "effnet must be");
     WUERSTCHEN_EXPECT_THROW_MSG(model->map_condition(effnet, clip.narrow(2, 0, 3), h, w),

@@ -193,10 +193,15 @@ TEST(Prior, RejectsBadLatentsAndRatios) {
                                 "x must be", "H, W >= 1");
     WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x.to(torch::kFloat64), r, condition),
                                 InvalidArgument, "x must be a Float tensor", "Double");
-    for (const auto& bad_r : {torch::ones({x.size(0) + 1}), torch::tensor(0.5), torch::ones({1, 1}),
-                              torch::Tensor(), torch::ones({1}, torch::kLong)})
+    for (const auto& bad_r :
+         {torch::ones({x.size(0) + 1}), torch::tensor(0.5), torch::ones({1, 1}), torch::Tensor(),
+          torch::ones({1}, torch::kLong), torch::ones({1}, torch::kFloat64)})
         WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, bad_r, condition), InvalidArgument,
-                                    "r must be a floating tensor");
+                                    "r must be a Float tensor");
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->map_timesteps(r.to(torch::kFloat64)), InvalidArgument,
+                                "r must be a Float tensor");
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->map_condition(c.to(torch::kFloat64)), InvalidArgument,
+                                "c must be", "Double");
     // One ratio for the whole batch is upstream's broadcast.
     EXPECT_NO_THROW(prior->forward(x, r.narrow(0, 0, 1), condition));
 }

@@ -322,14 +322,16 @@ TEST(Scheduler, AddNoiseRejectsMismatchedInputs) {
     const auto x = torch::zeros({2, 4, 3, 3});
     const auto t = torch::full({2}, 0.5);
     EXPECT_NO_THROW(sched.add_noise(x, x, torch::full({1}, 0.5)));  // one t for the batch
+    EXPECT_NO_THROW(sched.add_noise(x, torch::zeros({1, 4, 1, 3}), t));  // noise broadcasts
     WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, x, torch::full({3}, 0.5)), InvalidArgument,
                                 "`timesteps`", "[2] or [1]");
     WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, x, torch::tensor(0.5)), InvalidArgument,
                                 "`timesteps`");
     WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, x, torch::Tensor()), InvalidArgument,
                                 "`timesteps`", "undefined");
-    WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, torch::zeros({2, 4, 3, 1}), t), InvalidArgument,
-                                "`noise`", "[2, 4, 3, 3]");
+    for (const auto& noise : {torch::zeros({2, 4, 3, 2}), torch::zeros({3, 4, 3, 3})})
+        WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(x, noise, t), InvalidArgument, "`noise`",
+                                    "[2, 4, 3, 3]");
     WUERSTCHEN_EXPECT_THROW_MSG(sched.add_noise(torch::Tensor(), x, t), InvalidArgument,
                                 "`original_samples`");
 }

@@ -125,6 +125,8 @@ TEST(ParseOptions, DtypeAndDevice) {
 TEST(ParseOptions, LoadOptionsChecked) {
     LoadOptions options;
     EXPECT_NO_THROW(check_load_options(options));
+    options.dtype = torch::kFloat64;  // not a checkpoint dtype, but it runs
+    EXPECT_NO_THROW(check_load_options(options));
     options.dtype = torch::kInt32;
     WUERSTCHEN_EXPECT_THROW_MSG(check_load_options(options), InvalidArgument, "`dtype`", "Int");
     WUERSTCHEN_EXPECT_THROW_MSG(load_prior(test::data_path("tiny-wuerstchen-prior/prior"), options),

@@ -98,7 +98,8 @@ std::optional<uint64_t> Args::seed(const std::string& name) const {
     errno = 0;
     char* end = nullptr;
     const unsigned long long x = std::strtoull(v.c_str(), &end, 10);
-    if (v.empty() || v[0] < '0' || v[0] > '9' || *end != '\0' || errno == ERANGE)
+    const size_t digit = !v.empty() && v[0] == '+' ? 1 : 0;  // strtoull also takes blanks, '-'
+    if (v.size() <= digit || v[digit] < '0' || v[digit] > '9' || *end != '\0' || errno == ERANGE)
         throw UsageError("flag '--" + name + "' expects a non-negative integer, got '" + v + "'");
     return static_cast<uint64_t>(x);
 }

@@ -13,7 +13,7 @@ namespace wuerstchen {
 
 struct LoadOptions {
     torch::Device device = torch::kCPU;
-    torch::ScalarType dtype = torch::kFloat32;  // kFloat32, kFloat16 or kBFloat16
+    torch::ScalarType dtype = torch::kFloat32;  // kFloat32, kFloat16 or kBFloat16 (kFloat64 runs)
     // Model offload: keep each stage on the CPU and move it to `device` only while it runs
     // (diffusers' enable_model_cpu_offload).
     bool offload = false;
@@ -41,8 +41,9 @@ struct LoadOptions {
 // channels-last for options.channels_last (a copy unless it is already), else `t` itself.
 torch::Tensor in_memory_format(const torch::Tensor& t, const LoadOptions& options);
 
-// Throws InvalidArgument for a dtype other than float32 / float16 / bfloat16, or a device that
-// is neither the CPU nor an available CUDA device. The loaders check their options with it.
+// Throws InvalidArgument for a dtype other than float32 / float16 / bfloat16 / float64, or a
+// device that is neither the CPU nor an available CUDA device. The loaders check their options with
+// it.
 void check_load_options(const LoadOptions& options);
 
 // Parses "fp32" / "float32", "fp16" / "float16" / "half", "bf16" / "bfloat16".

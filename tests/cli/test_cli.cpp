@@ -269,6 +269,9 @@ TEST(CLI, ErrorsAreOneLineAndNonZero) {
     expect_one_line_error(run_cli({"generate", "--model", data("tiny-wuerstchen-combined"),
                                    "--prompt", "x", "--seed", " -1"}),
                           {"--seed"});
+    expect_one_line_error(run_cli({"generate", "--model", data("tiny-wuerstchen-combined"),
+                                   "--prompt", "x", "--seed", "+"}),
+                          {"--seed"});
 }
 
 // Problems the CLI can see in its arguments are usage errors (exit 2) found before any model
