@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "wuerstchen/clip_tokenizer.h"
+#include "wuerstchen/error.h"
 
 #ifndef WUERSTCHEN_TEST_DATA
 #error "WUERSTCHEN_TEST_DATA must name tests/data"
@@ -62,6 +63,14 @@ void check(const wuerstchen::CLIPTokenizer& tok, const std::string& text, const 
     options.truncation = (sel & 0x10) == 0;
     options.pad_to_max = (sel & 0x20) == 0;
     const std::vector<std::string> texts{text, text.substr(text.size() / 2)};
+    if (options.truncation && options.max_length == 1) {  // no room for bos and eos: refused
+        try {
+            (void)tok(texts, options);
+        } catch (const wuerstchen::InvalidArgument&) {
+            return;
+        }
+        finding("max_length 1 with truncation was accepted");
+    }
     const auto batch = tok(texts, options);
     const int64_t max_length = options.max_length > 0 ? options.max_length : tok.model_max_length();
     if (batch.input_ids.dim() != 2 || batch.input_ids.size(0) != 2 ||
