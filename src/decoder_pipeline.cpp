@@ -366,7 +366,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                               planned_draws(shape, opt.latents.defined(), scheduler.num_steps()),
                               /*ahead=*/!opt.callback);
         StepNoise& draws = shared_draws != nullptr ? *shared_draws : *own_draws;
-        latents = opt.latents.defined() ? opt.latents.to(device, dtype) : draws.next(shape);
+        latents =
+            opt.latents.defined() ? contiguous_on(opt.latents, device, dtype) : draws.next(shape);
         latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
         // The image embeddings and text states as the blocks read them, mapped once for all
@@ -420,7 +421,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                                     std::to_string(i));
                 if (!shown.is_same(latents)) {
                     check_shape("DecoderPipeline callback", "latents", shown, shape);
-                    latents = shown.to(device, dtype);
+                    latents = contiguous_on(shown, device, dtype, /*copy=*/true);
                 }
             }
         }

@@ -17,7 +17,7 @@ torch::Tensor to_uint8_hwc(const torch::Tensor& images) {
     torch::Tensor x = images.dim() == 3 ? images.unsqueeze(0) : images;
     if (x.size(1) != 3) throw InvalidArgument("images: expected 3 channels, got " + std::to_string(x.size(1)));
     if (x.scalar_type() == torch::kUInt8)  // already pixels: only the layout changes
-        return x.detach().to(torch::kCPU).permute({0, 2, 3, 1}).contiguous();
+        return x.detach().to(torch::kCPU).permute({0, 2, 3, 1}).clone(at::MemoryFormat::Contiguous);
     if (!x.is_floating_point())
         throw InvalidArgument(
             std::string("images: expected floats in [0, 1] or uint8 pixels, got ") +

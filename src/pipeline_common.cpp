@@ -170,6 +170,11 @@ OffloadGuard::~OffloadGuard() {
     }
 }
 
+torch::Tensor contiguous_on(const torch::Tensor& t, torch::Device device, torch::ScalarType dtype,
+                            bool copy) {
+    return t.to(device, dtype, /*non_blocking=*/false, copy, at::MemoryFormat::Contiguous);
+}
+
 std::string shape_string(at::IntArrayRef shape) {
     std::ostringstream os;
     os << '[';

@@ -331,7 +331,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
 
     // ---- prepare_latents
     torch::Tensor latents =
-        o.latents.defined() ? o.latents.to(device_, dtype) : draws.next(latent_shape);
+        o.latents.defined() ? contiguous_on(o.latents, device_, dtype) : draws.next(latent_shape);
     latents = latents * DDPMWuerstchenScheduler::kInitNoiseSigma;
 
     const auto on_device = stage_scope(prior_, device_, mode);
@@ -377,7 +377,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
                 invalid("the step callback replaced `latents` by a tensor of shape " +
                         (latents.defined() ? shape_string(latents.sizes()) : "undefined") +
                         ", expected " + shape_string(latent_shape));
-            latents = latents.to(device_, dtype);
+            latents = contiguous_on(latents, device_, dtype, /*copy=*/true);
             if (!keep_going)
                 throw Cancelled(std::string(kWhere) +
                                 ": cancelled by the step callback after step " + std::to_string(i));

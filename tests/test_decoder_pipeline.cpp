@@ -183,6 +183,23 @@ TEST_F(DecoderPipelineTest, CancelThenReuse) {
                 ref);
 }
 
+// Latents a callback hands back are copied: out.latents is not a view of the caller's tensor.
+TEST_F(DecoderPipelineTest, CallbackLatentsAreCopied) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    DecoderOptions opt = test::decoder_seed22_options(ref);
+    opt.decode = false;
+    torch::Tensor mine;
+    opt.callback = [&mine](int, double, torch::Tensor& latents) {
+        mine = torch::zeros({2, latents.size(1), latents.size(2), latents.size(3)});
+        latents = mine.narrow(0, 1, 1);
+        return true;
+    };
+    const auto out = (*pipe_)(opt);
+    ASSERT_TRUE(torch::equal(out.latents, mine.narrow(0, 1, 1)));
+    EXPECT_NE(out.latents.data_ptr(), mine.narrow(0, 1, 1).data_ptr());
+    EXPECT_TRUE(out.latents.is_contiguous());
+}
+
 TEST_F(DecoderPipelineTest, CombinedFolderAndComponents) {
     const auto ref = test::reference("pipeline_decoder_seed22");
     auto combined = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));

@@ -44,6 +44,9 @@ TEST(Image, SavePngsNumbersAndDecodes) {
 TEST(Image, Uint8ImagesKeepTheirValues) {
     const auto chw = torch::randint(0, 256, {3, 4, 5}, torch::kUInt8);
     EXPECT_TRUE(torch::equal(to_uint8_hwc(chw)[0], chw.permute({1, 2, 0})));
+    // Always a copy, also of a permuted HWC image (whose memory is already in that order).
+    const auto hwc = chw.permute({1, 2, 0}).contiguous();
+    EXPECT_NE(to_uint8_hwc(hwc.permute({2, 0, 1})).data_ptr(), hwc.data_ptr());
     const std::string dir = test::make_temp_dir("png_u8_");
     for (const auto& image : {chw, chw.permute({1, 2, 0}).contiguous()}) {
         save_png(dir + "/u8.png", image);

@@ -179,6 +179,24 @@ TEST(PriorPipeline, CallbackCancelsAndPipelineStaysUsable) {
                           scaled_tol(expected, kRel)));
 }
 
+// Given latents are read in any memory layout: the same values as contiguous ones (a
+// channels-last input chose other convolution kernels, 2e-6 relative off), a contiguous output,
+// and the caller's tensor unchanged.
+TEST(PriorPipeline, GivenLatentsInAnyLayout) {
+    auto o = test::prior_seed0_options();
+    o.num_inference_steps = 2;
+    const auto latents = torch::randn({1, 16, 6, 6});
+    o.latents = latents;
+    const auto expected = pipeline()(o).image_embeddings;
+    const auto nhwc = latents.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto before = nhwc.clone();
+    o.latents = nhwc;
+    const auto out = pipeline()(o).image_embeddings;
+    EXPECT_TRUE(torch::equal(out, expected));
+    EXPECT_TRUE(out.is_contiguous());
+    EXPECT_TRUE(torch::equal(nhwc, before));
+}
+
 TEST(PriorPipeline, CallbackMayReplaceLatents) {
     auto o = test::prior_seed0_options();
     o.num_inference_steps = 2;

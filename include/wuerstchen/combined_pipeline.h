@@ -55,6 +55,7 @@ struct CombinedOptions {
     StepCallback callback;        // after each stage-B step
 };
 
+// Inference tensors, as PriorOutput's: clone() before changing one in place.
 struct CombinedOutput {
     torch::Tensor images;            // [B * n, 3, H, W] float32 on the CPU, in [0, 1]
     torch::Tensor image_embeddings;  // the prior's output, [B * n, 16, h, w]

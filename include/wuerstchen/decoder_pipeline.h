@@ -73,6 +73,7 @@ struct DecoderOptions {
     bool decode = true;
 };
 
+// Inference tensors, as PriorOutput's: clone() before changing one in place.
 struct DecoderOutput {
     torch::Tensor
         images;  // [B * n, 3, H', W'] float32 on the CPU, in [0, 1] (undefined if !decode)

@@ -120,6 +120,13 @@ void check_dtype_on_device(const char* where, torch::ScalarType dtype, torch::De
 void check_shape(const char* where, const char* name, const torch::Tensor& tensor,
                  at::IntArrayRef expected);
 
+// t on `device` in `dtype`, in contiguous (NCHW) memory order: a caller's latents in another
+// layout would otherwise carry it into the outputs and choose other convolution kernels (other
+// roundings). With `copy`, never the caller's memory (a callback's replacement latents may be a
+// view of the caller's tensor).
+torch::Tensor contiguous_on(const torch::Tensor& t, torch::Device device, torch::ScalarType dtype,
+                            bool copy = false);
+
 // Shape as "[2, 16, 6, 6]".
 std::string shape_string(at::IntArrayRef shape);
 

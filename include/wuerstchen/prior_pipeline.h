@@ -62,6 +62,8 @@ struct PriorOptions {
     }
 };
 
+// The pipelines' outputs are made in c10::InferenceMode, so they are inference tensors: read
+// them freely, but clone() one before changing it in place outside InferenceMode.
 struct PriorOutput {
     // latents * latent_mean - latent_std, [B * num_images_per_prompt, c_in, h, w].
     torch::Tensor image_embeddings;
