@@ -356,13 +356,7 @@ std::pair<int64_t, int64_t> WuerstchenDiffNeXtImpl::mapper_level_size(size_t ind
 
 void WuerstchenDiffNeXtImpl::check_input(const torch::Tensor& x, const torch::Tensor& r) const {
     check_latents(x);
-    if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0) ||
-        r.scalar_type() != x.scalar_type())
-        throw InvalidArgument(
-            "WuerstchenDiffNeXt: r must be a " + std::string(c10::toString(x.scalar_type())) +
-            " tensor [B] with B = " + std::to_string(x.size(0)) + ", got " +
-            (r.defined() ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
-                         : std::string("undefined")));
+    nn::check_ratios("WuerstchenDiffNeXt", r, x.scalar_type(), x.size(0));
 }
 
 void WuerstchenDiffNeXtImpl::check_latents(const torch::Tensor& x) const {
@@ -445,13 +439,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
 }
 
 MappedTimesteps WuerstchenDiffNeXtImpl::map_timesteps(const torch::Tensor& r) {
-    const torch::ScalarType dtype = module_dtype(*this);
-    if (!r.defined() || r.dim() != 1 || r.scalar_type() != dtype)
-        throw InvalidArgument("WuerstchenDiffNeXt::map_timesteps: r must be a " +
-                              std::string(c10::toString(dtype)) + " tensor [N], got " +
-                              (r.defined()
-                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
-                                   : std::string("undefined")));
+    nn::check_ratios("WuerstchenDiffNeXt::map_timesteps", r, module_dtype(*this), /*batch=*/-1);
     return nn::map_timesteps_ahead(offload_units(), nn::r_embedding(r, config_.c_r));
 }
 

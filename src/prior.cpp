@@ -91,13 +91,7 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
 }
 
 MappedTimesteps WuerstchenPriorImpl::map_timesteps(const torch::Tensor& r) {
-    const torch::ScalarType dtype = module_dtype(*this);
-    if (!r.defined() || r.dim() != 1 || r.scalar_type() != dtype)
-        throw InvalidArgument("WuerstchenPrior::map_timesteps: r must be a " +
-                              std::string(c10::toString(dtype)) + " tensor [N], got " +
-                              (r.defined()
-                                   ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
-                                   : std::string("undefined")));
+    nn::check_ratios("WuerstchenPrior::map_timesteps", r, module_dtype(*this), /*batch=*/-1);
     return nn::map_timesteps_ahead(offload_units(), gen_r_embedding(r));
 }
 
@@ -105,13 +99,7 @@ torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torc
                                            const PriorCondition& condition) {
     check_latents(x_in);
     // One ratio per sample, or one for the whole batch (upstream broadcasts it).
-    if (!r.defined() || r.dim() != 1 || (r.size(0) != x_in.size(0) && r.size(0) != 1) ||
-        r.scalar_type() != x_in.scalar_type())
-        throw InvalidArgument(
-            "WuerstchenPrior: r must be a " + std::string(c10::toString(x_in.scalar_type())) +
-            " tensor [" + std::to_string(x_in.size(0)) + "] or [1], got " +
-            (r.defined() ? c10::str(r.sizes()) + " " + c10::toString(r.scalar_type())
-                         : std::string("undefined")));
+    nn::check_ratios("WuerstchenPrior", r, x_in.scalar_type(), x_in.size(0), /*one_for_all=*/true);
     // Every block's mapping of r's embedding in one product, when packed, with the residual
     // blocks' last biases moved into it (each residual block then sums its product into its
     // input); else each block maps its own.

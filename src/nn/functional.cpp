@@ -22,6 +22,27 @@ torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight
     return at::addmm(bias, x.reshape({x.numel() / in, in}), weight.t()).view(out_sizes);
 }
 
+namespace {
+
+std::string describe(const torch::Tensor& t) {
+    return t.defined() ? c10::str(t.sizes()) + " " + c10::toString(t.scalar_type())
+                       : std::string("undefined");
+}
+
+}  // namespace
+
+void check_ratios(const char* where, const torch::Tensor& r, torch::ScalarType dtype, int64_t batch,
+                  bool one_for_all) {
+    const bool sized = batch < 0 || (r.defined() && r.dim() == 1 &&
+                                     (r.size(0) == batch || (one_for_all && r.size(0) == 1)));
+    if (r.defined() && r.dim() == 1 && r.scalar_type() == dtype && sized) return;
+    const std::string n = batch < 0     ? "N"
+                          : one_for_all ? std::to_string(batch) + "] or [1"
+                                        : std::to_string(batch);
+    throw InvalidArgument(std::string(where) + ": r must be a " + c10::toString(dtype) +
+                          " tensor [" + n + "], got " + describe(r));
+}
+
 void check_nchw(const char* where, const char* name, const torch::Tensor& t, int64_t channels,
                 torch::ScalarType dtype) {
     const bool ok = t.defined() && t.dim() == 4 && t.size(1) == channels && t.size(2) >= 1 &&
@@ -29,9 +50,7 @@ void check_nchw(const char* where, const char* name, const torch::Tensor& t, int
     if (ok) return;
     throw InvalidArgument(std::string(where) + ": " + name + " must be a " + c10::toString(dtype) +
                           " tensor [B, " + std::to_string(channels) +
-                          ", H, W] with H, W >= 1, got " +
-                          (t.defined() ? c10::str(t.sizes()) + " " + c10::toString(t.scalar_type())
-                                       : std::string("undefined")));
+                          ", H, W] with H, W >= 1, got " + describe(t));
 }
 
 }  // namespace wuerstchen::nn

@@ -23,4 +23,10 @@ torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight
 void check_nchw(const char* where, const char* name, const torch::Tensor& t, int64_t channels,
                 torch::ScalarType dtype);
 
+// Checks timestep ratios r: defined, [N] in `dtype` (the model's), where N is `batch` (or 1 when
+// `one_for_all`); any N when batch < 0 (a schedule's ratios). Throws InvalidArgument
+// "<where>: r must be ..." naming what it got.
+void check_ratios(const char* where, const torch::Tensor& r, torch::ScalarType dtype, int64_t batch,
+                  bool one_for_all = false);
+
 }  // namespace wuerstchen::nn
