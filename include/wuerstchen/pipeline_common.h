@@ -94,7 +94,8 @@ auto with_memory_errors(const char* where, F&& call) -> decltype(call()) {
 }
 
 // ------------------------------------------------------------------------------ validation
-// Each throws InvalidArgument whose message starts with "<where>: `<name>`".
+// Each throws InvalidArgument whose message starts with "<where>: `<name>`" (those without a
+// name: "<where>: " and what does not fit).
 
 void check_positive(const char* where, const char* name, int64_t value);
 void check_finite(const char* where, const char* name, double value);
