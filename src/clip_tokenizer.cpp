@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <cstddef>
 #include <cstdlib>
 #include <filesystem>
 #include <limits>
@@ -457,6 +458,16 @@ struct CLIPTokenizer::Impl {
         if (ids.size() < limit) encode_segment(text.substr(start), ids, limit);
         return ids;
     }
+
+    // bos, the body's ids (at least its first `limit`), eos.
+    std::vector<int64_t> encode_with_specials(
+        const std::string& text, size_t limit = std::numeric_limits<size_t>::max()) const {
+        std::vector<int64_t> ids{bos_id};
+        const auto body = encode_body(text, limit);
+        ids.insert(ids.end(), body.begin(), body.end());
+        ids.push_back(eos_id);
+        return ids;
+    }
 };
 
 // ====================================================================== loading
@@ -612,11 +623,7 @@ CLIPTokenizer CLIPTokenizer::from_pretrained(const std::string& dir) {
 // ====================================================================== encoding
 
 std::vector<int64_t> CLIPTokenizer::encode(const std::string& text) const {
-    std::vector<int64_t> ids{impl().bos_id};
-    const auto body = impl().encode_body(text);
-    ids.insert(ids.end(), body.begin(), body.end());
-    ids.push_back(impl().eos_id);
-    return ids;
+    return impl().encode_with_specials(text);
 }
 
 BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
@@ -633,22 +640,14 @@ BatchEncoding CLIPTokenizer::operator()(const std::vector<std::string>& texts,
     std::vector<std::vector<int64_t>> rows;
     rows.reserve(texts.size());
     int64_t longest = 0;
+    // With truncation, tokenizers reserves room for the two specials, keeps the first
+    // max_length - 2 body ids, then appends the specials again; no later id is encoded.
+    const size_t keep = options.truncation ? static_cast<size_t>(max_length - 2)
+                                           : std::numeric_limits<size_t>::max();
     for (const auto& text : texts) {
-        // With truncation only the first max_length - 2 body ids are kept: encode no further.
-        std::vector<int64_t> ids{impl().bos_id};
-        const auto body =
-            impl().encode_body(text, options.truncation ? static_cast<size_t>(max_length - 2)
-                                                        : std::numeric_limits<size_t>::max());
-        ids.insert(ids.end(), body.begin(), body.end());
-        ids.push_back(impl().eos_id);
-        if (options.truncation && static_cast<int64_t>(ids.size()) > max_length) {
-            // tokenizers reserves room for the two specials, then appends them again.
-            const int64_t keep = std::max<int64_t>(max_length - 2, 0);
-            std::vector<int64_t> cut(ids.begin() + 1, ids.begin() + 1 + keep);
-            cut.insert(cut.begin(), impl().bos_id);
-            cut.push_back(impl().eos_id);
-            ids.swap(cut);
-        }
+        auto ids = impl().encode_with_specials(text, keep);
+        if (options.truncation && ids.size() - 2 > keep)
+            ids.erase(ids.begin() + 1 + static_cast<std::ptrdiff_t>(keep), ids.end() - 1);
         longest = std::max<int64_t>(longest, static_cast<int64_t>(ids.size()));
         rows.push_back(std::move(ids));
     }
