@@ -383,11 +383,9 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
     const torch::ScalarType dtype = module_dtype(*this);
     if (!effnet.defined() || effnet.dim() != 4 || effnet.size(1) != config_.effnet_embd ||
         effnet.size(2) < 1 || effnet.size(3) < 1 || effnet.scalar_type() != dtype)
-        throw InvalidArgument(
-            "WuerstchenDiffNeXt: effnet must be [B, " + std::to_string(config_.effnet_embd) +
-            ", h, w] in the model's " + c10::toString(dtype) + ", got " +
-            (effnet.defined() ? c10::str(effnet.sizes()) + " " + c10::toString(effnet.scalar_type())
-                              : std::string("undefined")));
+        throw InvalidArgument("WuerstchenDiffNeXt: effnet must be [B, " +
+                              std::to_string(config_.effnet_embd) + ", h, w] in the model's " +
+                              c10::toString(dtype) + ", got " + nn::describe(effnet));
     if (clip.defined() && (clip.dim() != 3 || clip.size(0) != effnet.size(0) ||
                            clip.size(2) != config_.clip_embd || clip.scalar_type() != dtype))
         throw InvalidArgument("WuerstchenDiffNeXt: clip must be [" +
@@ -430,7 +428,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torc
                                               const torch::Tensor& clip) {
     check_input(x, r);
     if (!effnet.defined() || effnet.dim() != 4 || effnet.size(0) != x.size(0) ||
-        effnet.size(1) != config_.effnet_embd || effnet.size(2) < 1 || effnet.size(3) < 1)
+        effnet.size(1) != config_.effnet_embd)
         throw InvalidArgument(
             "WuerstchenDiffNeXt: effnet must be [" + std::to_string(x.size(0)) + ", " +
             std::to_string(config_.effnet_embd) + ", h, w], got " +

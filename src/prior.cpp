@@ -74,11 +74,9 @@ PriorCondition PriorCondition::from_tensors(std::vector<torch::Tensor> tensors) 
 PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c) {
     const torch::ScalarType dtype = module_dtype(*this);
     if (!c.defined() || c.dim() != 3 || c.size(2) != config_.c_cond || c.scalar_type() != dtype)
-        throw InvalidArgument(
-            "WuerstchenPrior: c must be [B, L, " + std::to_string(config_.c_cond) +
-            "] in the model's " + c10::toString(dtype) + ", got " +
-            (c.defined() ? c10::str(c.sizes()) + " " + c10::toString(c.scalar_type())
-                         : std::string("undefined")));
+        throw InvalidArgument("WuerstchenPrior: c must be [B, L, " +
+                              std::to_string(config_.c_cond) + "] in the model's " +
+                              c10::toString(dtype) + ", got " + nn::describe(c));
     PriorCondition condition;
     condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
     condition.kv = nn::map_kv_packed(offload_units(), condition.c_embed);

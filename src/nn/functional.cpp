@@ -22,14 +22,10 @@ torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight
     return at::addmm(bias, x.reshape({x.numel() / in, in}), weight.t()).view(out_sizes);
 }
 
-namespace {
-
 std::string describe(const torch::Tensor& t) {
     return t.defined() ? c10::str(t.sizes()) + " " + c10::toString(t.scalar_type())
                        : std::string("undefined");
 }
-
-}  // namespace
 
 void check_ratios(const char* where, const torch::Tensor& r, torch::ScalarType dtype, int64_t batch,
                   bool one_for_all) {

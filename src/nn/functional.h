@@ -17,6 +17,9 @@ namespace wuerstchen::nn {
 torch::Tensor linear_forward(const torch::Tensor& x, const torch::Tensor& weight,
                              const torch::Tensor& bias);
 
+// "[2, 16, 6, 6] Float", or "undefined": what an input check got.
+std::string describe(const torch::Tensor& t);
+
 // Checks a module's 4-D input: defined, [B, channels, H, W] with H, W >= 1 (an empty batch
 // gives an empty output), in `dtype` (the module's). Throws InvalidArgument "<where>: <name> must
 // be ..." naming what it got.
