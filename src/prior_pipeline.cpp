@@ -212,12 +212,17 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     if (!has_prompts && !has_embeds)
         invalid("`prompts` is empty and `prompt_embeds` is not set: pass one of them");
     const int64_t c_cond = prior_->config().c_cond;
-    if (has_embeds &&
-        (o.prompt_embeds.dim() != 3 || o.prompt_embeds.size(0) < 1 || o.prompt_embeds.size(1) < 1 ||
-         o.prompt_embeds.size(2) != c_cond || !o.prompt_embeds.is_floating_point()))
-        invalid("`prompt_embeds` must be a floating tensor [B, L, " + std::to_string(c_cond) +
-                "] with B, L >= 1, got " + shape_string(o.prompt_embeds.sizes()) + " " +
-                std::string(c10::toString(o.prompt_embeds.scalar_type())));
+    // Text states: a floating [rows, L, c_cond] with L >= 1; any rows >= 1 when rows < 0.
+    auto check_states = [&](const char* name, const torch::Tensor& t, int64_t rows) {
+        if (t.dim() == 3 && t.size(0) >= 1 && (rows < 0 || t.size(0) == rows) && t.size(1) >= 1 &&
+            t.size(2) == c_cond && t.is_floating_point())
+            return;
+        invalid(std::string("`") + name + "` must be a floating tensor [" +
+                (rows < 0 ? "B" : std::to_string(rows)) + ", L, " + std::to_string(c_cond) +
+                "] with " + (rows < 0 ? "B, L" : "L") + " >= 1, got " + shape_string(t.sizes()) +
+                " " + c10::toString(t.scalar_type()));
+    };
+    if (has_embeds) check_states("prompt_embeds", o.prompt_embeds, -1);
     const int64_t batch =
         has_prompts ? static_cast<int64_t>(o.prompts.size()) : o.prompt_embeds.size(0);
     const bool cfg = o.guidance_scale > 1.0;  // do_classifier_free_guidance
@@ -233,13 +238,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
             invalid("`negative_prompt_embeds` has shape " +
                     shape_string(o.negative_prompt_embeds.sizes()) +
                     " but `prompt_embeds` has shape " + shape_string(o.prompt_embeds.sizes()));
-        if (o.negative_prompt_embeds.dim() != 3 || o.negative_prompt_embeds.size(0) != batch ||
-            o.negative_prompt_embeds.size(1) < 1 || o.negative_prompt_embeds.size(2) != c_cond ||
-            !o.negative_prompt_embeds.is_floating_point())
-            invalid("`negative_prompt_embeds` must be a floating tensor [" + std::to_string(batch) +
-                    ", L, " + std::to_string(c_cond) + "] with L >= 1, got " +
-                    shape_string(o.negative_prompt_embeds.sizes()) + " " +
-                    std::string(c10::toString(o.negative_prompt_embeds.scalar_type())));
+        check_states("negative_prompt_embeds", o.negative_prompt_embeds, batch);
     }
     // Both halves of a guided batch go through one forward: the same token count. Text is
     // encoded to the tokenizer's model_max_length.
