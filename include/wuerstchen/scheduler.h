@@ -100,8 +100,8 @@ public:
     torch::Tensor step(const torch::Tensor& model_output, const SchedulerStepPlan& plan, int i,
                        const torch::Tensor& sample, const torch::Tensor& noise) const;
 
-    // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B] or [1] (for the whole batch); noise of
-    // original_samples' shape. Throws InvalidArgument otherwise.
+    // sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise, t: [B] or [1] (for the whole batch); noise of (or
+    // broadcasting to) original_samples' shape. Throws InvalidArgument otherwise.
     torch::Tensor add_noise(const torch::Tensor& original_samples, const torch::Tensor& noise,
                             const torch::Tensor& t) const;
 

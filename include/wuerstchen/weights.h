@@ -42,8 +42,8 @@ struct LoadOptions {
 torch::Tensor in_memory_format(const torch::Tensor& t, const LoadOptions& options);
 
 // Throws InvalidArgument for a dtype other than float32 / float16 / bfloat16 / float64, or a
-// device that is neither the CPU nor an available CUDA device. The loaders check their options with
-// it.
+// device that is neither the CPU nor an available CUDA device. The loaders check their options
+// with it.
 void check_load_options(const LoadOptions& options);
 
 // Parses "fp32" / "float32", "fp16" / "float16" / "half", "bf16" / "bfloat16".
