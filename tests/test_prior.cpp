@@ -1,6 +1,7 @@
 // Stage C: the shared blocks and WuerstchenPrior against diffusers (tests/data/references).
 
 #include <c10/core/InferenceMode.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <set>
@@ -74,14 +75,38 @@ torch::Tensor reference_attention(nn::Attention& attn, const torch::Tensor& x,
         torch::matmul(p, v).permute({0, 2, 1, 3}).reshape({b, n, heads * d}));
 }
 
+// dim_head 4 has a power-of-two scale (libtorch 1.13's path then scales the queries, which must
+// give the same scores bit for bit), dim_head 3 does not.
 TEST(Blocks, AttentionIsSoftmaxOverHeads) {
+    for (const int64_t dim_head : {4, 3}) {
+        nn::Attention attn(2 * dim_head, 2, dim_head);
+        auto gen = make_generator(0);
+        auto x = randn_like_diffusers({2, 5, 2 * dim_head}, gen);
+        auto ctx = randn_like_diffusers({2, 3, 2 * dim_head}, gen);
+        c10::InferenceMode guard;
+        const auto out = attn->forward(x, ctx);
+        const auto expected = reference_attention(attn, x, ctx);
+        const std::string what = "attention, dim_head " + std::to_string(dim_head);
+        EXPECT_TRUE(all_close(what, out, expected, 1e-6));
+#if TORCH_VERSION_MAJOR < 2
+        if (dim_head == 4) EXPECT_TRUE(torch::equal(out, expected)) << what;
+#endif
+    }
+}
+
+// With autograd recording (no in-place softmax then), the gradients are the written-out
+// attention's.
+TEST(Blocks, AttentionRecordsAutograd) {
     nn::Attention attn(8, 2, 4);
-    auto gen = make_generator(0);
-    auto x = randn_like_diffusers({2, 5, 8}, gen);
+    auto gen = make_generator(2);
+    auto x = randn_like_diffusers({2, 5, 8}, gen).requires_grad_();
     auto ctx = randn_like_diffusers({2, 3, 8}, gen);
-    c10::InferenceMode guard;
-    EXPECT_TRUE(
-        all_close("attention", attn->forward(x, ctx), reference_attention(attn, x, ctx), 1e-6));
+    attn->forward(x, ctx).square().sum().backward();
+    const auto grad = x.grad().clone();
+    x.grad().zero_();
+    reference_attention(attn, x, ctx).square().sum().backward();
+    EXPECT_TRUE(all_close("attention input gradient", grad, x.grad(), 1e-5));
+    EXPECT_TRUE(attn->to_q->weight.grad().defined());
 }
 
 // Enough queries and keys that the float32 scores (4200 x 4100, 69 MB) exceed the 64 MiB that

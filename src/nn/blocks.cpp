@@ -232,8 +232,20 @@ torch::Tensor AttentionImpl::attend(const torch::Tensor& q, const torch::Tensor&
     const double scale = 1.0 / std::sqrt(static_cast<double>(dim_head));
     const auto kt = k.transpose(-1, -2);
     const int64_t row_bytes = b * heads * m * static_cast<int64_t>(q.element_size());
+    // Multiplying by a power of two is exact, so such a scale (dim_head 64 in every real model)
+    // gives the same scores bit for bit when it multiplies the queries instead: a pass over
+    // N x dim_head values instead of N x M.
+    int exponent = 0;
+    const bool exact_scale = std::frexp(scale, &exponent) == 0.5;
     auto attend_rows = [&](const torch::Tensor& queries) {
-        return at::matmul(at::softmax(at::matmul(queries, kt) * scale, -1), v);
+        auto scores =
+            exact_scale ? at::matmul(queries * scale, kt) : at::matmul(queries, kt) * scale;
+        // The softmax in place, where autograd allows it: no second score matrix.
+        if (scores.requires_grad())
+            scores = at::softmax(scores, -1);
+        else
+            at::_softmax_out(scores, scores, -1, /*half_to_float=*/false);
+        return at::matmul(scores, v);
     };
     // Equal chunks, as few as the budget allows; empty shapes in one go.
     const int64_t rows = balanced_part(n, row_bytes > 0 ? kScoreBytes / row_bytes : n);
