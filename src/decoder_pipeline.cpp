@@ -57,7 +57,8 @@ torch::Tensor encode_distinct(const CLIPTokenizer& tokenizer, CLIPTextModel& tex
     const auto states = encode_prompts_graphed(tokenizer, text_encoder, distinct, device, dtype,
                                                &graphs, options, mode);
     if (distinct.size() == prompts.size()) return states;
-    return states.index_select(0, torch::tensor(row, torch::kLong).to(states.device()));
+    return states.index_select(0,
+                               to_device_queued(torch::tensor(row, torch::kLong), states.device()));
 }
 
 }  // namespace

@@ -47,11 +47,12 @@ torch::Tensor randn_like_diffusers(at::IntArrayRef shape, at::Generator& generat
     // kernel takes different paths per dtype, so a float16 draw is not a cast float32 draw.
     // The kernel locks the generator's mutex itself.
     auto noise = at::randn(shape, generator, torch::TensorOptions().dtype(dtype));
-    if (!device.is_cuda()) return noise.to(device);
-    // A blocking copy from pageable memory waits for the whole stream (a host synchronisation
-    // every denoising step); from page-locked memory the copy is queued and the host goes on
-    // (the pinned buffer is kept until the copy has run by libtorch's host allocator).
-    return noise.pin_memory().to(device, /*non_blocking=*/true);
+    return to_device_queued(noise, device);
+}
+
+torch::Tensor to_device_queued(const torch::Tensor& host, torch::Device device) {
+    if (!device.is_cuda()) return host.to(device);
+    return host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 torch::Tensor encode_prompts(const CLIPTokenizer& tokenizer, CLIPTextModel& text_encoder,
@@ -72,14 +73,8 @@ torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextMod
     TokenizerOptions tokenizing;  // padding="max_length", max_length=model_max_length, truncation
     BatchEncoding enc = tokenizer(prompts, tokenizing);
     const torch::Device te_device = module_device(*text_encoder);
-    // To CUDA from page-locked memory, so that the copy is queued behind the device's work
-    // instead of waiting for it (a copy from pageable memory synchronises the stream first).
-    auto to_device = [&](const torch::Tensor& t) {
-        return te_device.is_cuda() ? t.pin_memory().to(te_device, /*non_blocking=*/true)
-                                   : t.to(te_device);
-    };
-    const std::vector<torch::Tensor> inputs = {to_device(enc.input_ids),
-                                               to_device(enc.attention_mask)};
+    const std::vector<torch::Tensor> inputs = {to_device_queued(enc.input_ids, te_device),
+                                               to_device_queued(enc.attention_mask, te_device)};
     auto forward = [&](const std::vector<torch::Tensor>& in) {
         return text_encoder->forward(in[0], in[1]).last_hidden_state;
     };

@@ -89,6 +89,11 @@ torch::Tensor encode_prompts_graphed(const CLIPTokenizer& tokenizer, CLIPTextMod
                                      torch::ScalarType dtype, StepGraphs* graphs,
                                      const LoadOptions& options, OffloadMode mode);
 
+// A host tensor moved to `device`; to CUDA through page-locked memory, so that the copy is queued
+// behind the stream's work instead of waiting for it (a copy from pageable memory synchronises the
+// stream first). libtorch's host allocator keeps the page-locked block until the copy has run.
+torch::Tensor to_device_queued(const torch::Tensor& host, torch::Device device);
+
 // A graph key part for the guidance mix: exact (hexadecimal) scale, or none.
 std::string guidance_key(bool cfg, double guidance_scale);
 
