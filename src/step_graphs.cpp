@@ -97,6 +97,7 @@ struct StepGraphs::Impl {
         std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> copied;
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
         std::unique_ptr<at::cuda::CUDAGraph> graph;
+        cudaStream_t home = nullptr;  // the stream the input buffers were allocated on
 #endif
     };
 #if defined(WUERSTCHEN_CUDA_GRAPHS)
@@ -230,6 +231,7 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
         const OwnedStream& stream = *capture.stream;
         if (!impl_->pool) impl_->pool = at::cuda::graph_pool_handle();
         Impl::Entry entry;
+        entry.home = c10::cuda::getCurrentCUDAStream(device.index()).stream();
         for (const auto& t : inputs) entry.inputs.push_back(t.clone());
         for (size_t i = inputs.size() - constants; i < inputs.size(); ++i)
             entry.copied.emplace_back(inputs[i].getIntrusivePtr());
@@ -270,6 +272,10 @@ torch::Tensor StepGraphs::run(const std::vector<torch::Tensor>& inputs, const st
     // After the previous replay of any graph on this capture stream, also one on another stream:
     // its input copies, replay and output clone may still be running there.
     capture.replayed.block(current);
+    // Replayed from another stream than the buffers' own, the allocator must not hand them out
+    // again (once the entry is dropped) before this stream's use of them has run.
+    if (current.stream() != e.home)
+        for (const auto& t : e.inputs) t.record_stream(current);
     const size_t first_constant = inputs.size() - constants;
     for (size_t i = 0; i < first_constant; ++i) e.inputs[i].copy_(inputs[i]);
     for (size_t i = first_constant; i < inputs.size(); ++i) {
