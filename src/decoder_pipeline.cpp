@@ -147,6 +147,11 @@ std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int
 size_t DecoderPipeline::captured_graphs() const { return graphs_->size(); }
 size_t DecoderPipeline::captured_text_graphs() const { return text_graphs_->size(); }
 
+void DecoderPipeline::clear_graphs() {
+    graphs_->clear();
+    text_graphs_->clear();
+}
+
 torch::Tensor DecoderPipeline::encode_prompt(const std::vector<std::string>& prompts) {
     return with_memory_errors(kWhere, [&] {
         if (prompts.empty()) invalid("prompts", "is empty");

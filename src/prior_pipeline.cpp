@@ -166,6 +166,11 @@ torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
 size_t PriorPipeline::captured_graphs() const { return graphs_->size(); }
 size_t PriorPipeline::captured_text_graphs() const { return text_graphs_->size(); }
 
+void PriorPipeline::clear_graphs() {
+    graphs_->clear();
+    text_graphs_->clear();
+}
+
 torch::Tensor PriorPipeline::encode_prompt(const std::vector<std::string>& prompts) {
     return with_memory_errors(kWhere, [&] {
         if (prompts.empty()) invalid("`prompts` is empty");

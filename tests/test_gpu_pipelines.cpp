@@ -263,6 +263,18 @@ TEST_F(GpuPipelines, CudaGraphsMatchEager) {
         // One prompt at both shapes (the decoder encodes each distinct prompt once).
         EXPECT_EQ(graphed.prior_pipeline().captured_text_graphs(), 1u) << what;
         EXPECT_EQ(graphed.decoder_pipeline().captured_text_graphs(), 1u) << what;
+
+        // Dropped, then captured anew on the next call.
+        graphed.clear_graphs();
+        EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 0u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 0u) << what;
+        EXPECT_EQ(graphed.prior_pipeline().captured_text_graphs(), 0u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_text_graphs(), 0u) << what;
+        expect_same_output(what + " (captured again after clear_graphs)",
+                           graphed(test::combined_seed42_options()), expected,
+                           same_kernels_tol(dtype));
+        EXPECT_EQ(graphed.prior_pipeline().captured_graphs(), 1u) << what;
+        EXPECT_EQ(graphed.decoder_pipeline().captured_graphs(), 1u) << what;
     }
 }
 

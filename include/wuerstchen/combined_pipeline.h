@@ -85,6 +85,11 @@ public:
 
     PriorPipeline& prior_pipeline() { return prior_; }
     DecoderPipeline& decoder_pipeline() { return decoder_; }
+    // Both stages' clear_graphs().
+    void clear_graphs() {
+        prior_.clear_graphs();
+        decoder_.clear_graphs();
+    }
 
 private:
     // Both stages' random draws for `options`, in diffusers' order on the one generator, to be
