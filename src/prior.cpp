@@ -124,14 +124,17 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
     const int64_t batch = x_in.size(0);
     // Guidance pairs: a condition for twice x's batch ([text ; uncond]) takes x for both halves.
     const bool pairs = c_embed.defined() && c_embed.dim() == 3 && c_embed.size(0) == 2 * batch;
-    auto fits = [&](const torch::Tensor& mapped) {  // [c_embed's batch, L, c]
+    // [c_embed's batch, L, c] (or [.., 2c]: keys and values projected ahead, with `projected`).
+    auto fits = [&](const torch::Tensor& mapped, bool projected) {
         return mapped.defined() && mapped.dim() == 3 && mapped.size(0) == c_embed.size(0) &&
-               mapped.size(1) == c_embed.size(1) && mapped.size(2) == config_.c &&
+               mapped.size(1) == c_embed.size(1) &&
+               (mapped.size(2) == config_.c || (projected && mapped.size(2) == 2 * config_.c)) &&
                mapped.scalar_type() == x_in.scalar_type();
     };
     if (!c_embed.defined() || c_embed.dim() != 3 || (c_embed.size(0) != batch && !pairs) ||
-        !fits(c_embed) || (!kv_all.empty() && kv_all.size() != attn_blocks_.size()) ||
-        !std::all_of(kv_all.begin(), kv_all.end(), fits))
+        !fits(c_embed, false) || (!kv_all.empty() && kv_all.size() != attn_blocks_.size()) ||
+        !std::all_of(kv_all.begin(), kv_all.end(),
+                     [&](const torch::Tensor& kv) { return fits(kv, true); }))
         throw InvalidArgument(
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
             std::to_string(batch) + " (or of " + std::to_string(2 * batch) +

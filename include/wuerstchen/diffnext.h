@@ -27,7 +27,10 @@ namespace wuerstchen {
 // same for every denoising step of a call, so a pipeline maps them once per call.
 struct DiffNeXtCondition {
     torch::Tensor clip;             // gen_c_embeddings(clip): [B, L, c_cond], or undefined
-    std::vector<torch::Tensor> kv;  // when packed: each AttnBlock's kv_mapper(clip), in order
+    // When packed: each AttnBlock's kv_mapper(clip) [B, L, c], in order; on the CPU, where the
+    // block's attention projections are packed too, its keys and values of that instead
+    // ([B, L, 2c], computed once per call rather than every step).
+    std::vector<torch::Tensor> kv;
     // Per effnet_mappers index: the image embeddings resized to that level's size and mapped,
     // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper. When
     // effnet_folded, resized only ([B, effnet_embd, h_level, w_level]): the blocks' first

@@ -32,7 +32,10 @@ struct AttnBlockImpl;
 // same for every denoising step of a call, so a pipeline maps it once per call.
 struct PriorCondition {
     torch::Tensor c_embed;          // cond_mapper(c): [B, L, c]
-    std::vector<torch::Tensor> kv;  // when packed: each AttnBlock's kv_mapper(c_embed), in order
+    // When packed: each AttnBlock's kv_mapper(c_embed) [B, L, c], in order; on the CPU, where
+    // the block's attention projections are packed too, its keys and values of that instead
+    // ([B, L, 2c], computed once per call rather than every step).
+    std::vector<torch::Tensor> kv;
     // c_embed, then kv: what a CUDA graph of a step takes as inputs.
     std::vector<torch::Tensor> tensors() const;
     // The inverse of tensors().

@@ -215,6 +215,37 @@ torch::Tensor AttentionImpl::forward_self(const torch::Tensor& x, const torch::T
     return attend(q, k, v);
 }
 
+torch::Tensor AttentionImpl::project_kv(const torch::Tensor& context) const {
+    const LinearGroup group = projections();
+    if (!group.ready(context.device())) return {};
+    // The packed product's k and v columns sit side by side: [B, M, 2 * heads*dim_head].
+    const int64_t inner = heads * dim_head;
+    return group.forward(context).narrow(-1, inner, 2 * inner).contiguous();
+}
+
+torch::Tensor AttentionImpl::forward_self_projected(const torch::Tensor& x,
+                                                    const torch::Tensor& kv_more) {
+    const int64_t b = x.size(0);
+    const int64_t n = x.size(1);
+    const int64_t m = n + kv_more.size(1);
+    const int64_t inner = heads * dim_head;
+    const LinearGroup group = projections();
+    torch::Tensor q, kv_x;
+    if (group.ready(x.device())) {
+        const auto qkv = group.forward(x);  // [B, N, 3 * inner]
+        q = group.columns(qkv, 0);
+        kv_x = qkv.narrow(-1, inner, 2 * inner);
+    } else {
+        q = lora_forward(to_q, x);
+        kv_x = torch::cat({lora_forward(to_k, x), lora_forward(to_v, x)}, -1);
+    }
+    // Keys and values in the order of [x ; more], as forward_self has them.
+    const auto kv = torch::cat({kv_x, kv_more}, 1);  // [B, M, 2 * inner]
+    auto k = kv.narrow(-1, 0, inner).view({b, m, heads, dim_head}).transpose(1, 2);
+    auto v = kv.narrow(-1, inner, inner).view({b, m, heads, dim_head}).transpose(1, 2);
+    return attend(q.view({b, n, heads, dim_head}).transpose(1, 2), k, v);
+}
+
 torch::Tensor AttentionImpl::attend(const torch::Tensor& q, const torch::Tensor& k,
                                     const torch::Tensor& v) {
     const int64_t b = q.size(0);
@@ -286,15 +317,17 @@ torch::Tensor AttnBlockImpl::forward_mapped(const torch::Tensor& x, const torch:
     const int64_t c = x.size(1);
     const int64_t h = x.size(2);
     const int64_t w = x.size(3);
-    torch::Tensor kv = mapped;
     // [B, C, H, W] -> [B, H*W, C]
     auto norm_x = layer_norm_2d(x).reshape({b, c, h * w}).transpose(1, 2);
-    if (self_attn) kv = torch::cat({norm_x, kv}, 1);
+    torch::Tensor attn;
+    if (!self_attn)
+        attn = attention->forward(norm_x, mapped);
+    else if (mapped.size(-1) == 2 * c)  // keys and values projected ahead (map_kv_packed)
+        attn = attention->forward_self_projected(norm_x, mapped);
+    else
+        attn = attention->forward_self(norm_x, torch::cat({norm_x, mapped}, 1));
     // [B, H*W, C] -> [B, C, H, W]
-    auto attn = (self_attn ? attention->forward_self(norm_x, kv) : attention->forward(norm_x, kv))
-                    .transpose(1, 2)
-                    .reshape({b, c, h, w});
-    return x + attn;
+    return x + attn.transpose(1, 2).reshape({b, c, h, w});
 }
 
 // ---------------------------------------------------------------------------- condition mappers
@@ -325,7 +358,23 @@ std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& 
                                          const torch::Tensor& cond) {
     const LinearGroup group = kv_mappers(blocks);
     if (!group.ready(cond.device())) return {};
-    return group.split(group.forward(at::silu(cond)));
+    auto mapped = group.split(group.forward(at::silu(cond)));
+    if (!cond.device().is_cpu()) return mapped;
+    // On the CPU the products take most of a step's time, and the text rows' keys and values
+    // are the same every step: each self-attention block's are projected here, once per call.
+    // (On CUDA, by estimate, joining x's strided key and value columns with them costs about
+    // what the smaller product saves at 1024x1024, so there each step projects [x ; mapped].)
+    size_t i = 0;
+    for (auto* module : blocks) {
+        auto* block = dynamic_cast<AttnBlockImpl*>(module);
+        if (block == nullptr) continue;
+        if (block->self_attn) {
+            auto projected = block->attention->project_kv(mapped[i]);
+            if (projected.defined()) mapped[i] = std::move(projected);
+        }
+        ++i;
+    }
+    return mapped;
 }
 
 MappedTimesteps map_timesteps_packed(const LinearGroup& group,

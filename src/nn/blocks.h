@@ -105,6 +105,13 @@ struct AttentionImpl : torch::nn::Module {
     torch::Tensor forward_self(const torch::Tensor& x, const torch::Tensor& context);
     // to_q, to_k, to_v as one group (pack_attention_projections packs it).
     LinearGroup projections() const;
+    // context [B, M, C] -> its keys and values side by side, [B, M, 2 * heads*dim_head] (k then
+    // v, contiguous), from the packed projections; undefined unless projections() is ready.
+    torch::Tensor project_kv(const torch::Tensor& context) const;
+    // Self-attention over [x ; more] where more's keys and values are given (project_kv's):
+    // x [B, N, C], kv_more [B, M, 2 * heads*dim_head] -> [B, N, C]. x's q, k and v in one product
+    // when projections() is ready.
+    torch::Tensor forward_self_projected(const torch::Tensor& x, const torch::Tensor& kv_more);
     int64_t heads;
     int64_t dim_head;
     torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
@@ -123,7 +130,8 @@ struct AttnBlockImpl : torch::nn::Module {
     AttnBlockImpl(int64_t c, int64_t c_cond, int64_t nhead, bool self_attn = true);
     // x: [B, C, H, W], cond: [B, M, c_cond] -> [B, C, H, W]
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cond);
-    // The same with cond already mapped: kv = kv_mapper(cond), [B, M, C] (any strides).
+    // The same with cond already mapped: kv = kv_mapper(cond), [B, M, C] (any strides), or for
+    // self-attention its keys and values, attention->project_kv(kv_mapper(cond)), [B, M, 2C].
     torch::Tensor forward_mapped(const torch::Tensor& x, const torch::Tensor& kv);
     // kv_mapper's Linear (index 1, after the SiLU).
     torch::nn::LinearImpl& kv_linear();
@@ -140,7 +148,9 @@ LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Every AttnBlock's kv_mapper (SiLU, then Linear) of `cond`, [B, M, c_cond], in execution order
 // and each contiguous (the attention's join is faster then), as one product when
-// kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own.
+// kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own. On the
+// CPU, a self-attention block whose projections are ready gets its keys and values of that
+// instead (AttentionImpl::project_kv, [B, M, 2C]), which AttnBlockImpl::forward_mapped takes.
 std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
                                          const torch::Tensor& cond);
 // Packs both kinds, and the ResidualBiases where they apply (the models'
