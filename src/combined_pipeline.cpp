@@ -80,6 +80,8 @@ std::vector<NoiseDraw> CombinedPipeline::draw_plan(const CombinedOptions& option
 }
 
 CombinedOutput CombinedPipeline::operator()(const CombinedOptions& options) {
+    if (prior_.moved_from() || decoder_.moved_from())
+        throw InvalidArgument("CombinedPipeline: this pipeline was moved from");
     // One generator for both stages, so a seed reproduces upstream's draw sequence.
     at::Generator generator = call_generator(options.generator, options.seed);
     std::optional<StepNoise> draws;

@@ -132,6 +132,7 @@ DecoderPipeline DecoderPipeline::from_pretrained(const std::string& dir,
 }
 
 std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int64_t w) const {
+    check_usable();
     // int(image_embeddings.size(2) * latent_dim_scale): a double product, truncated.
     auto scaled = [this](int64_t size) {
         const double latent = static_cast<double>(size) * latent_dim_scale_;
@@ -144,15 +145,28 @@ std::vector<int64_t> DecoderPipeline::latent_shape(int64_t batch, int64_t h, int
     return {batch, decoder_->config().c_in, scaled(h), scaled(w)};
 }
 
-size_t DecoderPipeline::captured_graphs() const { return graphs_->size(); }
-size_t DecoderPipeline::captured_text_graphs() const { return text_graphs_->size(); }
+void DecoderPipeline::check_usable() const {
+    if (moved_from()) throw InvalidArgument(std::string(kWhere) + ": this pipeline was moved from");
+}
+
+size_t DecoderPipeline::captured_graphs() const {
+    check_usable();
+    return graphs_->size();
+}
+
+size_t DecoderPipeline::captured_text_graphs() const {
+    check_usable();
+    return text_graphs_->size();
+}
 
 void DecoderPipeline::clear_graphs() {
+    check_usable();
     graphs_->clear();
     text_graphs_->clear();
 }
 
 torch::Tensor DecoderPipeline::encode_prompt(const std::vector<std::string>& prompts) {
+    check_usable();
     return with_memory_errors(kWhere, [&] {
         if (prompts.empty()) invalid("prompts", "is empty");
         const auto on = stage_scope(text_encoder_, options_.device, offload_mode(kWhere, options_));
@@ -164,6 +178,7 @@ torch::Tensor DecoderPipeline::encode_prompt(const std::vector<std::string>& pro
 }
 
 torch::Tensor DecoderPipeline::decode_latents(const torch::Tensor& latents) {
+    check_usable();
     return with_memory_errors(kWhere, [&] {
         const auto& cfg = decoder_->config();
         if (!latents.defined() || latents.dim() != 4 || latents.size(1) != cfg.c_in ||
@@ -208,11 +223,13 @@ DecoderOutput DecoderPipeline::operator()(const DecoderOptions& options) {
 }
 
 DecoderOutput DecoderPipeline::call(const DecoderOptions& options, StepNoise* draws) {
+    check_usable();
     return with_memory_errors(kWhere, [&] { return run(options, draws); });
 }
 
 std::vector<NoiseDraw> DecoderPipeline::planned_draws(const std::vector<int64_t>& latent_shape,
                                                       bool latents_given, int64_t steps) const {
+    check_usable();
     // Latents and every step's noise in the decoder's dtype on the execution device.
     return std::vector<NoiseDraw>(static_cast<size_t>(steps + (latents_given ? 0 : 1)),
                                   {latent_shape, module_dtype(*decoder_), options_.device});

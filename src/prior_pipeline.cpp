@@ -95,12 +95,18 @@ void PriorPipeline::lay_out_weights() {
 // ---------------------------------------------------------------------------------- LoRA
 // The modules are shared by the holders, so the const accessors below may hand out pointers.
 
+void PriorPipeline::check_usable() const {
+    if (moved_from()) invalid("this pipeline was moved from");
+}
+
 std::vector<torch::nn::Module*> PriorPipeline::lora_modules() const {
+    check_usable();
     return {prior_.ptr().get(), text_encoder_.ptr().get()};
 }
 
 void PriorPipeline::load_lora_weights(const std::string& path, const std::string& adapter_name,
                                       double scale) {
+    check_usable();
     load_lora_adapter(path, prior_pipeline_lora_targets(*prior_, *text_encoder_), adapter_name,
                       scale);
 }
@@ -163,15 +169,24 @@ torch::Tensor PriorPipeline::encode(const std::vector<std::string>& prompts,
                                   text_graphs_.get(), options_, offload_mode(kWhere, options_));
 }
 
-size_t PriorPipeline::captured_graphs() const { return graphs_->size(); }
-size_t PriorPipeline::captured_text_graphs() const { return text_graphs_->size(); }
+size_t PriorPipeline::captured_graphs() const {
+    check_usable();
+    return graphs_->size();
+}
+
+size_t PriorPipeline::captured_text_graphs() const {
+    check_usable();
+    return text_graphs_->size();
+}
 
 void PriorPipeline::clear_graphs() {
+    check_usable();
     graphs_->clear();
     text_graphs_->clear();
 }
 
 torch::Tensor PriorPipeline::encode_prompt(const std::vector<std::string>& prompts) {
+    check_usable();
     return with_memory_errors(kWhere, [&] {
         if (prompts.empty()) invalid("`prompts` is empty");
         const auto on_device = stage_scope(text_encoder_, device_, offload_mode(kWhere, options_));
@@ -185,11 +200,13 @@ PriorOutput PriorPipeline::operator()(const PriorOptions& options) {
 }
 
 PriorOutput PriorPipeline::call(const PriorOptions& options, StepNoise* draws) {
+    check_usable();
     return with_memory_errors(kWhere, [&] { return run(options, draws); });
 }
 
 std::vector<NoiseDraw> PriorPipeline::planned_draws(const std::vector<int64_t>& latent_shape,
                                                     bool latents_given, int64_t steps) const {
+    check_usable();
     // The latents in the text states' dtype (as run() makes them), the steps' noise in the
     // prior's output dtype (the scheduler's model_output).
     std::vector<NoiseDraw> plan;

@@ -94,6 +94,40 @@ TEST(CombinedPipeline, TwoFoldersEqualCombinedSave) {
     EXPECT_TRUE(test::all_close("two folders vs combined save", a.images, b.images, 0.0));
 }
 
+// A moved-from pipeline refuses every call with InvalidArgument (before, some calls dereferenced
+// the moved graph caches) and works again once assigned.
+TEST(CombinedPipeline, MovedFromRefusesCallsUntilAssigned) {
+    CombinedPipeline pipe =
+        CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
+    CombinedPipeline taken = std::move(pipe);
+    PriorPipeline& prior = pipe.prior_pipeline();
+    DecoderPipeline& decoder = pipe.decoder_pipeline();
+    EXPECT_THROW(pipe(test::combined_seed42_options()), InvalidArgument);
+    EXPECT_THROW(pipe.clear_graphs(), InvalidArgument);
+    EXPECT_THROW(prior(PriorOptions().prompt("a cat")), InvalidArgument);
+    EXPECT_THROW(prior.encode_prompt({"a cat"}), InvalidArgument);
+    EXPECT_THROW(prior.captured_graphs(), InvalidArgument);
+    EXPECT_THROW(prior.captured_text_graphs(), InvalidArgument);
+    EXPECT_THROW(prior.lora_adapters(), InvalidArgument);
+    EXPECT_THROW(prior.enable_lora(), InvalidArgument);
+    EXPECT_THROW(prior.load_lora_weights("missing.safetensors"), InvalidArgument);
+    EXPECT_THROW(decoder.encode_prompt({"a cat"}), InvalidArgument);
+    EXPECT_THROW(decoder.decode_latents(torch::zeros({1, 4, 8, 8})), InvalidArgument);
+    EXPECT_THROW(decoder.captured_graphs(), InvalidArgument);
+    EXPECT_THROW(decoder.clear_graphs(), InvalidArgument);
+    EXPECT_THROW(decoder.latent_shape(1, 4, 4), InvalidArgument);
+    try {
+        pipe(test::combined_seed42_options());
+    } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("moved from"), std::string::npos) << e.what();
+    }
+    pipe = std::move(taken);
+    const SafeTensors ref = test::reference("pipeline_combined_seed42");
+    EXPECT_TRUE(test::all_close("combined_seed42 after assignment",
+                                pipe(test::combined_seed42_options()).images,
+                                test::ref_tensor(ref, "images"), 1e-3));
+}
+
 TEST(CombinedPipeline, CallerGeneratorFlowsThroughBothStages) {
     CombinedPipeline pipe = CombinedPipeline::from_pretrained(test::data_path("tiny-wuerstchen-combined"));
     CombinedOptions o = test::combined_seed42_options();

@@ -150,8 +150,15 @@ public:
     double latent_dim_scale() const { return latent_dim_scale_; }
     const LoadOptions& load_options() const { return options_; }
 
+    // A moved-from pipeline can be assigned to and destroyed; its other calls throw
+    // InvalidArgument.
+
 private:
     friend class CombinedPipeline;
+    // A move takes the graph caches, which every constructor makes.
+    bool moved_from() const { return graphs_ == nullptr; }
+    // Throws InvalidArgument when moved_from().
+    void check_usable() const;
     // draws: the call's random draws (latents unless given, then one per step) from a plan
     // shared with the prior stage; null: the call makes its own.
     DecoderOutput run(const DecoderOptions& options, StepNoise* draws);

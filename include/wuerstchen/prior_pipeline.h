@@ -165,11 +165,17 @@ public:
     // .safetensors path, or a folder that gets pytorch_lora_weights.safetensors.
     void save_lora_weights(const std::string& path, const std::string& adapter_name = "") const;
 
+    // A moved-from pipeline can be assigned to and destroyed; its other calls throw
+    // InvalidArgument.
     PriorPipeline(PriorPipeline&&) noexcept = default;
     PriorPipeline& operator=(PriorPipeline&&) noexcept = default;
 
 private:
     friend class CombinedPipeline;
+    // A move takes the graph caches, which every constructor makes.
+    bool moved_from() const { return graphs_ == nullptr; }
+    // Throws InvalidArgument when moved_from().
+    void check_usable() const;
     // draws: the call's random draws (latents unless given, then one per step) from a plan
     // shared with the decoder stage; null: the call makes its own.
     PriorOutput run(const PriorOptions& options, StepNoise* draws);
