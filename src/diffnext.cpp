@@ -372,7 +372,7 @@ void WuerstchenDiffNeXtImpl::check_latents(const torch::Tensor& x) const {
 
 DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& effnet,
                                                         const torch::Tensor& clip, int64_t height,
-                                                        int64_t width) {
+                                                        int64_t width, bool project_kv) {
     const int64_t m = size_multiple();
     if (height <= 0 || width <= 0 || height % m != 0 || width % m != 0)
         throw InvalidArgument(
@@ -395,7 +395,7 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
     DiffNeXtCondition c;
     if (clip.defined()) {
         c.clip = gen_c_embeddings(clip);
-        c.kv = nn::map_kv_packed(offload_units(), c.clip);
+        c.kv = nn::map_kv_packed(offload_units(), c.clip, project_kv);
     }
     c.effnet_folded =
         effnet_folded(effnet_blocks(down_blocks, up_blocks), effnet_mapper_list, effnet.device());

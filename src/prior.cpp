@@ -71,7 +71,7 @@ PriorCondition PriorCondition::from_tensors(std::vector<torch::Tensor> tensors) 
     return condition;
 }
 
-PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c) {
+PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c, bool project_kv) {
     const torch::ScalarType dtype = module_dtype(*this);
     if (!c.defined() || c.dim() != 3 || c.size(2) != config_.c_cond || c.scalar_type() != dtype)
         throw InvalidArgument("WuerstchenPrior: c must be [B, L, " +
@@ -79,7 +79,7 @@ PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c) {
                               c10::toString(dtype) + ", got " + nn::describe(c));
     PriorCondition condition;
     condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
-    condition.kv = nn::map_kv_packed(offload_units(), condition.c_embed);
+    condition.kv = nn::map_kv_packed(offload_units(), condition.c_embed, project_kv);
     return condition;
 }
 

@@ -86,6 +86,15 @@ TEST(DiffNeXt, ConditionMappedOnceGivesTheSameForward) {
         EXPECT_TRUE(test::all_close("decoder forward, " + what + " from copied tensors",
                                     model->forward(x, r, condition.with_tensors(copies)), expected,
                                     0.0));
+        // The pipelines' form on the CPU: each attention block's text keys and values.
+        const auto projected =
+            model->map_condition(effnet, clip, x.size(2), x.size(3), /*project_kv=*/true);
+        ASSERT_EQ(projected.kv.size(), condition.kv.size()) << what;
+        for (size_t i = 0; i < projected.kv.size(); ++i)
+            EXPECT_EQ(projected.kv[i].size(2), 2 * condition.kv[i].size(2)) << what;
+        EXPECT_TRUE(test::all_close(
+            "decoder forward, " + what + " with keys and values projected once",
+            model->forward(x, r, projected), expected, test::scaled_tol(expected, 1e-6)));
     }
 }
 

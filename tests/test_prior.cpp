@@ -173,8 +173,20 @@ TEST(Prior, ConditionMappedOnceGivesTheSameForward) {
         const auto round_trip = PriorCondition::from_tensors(condition.tensors());
         EXPECT_TRUE(round_trip.c_embed.is_same(condition.c_embed)) << what;
         EXPECT_EQ(round_trip.kv.size(), condition.kv.size()) << what;
+        const auto expected = prior->forward(x, r, c);
         EXPECT_TRUE(all_close("prior forward, " + what + " mapped once",
-                              prior->forward(x, r, condition), prior->forward(x, r, c), 0.0));
+                              prior->forward(x, r, condition), expected, 0.0));
+        // The pipelines' form on the CPU: each block's text keys and values, [B, L, 2c].
+        const PriorCondition projected = prior->map_condition(c, /*project_kv=*/true);
+        ASSERT_EQ(projected.kv.size(), condition.kv.size()) << what;
+        for (const auto& kv : projected.kv)
+            EXPECT_EQ(kv.sizes(),
+                      (std::vector<int64_t>{c.size(0), c.size(1), 2 * prior->config().c}))
+                << what;
+        EXPECT_TRUE(
+            all_close("prior forward, " + what + " with keys and values projected once",
+                      prior->forward(x, r, PriorCondition::from_tensors(projected.tensors())),
+                      expected, test::scaled_tol(expected, 1e-6)));
     }
 }
 

@@ -131,10 +131,10 @@ public:
     // The text encoder's graphs captured so far (one per number of distinct prompts encoded at
     // once).
     size_t captured_text_graphs() const;
-    // Drops every captured graph (the steps' and the text encoder's) and the GPU memory they hold;
-    // the next call captures again. Each latent shape, batch and guidance scale keeps a graph
-    // until then, so a program that sweeps many of them can bound the memory with this. Not
-    // during a call.
+    // Drops every captured graph (the steps' and the text encoder's); the memory they held goes
+    // back to libtorch's caching allocator. The next call captures again. Each latent shape, batch
+    // and guidance scale keeps a graph until then, so a program that sweeps many of them can bound
+    // the memory with this. Not during a call.
     void clear_graphs();
 
     // The latent shape for image embeddings of spatial size h x w:

@@ -27,9 +27,9 @@ namespace wuerstchen {
 // same for every denoising step of a call, so a pipeline maps them once per call.
 struct DiffNeXtCondition {
     torch::Tensor clip;             // gen_c_embeddings(clip): [B, L, c_cond], or undefined
-    // When packed: each AttnBlock's kv_mapper(clip) [B, L, c], in order; on the CPU, where the
-    // block's attention projections are packed too, its keys and values of that instead
-    // ([B, L, 2c], computed once per call rather than every step).
+    // When packed: each AttnBlock's kv_mapper(clip) [B, L, c], in order; with map_condition's
+    // project_kv, on the CPU, the block's keys and values of that instead ([B, L, 2c], k then
+    // v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
     // Per effnet_mappers index: the image embeddings resized to that level's size and mapped,
     // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper. When
@@ -68,9 +68,11 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // effnet and clip as forward takes them, mapped for latents of `height` x `width` (x's last
     // two sizes): the text states by clip_mapper and, when packed, every attention block's
     // kv_mapper; the image embeddings resized to each injecting level's size and mapped. Does not
-    // depend on x's values or r. Throws InvalidArgument naming a bad argument.
+    // depend on x's values or r. Throws InvalidArgument naming a bad argument. project_kv: as
+    // WuerstchenPriorImpl::map_condition's (the attention blocks' text keys and values, on the
+    // CPU; valid while their projections stay as they are).
     DiffNeXtCondition map_condition(const torch::Tensor& effnet, const torch::Tensor& clip,
-                                    int64_t height, int64_t width);
+                                    int64_t height, int64_t width, bool project_kv = false);
 
     // [B, L, clip_embd] -> [B, L, c_cond]: clip_mapper then seq_norm.
     torch::Tensor gen_c_embeddings(const torch::Tensor& clip);

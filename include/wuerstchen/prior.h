@@ -32,9 +32,9 @@ struct AttnBlockImpl;
 // same for every denoising step of a call, so a pipeline maps it once per call.
 struct PriorCondition {
     torch::Tensor c_embed;          // cond_mapper(c): [B, L, c]
-    // When packed: each AttnBlock's kv_mapper(c_embed) [B, L, c], in order; on the CPU, where
-    // the block's attention projections are packed too, its keys and values of that instead
-    // ([B, L, 2c], computed once per call rather than every step).
+    // When packed: each AttnBlock's kv_mapper(c_embed) [B, L, c], in order; with
+    // map_condition's project_kv, on the CPU, the block's keys and values of that instead
+    // ([B, L, 2c], k then v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
     // c_embed, then kv: what a CUDA graph of a step takes as inputs.
     std::vector<torch::Tensor> tensors() const;
@@ -72,7 +72,13 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // c: [B, L, c_cond] -> cond_mapper(c) and, when the kv_mappers are packed
     // (pack_condition_mappers) and no LoRA adapter on them contributes, every attention block's
     // mapping of it in one product. Throws InvalidArgument for another shape.
-    PriorCondition map_condition(const torch::Tensor& c);
+    // project_kv (what the pipelines pass): on the CPU, each attention block whose projections
+    // are packed and usable (pack_attention_projections; no LoRA adapter on them contributing,
+    // autograd off) gets the keys and values of its mapping instead, so that a step projects only
+    // x's rows. Such a condition holds only while those projections stay as they are: map it
+    // again after changing them or their LoRA state (forward refuses it once they cannot run
+    // packed; a pipeline maps once per call).
+    PriorCondition map_condition(const torch::Tensor& c, bool project_kv = false);
 
     // Sinusoidal embedding of r: [B] -> [B, c_r] in r's dtype (zero-padded when c_r is odd).
     torch::Tensor gen_r_embedding(const torch::Tensor& r) const;

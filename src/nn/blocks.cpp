@@ -225,25 +225,23 @@ torch::Tensor AttentionImpl::project_kv(const torch::Tensor& context) const {
 
 torch::Tensor AttentionImpl::forward_self_projected(const torch::Tensor& x,
                                                     const torch::Tensor& kv_more) {
+    const LinearGroup group = projections();
+    if (!group.ready(x.device()))
+        throw InvalidArgument(
+            "Attention: the condition carries keys and values projected ahead (map_condition's "
+            "project_kv), and the projections cannot run packed now (a LoRA adapter on them "
+            "contributing, autograd on, or moved): map the condition again");
     const int64_t b = x.size(0);
     const int64_t n = x.size(1);
     const int64_t m = n + kv_more.size(1);
     const int64_t inner = heads * dim_head;
-    const LinearGroup group = projections();
-    torch::Tensor q, kv_x;
-    if (group.ready(x.device())) {
-        const auto qkv = group.forward(x);  // [B, N, 3 * inner]
-        q = group.columns(qkv, 0);
-        kv_x = qkv.narrow(-1, inner, 2 * inner);
-    } else {
-        q = lora_forward(to_q, x);
-        kv_x = torch::cat({lora_forward(to_k, x), lora_forward(to_v, x)}, -1);
-    }
+    const auto qkv = group.forward(x);  // [B, N, 3 * inner]
     // Keys and values in the order of [x ; more], as forward_self has them.
-    const auto kv = torch::cat({kv_x, kv_more}, 1);  // [B, M, 2 * inner]
+    const auto kv = torch::cat({qkv.narrow(-1, inner, 2 * inner), kv_more}, 1);  // [B, M, 2 inner]
+    auto q = group.columns(qkv, 0).view({b, n, heads, dim_head}).transpose(1, 2);
     auto k = kv.narrow(-1, 0, inner).view({b, m, heads, dim_head}).transpose(1, 2);
     auto v = kv.narrow(-1, inner, inner).view({b, m, heads, dim_head}).transpose(1, 2);
-    return attend(q.view({b, n, heads, dim_head}).transpose(1, 2), k, v);
+    return attend(q, k, v);
 }
 
 torch::Tensor AttentionImpl::attend(const torch::Tensor& q, const torch::Tensor& k,
@@ -265,9 +263,10 @@ torch::Tensor AttentionImpl::attend(const torch::Tensor& q, const torch::Tensor&
     const int64_t row_bytes = b * heads * m * static_cast<int64_t>(q.element_size());
     // Multiplying by a power of two is exact, so such a scale (dim_head 64 in every real model)
     // gives the same scores bit for bit when it multiplies the queries instead: a pass over
-    // N x dim_head values instead of N x M.
+    // N x dim_head values instead of N x M. Not in float16, whose small queries would become
+    // subnormal (float32 and bfloat16 have the exponent range).
     int exponent = 0;
-    const bool exact_scale = std::frexp(scale, &exponent) == 0.5;
+    const bool exact_scale = std::frexp(scale, &exponent) == 0.5 && q.scalar_type() != torch::kHalf;
     auto attend_rows = [&](const torch::Tensor& queries) {
         auto scores =
             exact_scale ? at::matmul(queries * scale, kt) : at::matmul(queries, kt) * scale;
@@ -355,11 +354,11 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks) {
 }
 
 std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
-                                         const torch::Tensor& cond) {
+                                         const torch::Tensor& cond, bool project_kv) {
     const LinearGroup group = kv_mappers(blocks);
     if (!group.ready(cond.device())) return {};
     auto mapped = group.split(group.forward(at::silu(cond)));
-    if (!cond.device().is_cpu()) return mapped;
+    if (!project_kv || !cond.device().is_cpu()) return mapped;
     // On the CPU the products take most of a step's time, and the text rows' keys and values
     // are the same every step: each self-attention block's are projected here, once per call.
     // (On CUDA, by estimate, joining x's strided key and value columns with them costs about

@@ -109,8 +109,10 @@ struct AttentionImpl : torch::nn::Module {
     // v, contiguous), from the packed projections; undefined unless projections() is ready.
     torch::Tensor project_kv(const torch::Tensor& context) const;
     // Self-attention over [x ; more] where more's keys and values are given (project_kv's):
-    // x [B, N, C], kv_more [B, M, 2 * heads*dim_head] -> [B, N, C]. x's q, k and v in one product
-    // when projections() is ready.
+    // x [B, N, C], kv_more [B, M, 2 * heads*dim_head] -> [B, N, C], x's q, k and v in one
+    // product. Throws InvalidArgument unless projections() is ready: kv_more came from the
+    // packed product, and a LoRA adapter contributing (or autograd) since would apply to x's
+    // rows only.
     torch::Tensor forward_self_projected(const torch::Tensor& x, const torch::Tensor& kv_more);
     int64_t heads;
     int64_t dim_head;
@@ -148,11 +150,12 @@ LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
 // Every AttnBlock's kv_mapper (SiLU, then Linear) of `cond`, [B, M, c_cond], in execution order
 // and each contiguous (the attention's join is faster then), as one product when
-// kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own. On the
-// CPU, a self-attention block whose projections are ready gets its keys and values of that
-// instead (AttentionImpl::project_kv, [B, M, 2C]), which AttnBlockImpl::forward_mapped takes.
+// kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own. With
+// project_kv, on the CPU, a self-attention block whose projections are ready gets its keys and
+// values of that instead (AttentionImpl::project_kv, [B, M, 2C]), which
+// AttnBlockImpl::forward_mapped takes while those projections stay ready.
 std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
-                                         const torch::Tensor& cond);
+                                         const torch::Tensor& cond, bool project_kv = false);
 // Packs both kinds, and the ResidualBiases where they apply (the models'
 // pack_condition_mappers); whether both kinds are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
