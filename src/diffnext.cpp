@@ -235,6 +235,7 @@ DiffNeXtCondition DiffNeXtCondition::with_tensors(const std::vector<torch::Tenso
                               " tensors for a layout of " + std::to_string(this->tensors().size()));
     DiffNeXtCondition out;
     out.effnet_folded = effnet_folded;
+    out.kv_source = kv_source;
     size_t next = 0;
     if (clip.defined()) out.clip = tensors[next++];
     for (size_t i = 0; i < kv.size(); ++i) out.kv.push_back(tensors[next++]);
@@ -395,7 +396,9 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
     DiffNeXtCondition c;
     if (clip.defined()) {
         c.clip = gen_c_embeddings(clip);
-        c.kv = nn::map_kv_packed(offload_units(), c.clip, project_kv);
+        nn::MappedKv mapped = nn::map_kv_packed(offload_units(), c.clip, project_kv);
+        c.kv = std::move(mapped.kv);
+        c.kv_source = std::move(mapped.source);
     }
     c.effnet_folded =
         effnet_folded(effnet_blocks(down_blocks, up_blocks), effnet_mapper_list, effnet.device());
@@ -492,6 +495,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward_blocks(const torch::Tensor& x,
             "changed since (or are not on " +
             x.device().str() + "); map it again");
 
+    nn::check_kv_source(condition.kv, condition.kv_source, blocks, "WuerstchenDiffNeXt");
     Conditions k(condition, nn::timestep_mappers(blocks), t);
     k.r_embed = r_embed;
 

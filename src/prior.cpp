@@ -71,6 +71,15 @@ PriorCondition PriorCondition::from_tensors(std::vector<torch::Tensor> tensors) 
     return condition;
 }
 
+PriorCondition PriorCondition::with_tensors(std::vector<torch::Tensor> tensors) const {
+    if (tensors.size() != kv.size() + 1)
+        throw InvalidArgument("PriorCondition::with_tensors: " + std::to_string(tensors.size()) +
+                              " tensors for a layout of " + std::to_string(kv.size() + 1));
+    PriorCondition out = from_tensors(std::move(tensors));
+    out.kv_source = kv_source;
+    return out;
+}
+
 PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c, bool project_kv) {
     const torch::ScalarType dtype = module_dtype(*this);
     if (!c.defined() || c.dim() != 3 || c.size(2) != config_.c_cond || c.scalar_type() != dtype)
@@ -79,7 +88,9 @@ PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c, bool p
                               c10::toString(dtype) + ", got " + nn::describe(c));
     PriorCondition condition;
     condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
-    condition.kv = nn::map_kv_packed(offload_units(), condition.c_embed, project_kv);
+    nn::MappedKv mapped = nn::map_kv_packed(offload_units(), condition.c_embed, project_kv);
+    condition.kv = std::move(mapped.kv);
+    condition.kv_source = std::move(mapped.source);
     return condition;
 }
 
@@ -139,6 +150,7 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
             std::to_string(batch) + " (or of " + std::to_string(2 * batch) +
             ", guidance pairs for the same x), in x's dtype");
+    nn::check_kv_source(kv_all, condition.kv_source, offload_units(), "WuerstchenPrior");
     const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
     // Per-sample modulations (rows or r_embed of x's batch) follow x when it doubles.
     torch::Tensor rows = t.rows, r_rows = r_embed;

@@ -358,8 +358,8 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     const auto on_device = stage_scope(prior_, device_, mode);
     // The text condition as the blocks read it, mapped once for all steps (graph inputs copied
     // once per call).
-    const std::vector<torch::Tensor> condition =
-        prior_->map_condition(text_states, /*project_kv=*/true).tensors();
+    const PriorCondition mapped_condition = prior_->map_condition(text_states, /*project_kv=*/true);
+    const std::vector<torch::Tensor> condition = mapped_condition.tensors();
     const double guidance = o.guidance_scale;
     auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);
     // Every step's timestep and schedule factors at once, on the device, and, when the timestep
@@ -374,7 +374,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     // its ratio per sample.
     const StepGraphs::Step denoise = [&](const std::vector<torch::Tensor>& in) {
         const auto x = in_memory_format(in[0], options_);
-        const auto mapped = PriorCondition::from_tensors({in.begin() + 2, in.end()});
+        const auto mapped = mapped_condition.with_tensors({in.begin() + 2, in.end()});
         const auto out = modulations.defined()
                              ? prior_->forward(x, modulations.with_rows(in[1]), mapped)
                              : prior_->forward(x, in[1], mapped);

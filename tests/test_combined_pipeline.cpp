@@ -118,6 +118,7 @@ TEST(CombinedPipeline, MovedFromRefusesCallsUntilAssigned) {
     EXPECT_THROW(decoder.latent_shape(1, 4, 4), InvalidArgument);
     try {
         pipe(test::combined_seed42_options());
+        ADD_FAILURE() << "a moved-from pipeline ran";
     } catch (const InvalidArgument& e) {
         EXPECT_NE(std::string(e.what()).find("moved from"), std::string::npos) << e.what();
     }

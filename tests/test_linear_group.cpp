@@ -428,9 +428,9 @@ TEST(PackedProjections, TextKeysAndValuesProjectedOncePerCondition) {
     const auto x = torch::randn({2, 8, 3, 4});
     const auto cond = torch::randn({2, 5, 6});
     c10::InferenceMode guard;
-    EXPECT_EQ(nn::map_kv_packed({packed.get()}, cond).at(0).sizes(),
+    EXPECT_EQ(nn::map_kv_packed({packed.get()}, cond).kv.at(0).sizes(),
               (std::vector<int64_t>{2, 5, 8}));  // without project_kv: the mapped rows
-    const auto kv = nn::map_kv_packed({packed.get()}, cond, /*project_kv=*/true);
+    const auto kv = nn::map_kv_packed({packed.get()}, cond, /*project_kv=*/true).kv;
     ASSERT_EQ(kv.size(), 1u);
     EXPECT_EQ(kv[0].sizes(), (std::vector<int64_t>{2, 5, 16}));  // [B, L, 2c]: k then v
     EXPECT_TRUE(kv[0].is_contiguous());
@@ -457,7 +457,7 @@ TEST(PackedProjections, TextKeysAndValuesProjectedOncePerCondition) {
         to_v->add_adapter("style", torch::randn({2, 8}), torch::randn({8, 2}), /*alpha=*/2.0);
     }
     EXPECT_THROW(packed->forward_mapped(x, kv[0]), InvalidArgument);
-    const auto mapped = nn::map_kv_packed({packed.get()}, cond, /*project_kv=*/true);
+    const auto mapped = nn::map_kv_packed({packed.get()}, cond, /*project_kv=*/true).kv;
     ASSERT_EQ(mapped.size(), 1u);
     EXPECT_EQ(mapped[0].sizes(), (std::vector<int64_t>{2, 5, 8}));
 }

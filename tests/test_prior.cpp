@@ -183,10 +183,24 @@ TEST(Prior, ConditionMappedOnceGivesTheSameForward) {
             EXPECT_EQ(kv.sizes(),
                       (std::vector<int64_t>{c.size(0), c.size(1), 2 * prior->config().c}))
                 << what;
-        EXPECT_TRUE(
-            all_close("prior forward, " + what + " with keys and values projected once",
-                      prior->forward(x, r, PriorCondition::from_tensors(projected.tensors())),
-                      expected, test::scaled_tol(expected, 1e-6)));
+        EXPECT_TRUE(all_close("prior forward, " + what + " with keys and values projected once",
+                              prior->forward(x, r, projected), expected,
+                              test::scaled_tol(expected, 1e-6)));
+        if (!packed) continue;
+        // Keys and values need the source they were projected from: from_tensors (the graphs'
+        // form, which never projects) drops it, and a weight changed in place since is noticed.
+        EXPECT_THROW(prior->forward(x, r, PriorCondition::from_tensors(projected.tensors())),
+                     InvalidArgument)
+            << what;
+        {
+            c10::InferenceMode off(false);
+            torch::NoGradGuard no_grad;
+            test::parameters_named(*prior, "attention.to_v.bias").back().mul_(1.0);
+        }
+        EXPECT_THROW(prior->forward(x, r, projected), InvalidArgument) << what;
+        EXPECT_TRUE(all_close("prior forward, " + what + " projected again",
+                              prior->forward(x, r, prior->map_condition(c, true)), expected,
+                              test::scaled_tol(expected, 1e-6)));
     }
 }
 

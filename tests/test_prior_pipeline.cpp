@@ -179,6 +179,30 @@ TEST(PriorPipeline, CallbackCancelsAndPipelineStaysUsable) {
                           scaled_tol(expected, kRel)));
 }
 
+// On the CPU a call projects the text rows' keys and values once (map_condition's project_kv):
+// a callback that changes an attention weight in place mid-call gets InvalidArgument, not steps
+// that mix old and new weights; with the weight as it was, the next call matches the reference.
+TEST(PriorPipeline, WeightsChangedByACallbackAreRefused) {
+    PriorPipeline pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"));
+    const torch::Tensor weight = test::parameters_named(*pipe.prior(), "attention.to_k.weight")[0];
+    const torch::Tensor original = weight.detach().clone();
+    auto o = test::prior_seed0_options();
+    o.callback = [&](int, double, torch::Tensor&) {
+        torch::NoGradGuard no_grad;
+        weight.mul_(2.0);
+        return true;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "map it again", "attention block 0");
+    {
+        torch::NoGradGuard no_grad;
+        weight.copy_(original);
+    }
+    auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
+    auto out = pipe(test::prior_seed0_options());
+    EXPECT_TRUE(all_close("prior_seed0 after the refused call", out.image_embeddings, expected,
+                          scaled_tol(expected, kRel)));
+}
+
 // Given latents are read in any memory layout: the same values as contiguous ones (a
 // channels-last input chose other convolution kernels, 2e-6 relative off), a contiguous output,
 // and the caller's tensor unchanged.

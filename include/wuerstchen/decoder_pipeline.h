@@ -150,8 +150,8 @@ public:
     double latent_dim_scale() const { return latent_dim_scale_; }
     const LoadOptions& load_options() const { return options_; }
 
-    // A moved-from pipeline can be assigned to and destroyed; its other calls throw
-    // InvalidArgument.
+    // A moved-from pipeline can be assigned to and destroyed; its calls that need the models
+    // throw InvalidArgument.
 
 private:
     friend class CombinedPipeline;

@@ -12,6 +12,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,6 +24,10 @@
 
 namespace wuerstchen {
 
+namespace nn {
+struct KvSource;
+}  // namespace nn
+
 // The decoder's conditions as its blocks read them (WuerstchenDiffNeXtImpl::map_condition): the
 // same for every denoising step of a call, so a pipeline maps them once per call.
 struct DiffNeXtCondition {
@@ -31,6 +36,9 @@ struct DiffNeXtCondition {
     // project_kv, on the CPU, the block's keys and values of that instead ([B, L, 2c], k then
     // v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
+    // With projected keys and values: the weights they came from, as they were (a forward
+    // refuses them once those are replaced or changed). with_tensors() keeps it.
+    std::shared_ptr<const nn::KvSource> kv_source;
     // Per effnet_mappers index: the image embeddings resized to that level's size and mapped,
     // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper. When
     // effnet_folded, resized only ([B, effnet_embd, h_level, w_level]): the blocks' first

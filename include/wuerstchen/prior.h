@@ -26,6 +26,7 @@ namespace nn {
 struct ResBlockImpl;
 struct TimestepBlockImpl;
 struct AttnBlockImpl;
+struct KvSource;
 }  // namespace nn
 
 // The text condition as the prior's blocks read it (WuerstchenPriorImpl::map_condition): the
@@ -36,10 +37,15 @@ struct PriorCondition {
     // map_condition's project_kv, on the CPU, the block's keys and values of that instead
     // ([B, L, 2c], k then v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
+    // With projected keys and values: the weights they came from, as they were (a forward
+    // refuses them once those are replaced or changed). with_tensors() keeps it.
+    std::shared_ptr<const nn::KvSource> kv_source;
     // c_embed, then kv: what a CUDA graph of a step takes as inputs.
     std::vector<torch::Tensor> tensors() const;
-    // The inverse of tensors().
+    // The inverse of tensors() (without a kv_source).
     static PriorCondition from_tensors(std::vector<torch::Tensor> tensors);
+    // This condition's kv_source with `tensors` (as tensors() gives them) in place of its own.
+    PriorCondition with_tensors(std::vector<torch::Tensor> tensors) const;
 };
 
 struct WuerstchenPriorImpl : torch::nn::Module {
@@ -77,7 +83,7 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // autograd off) gets the keys and values of its mapping instead, so that a step projects only
     // x's rows. Such a condition holds only while those projections stay as they are: map it
     // again after changing them or their LoRA state (forward refuses it once they cannot run
-    // packed; a pipeline maps once per call).
+    // packed, or were replaced or changed in place: kv_source; a pipeline maps once per call).
     PriorCondition map_condition(const torch::Tensor& c, bool project_kv = false);
 
     // Sinusoidal embedding of r: [B] -> [B, c_r] in r's dtype (zero-padded when c_r is odd).

@@ -165,8 +165,8 @@ public:
     // .safetensors path, or a folder that gets pytorch_lora_weights.safetensors.
     void save_lora_weights(const std::string& path, const std::string& adapter_name = "") const;
 
-    // A moved-from pipeline can be assigned to and destroyed; its other calls throw
-    // InvalidArgument.
+    // A moved-from pipeline can be assigned to and destroyed; its calls that need the models
+    // throw InvalidArgument.
     PriorPipeline(PriorPipeline&&) noexcept = default;
     PriorPipeline& operator=(PriorPipeline&&) noexcept = default;
 

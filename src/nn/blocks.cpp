@@ -353,27 +353,78 @@ LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks) {
                                          [](TimestepBlockImpl& b) { return b.mapper.get(); });
 }
 
-std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
-                                         const torch::Tensor& cond, bool project_kv) {
+namespace {
+
+// What a block's projected keys and values depend on besides the mapped condition.
+std::vector<torch::Tensor> kv_source_tensors(const AttentionImpl& attention) {
+    return {attention.to_k->weight, attention.to_k->bias, attention.to_v->weight,
+            attention.to_v->bias};
+}
+
+// The AttnBlocks among `blocks`, in order.
+std::vector<AttnBlockImpl*> attn_blocks(const std::vector<torch::nn::Module*>& blocks) {
+    std::vector<AttnBlockImpl*> out;
+    for (auto* module : blocks)
+        if (auto* block = dynamic_cast<AttnBlockImpl*>(module)) out.push_back(block);
+    return out;
+}
+
+}  // namespace
+
+MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torch::Tensor& cond,
+                       bool project_kv) {
     const LinearGroup group = kv_mappers(blocks);
     if (!group.ready(cond.device())) return {};
-    auto mapped = group.split(group.forward(at::silu(cond)));
-    if (!project_kv || !cond.device().is_cpu()) return mapped;
+    MappedKv out;
+    out.kv = group.split(group.forward(at::silu(cond)));
+    if (!project_kv || !cond.device().is_cpu()) return out;
     // On the CPU the products take most of a step's time, and the text rows' keys and values
     // are the same every step: each self-attention block's are projected here, once per call.
     // (On CUDA, by estimate, joining x's strided key and value columns with them costs about
     // what the smaller product saves at 1024x1024, so there each step projects [x ; mapped].)
-    size_t i = 0;
-    for (auto* module : blocks) {
-        auto* block = dynamic_cast<AttnBlockImpl*>(module);
-        if (block == nullptr) continue;
-        if (block->self_attn) {
-            auto projected = block->attention->project_kv(mapped[i]);
-            if (projected.defined()) mapped[i] = std::move(projected);
-        }
-        ++i;
+    const auto attention = attn_blocks(blocks);
+    auto source = std::make_shared<KvSource>();
+    source->seen.resize(attention.size());
+    for (size_t i = 0; i < attention.size(); ++i) {
+        if (!attention[i]->self_attn) continue;
+        const AttentionImpl& attn = *attention[i]->attention;
+        std::vector<TensorSeen> seen;
+        for (const auto& t : kv_source_tensors(attn)) seen.emplace_back(t);
+        if (!std::all_of(seen.begin(), seen.end(), [](const TensorSeen& s) { return s.tracked(); }))
+            continue;  // could not be checked later: projected per step instead
+        auto projected = attn.project_kv(out.kv[i]);
+        if (!projected.defined()) continue;
+        out.kv[i] = std::move(projected);
+        source->seen[i] = std::move(seen);
     }
-    return mapped;
+    out.source = std::move(source);
+    return out;
+}
+
+void check_kv_source(const std::vector<torch::Tensor>& kv,
+                     const std::shared_ptr<const KvSource>& source,
+                     const std::vector<torch::nn::Module*>& blocks, const std::string& where) {
+    const auto attention = attn_blocks(blocks);
+    for (size_t i = 0; i < kv.size() && i < attention.size(); ++i) {
+        const AttentionImpl& attn = *attention[i]->attention;
+        const int64_t inner = attn.heads * attn.dim_head;
+        if (!kv[i].defined() || kv[i].dim() != 3 || kv[i].size(2) != 2 * inner) continue;
+        bool holds = attention[i]->self_attn && source && i < source->seen.size() &&
+                     !source->seen[i].empty();
+        if (holds) {
+            const auto tensors = kv_source_tensors(attn);
+            for (size_t k = 0; holds && k < tensors.size(); ++k)
+                holds = source->seen[i][k].matches(tensors[k]);
+        }
+        if (!holds)
+            throw InvalidArgument(
+                where +
+                ": the condition's keys and values of the text (map_condition's "
+                "project_kv) are not those of attention block " +
+                std::to_string(i) +
+                "'s weights now (replaced or changed since: a LoRA fused or unfused, weights "
+                "edited in place, also from a step callback; or no source): map it again");
+    }
 }
 
 MappedTimesteps map_timesteps_packed(const LinearGroup& group,

@@ -148,14 +148,30 @@ TORCH_MODULE(AttnBlock);
 // order. Each kind reads one input for all its blocks (the text condition, the r-embedding).
 LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
+// What map_kv_packed's projected keys and values were made from: per attention block (execution
+// order), its to_k and to_v weights and biases as they were, or nothing when not projected.
+struct KvSource {
+    std::vector<std::vector<TensorSeen>> seen;
+};
+struct MappedKv {
+    std::vector<torch::Tensor> kv;
+    std::shared_ptr<const KvSource> source;  // set when some were projected
+};
 // Every AttnBlock's kv_mapper (SiLU, then Linear) of `cond`, [B, M, c_cond], in execution order
 // and each contiguous (the attention's join is faster then), as one product when
 // kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own. With
 // project_kv, on the CPU, a self-attention block whose projections are ready gets its keys and
 // values of that instead (AttentionImpl::project_kv, [B, M, 2C]), which
-// AttnBlockImpl::forward_mapped takes while those projections stay ready.
-std::vector<torch::Tensor> map_kv_packed(const std::vector<torch::nn::Module*>& blocks,
-                                         const torch::Tensor& cond, bool project_kv = false);
+// AttnBlockImpl::forward_mapped takes while those projections stay ready and unchanged
+// (check_kv_source). Not where the weights cannot be tracked (inference tensors).
+MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torch::Tensor& cond,
+                       bool project_kv = false);
+// Throws InvalidArgument (naming `where`) when some of `kv` (a condition's, for `blocks` in
+// execution order) are keys and values projected ahead whose source does not hold for the blocks'
+// weights now: replaced (a LoRA fused, weights laid out again) or changed in place since.
+void check_kv_source(const std::vector<torch::Tensor>& kv,
+                     const std::shared_ptr<const KvSource>& source,
+                     const std::vector<torch::nn::Module*>& blocks, const std::string& where);
 // Packs both kinds, and the ResidualBiases where they apply (the models'
 // pack_condition_mappers); whether both kinds are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);
