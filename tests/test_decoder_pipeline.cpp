@@ -183,6 +183,23 @@ TEST_F(DecoderPipelineTest, CancelThenReuse) {
                 ref);
 }
 
+// A call maps its condition once: a callback that replaces a decoder parameter is refused, and
+// the next call matches the reference.
+TEST_F(DecoderPipelineTest, CallbackReplacingWeightsIsRefused) {
+    const auto ref = test::reference("pipeline_decoder_seed22");
+    DecoderOptions opt = test::decoder_seed22_options(ref);
+    opt.callback = [](int, double, torch::Tensor&) {
+        torch::Tensor w = test::parameters_named(*pipe_->decoder(), "clip_mapper.weight")[0];
+        w.set_data(w.detach().clone());
+        return true;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG((*pipe_)(opt), InvalidArgument, "step callback after step 0",
+                                "replaced the decoder's weights");
+    std::vector<torch::Tensor> steps;
+    expect_case("decoder_seed22 after the refused call",
+                run(test::decoder_seed22_options(ref), &steps), steps, ref);
+}
+
 // Latents a callback hands back are copied: out.latents is not a view of the caller's tensor.
 TEST_F(DecoderPipelineTest, CallbackLatentsAreCopied) {
     const auto ref = test::reference("pipeline_decoder_seed22");

@@ -201,6 +201,19 @@ TEST(PriorPipeline, WeightsChangedByACallbackAreRefused) {
     auto out = pipe(test::prior_seed0_options());
     EXPECT_TRUE(all_close("prior_seed0 after the refused call", out.image_embeddings, expected,
                           scaled_tol(expected, kRel)));
+
+    // Any parameter the callback replaces (here the text condition mapper's, which the call
+    // mapped once): refused after the callback.
+    o.callback = [&](int, double, torch::Tensor&) {
+        torch::Tensor w = test::parameters_named(*pipe.prior(), "cond_mapper.0.weight")[0];
+        w.set_data(w.detach().clone());
+        return true;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG(pipe(o), InvalidArgument, "step callback after step 0",
+                                "replaced the prior's weights");
+    out = pipe(test::prior_seed0_options());
+    EXPECT_TRUE(all_close("prior_seed0 after the second refused call", out.image_embeddings,
+                          expected, scaled_tol(expected, kRel)));
 }
 
 // Given latents are read in any memory layout: the same values as contiguous ones (a

@@ -24,7 +24,12 @@ namespace wuerstchen {
 // Called after every denoising step with the step index, the step's timestep (the ratio the
 // model saw, in [0, 1]) and the latents after the step. The callback may replace `latents` by a
 // tensor of the same shape. Returning false cancels the call: it throws wuerstchen::Cancelled and
-// the pipeline stays usable.
+// the pipeline stays usable. A call maps its text condition and timestep modulations once, so the
+// callback must not change the denoising model's weights or LoRA state: a replaced parameter or
+// a changed LoRA state throws InvalidArgument after the callback (without offloading). Weights
+// changed in place are caught only where a mapped tensor records them (the timestep mappers, and
+// the attention projections whose keys and values were projected ahead), so do not make such
+// changes either.
 using StepCallback = std::function<bool(int step, double timestep, torch::Tensor& latents)>;
 
 // A CPU generator seeded like torch.Generator().manual_seed(seed).
