@@ -425,10 +425,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
             auto halves = run(at::cat({x, x}, 0)).chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };
-        // As the prior pipeline: a step callback must leave the decoder's weights and LoRA state
-        // as they are (the condition and modulations are mapped once per call).
-        const bool watch = opt.callback && mode == OffloadMode::none;
-        const std::string weights_at_start = watch ? weights_fingerprint(*decoder_) : std::string();
+        const CallbackWeightsWatch watch(*decoder_, opt.callback && mode == OffloadMode::none);
         for (int i = 0; i < plan.steps(); ++i) {
             // The step's row of modulations, else ratio = t.expand(B).to(dtype), on the device
             // (no host round trip).
@@ -444,11 +441,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                 torch::Tensor shown = latents;
                 const double t = plan.points[static_cast<size_t>(i)];
                 const bool keep_going = opt.callback(i, t, shown);
-                if (watch && weights_fingerprint(*decoder_) != weights_at_start)
-                    throw InvalidArgument(
-                        "DecoderPipeline: the step callback after step " + std::to_string(i) +
-                        " replaced the decoder's weights or changed its LoRA state; a call maps "
-                        "its condition once, so change them between calls");
+                watch.check(kWhere, "decoder", i);
                 if (!keep_going)
                     throw Cancelled("DecoderPipeline: cancelled by the step callback after step " +
                                     std::to_string(i));

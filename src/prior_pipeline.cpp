@@ -382,11 +382,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
         auto chunks = out.chunk(2);
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
-    // A call maps its condition and modulations once, so a step callback must leave the prior's
-    // weights and LoRA state as they are: replaced parameters or a changed LoRA state are refused
-    // after the callback (weights changed in place, the forwards check where it matters).
-    const bool watch = o.callback && mode == OffloadMode::none;
-    const std::string weights_at_start = watch ? weights_fingerprint(*prior_) : std::string();
+    const CallbackWeightsWatch watch(*prior_, o.callback && mode == OffloadMode::none);
     for (int i = 0; i < plan.steps(); ++i) {
         const float t = plan.points[static_cast<size_t>(i)];
         // The step's row of modulations, else ratio = t.expand(latents.size(0)).to(dtype).
@@ -400,10 +396,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
 
         if (o.callback) {
             const bool keep_going = o.callback(i, static_cast<double>(t), latents);
-            if (watch && weights_fingerprint(*prior_) != weights_at_start)
-                invalid("the step callback after step " + std::to_string(i) +
-                        " replaced the prior's weights or changed its LoRA state; a call maps its "
-                        "condition once, so change them between calls");
+            watch.check(kWhere, "prior", i);
             if (!latents.defined() || latents.sizes() != c10::IntArrayRef(latent_shape))
                 invalid("the step callback replaced `latents` by a tensor of shape " +
                         (latents.defined() ? shape_string(latents.sizes()) : "undefined") +

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "module_walk.h"
+#include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
 
 // Graph capture needs a CUDA build of a recent libtorch (capture modes and the allocator's
@@ -300,6 +301,18 @@ std::string guidance_key(bool cfg, double guidance_scale) {
     std::ostringstream os;
     os << "guidance " << std::hexfloat << guidance_scale;
     return os.str();
+}
+
+CallbackWeightsWatch::CallbackWeightsWatch(const torch::nn::Module& model, bool enabled)
+    : model_(model), enabled_(enabled), at_start_(enabled ? weights_fingerprint(model) : "") {}
+
+void CallbackWeightsWatch::check(const std::string& where, const std::string& model,
+                                 int step) const {
+    if (enabled_ && weights_fingerprint(model_) != at_start_)
+        throw InvalidArgument(where + ": the step callback after step " + std::to_string(step) +
+                              " replaced the " + model +
+                              "'s weights or changed its LoRA state; a call maps its condition "
+                              "once, so change them between calls");
 }
 
 std::string weights_fingerprint(const torch::nn::Module& module) {

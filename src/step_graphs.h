@@ -101,4 +101,21 @@ std::string guidance_key(bool cfg, double guidance_scale);
 // state of its LoRA adapters (tensors, weights, active / enabled / merged flags).
 std::string weights_fingerprint(const torch::nn::Module& module);
 
+// A call maps its condition and modulations once, so a step callback must leave the denoising
+// model's weights and LoRA state as they are. When enabled, this takes the model's
+// weights_fingerprint before the steps, and check() throws InvalidArgument after a callback that
+// replaced a parameter or changed the LoRA state (weights changed in place: the forwards check
+// where a mapped tensor records them).
+class CallbackWeightsWatch {
+public:
+    CallbackWeightsWatch(const torch::nn::Module& model, bool enabled);
+    // `where`: the pipeline ("PriorPipeline"); `model`: its name in the message ("prior").
+    void check(const std::string& where, const std::string& model, int step) const;
+
+private:
+    const torch::nn::Module& model_;
+    bool enabled_;
+    std::string at_start_;
+};
+
 }  // namespace wuerstchen
