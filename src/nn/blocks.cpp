@@ -333,12 +333,20 @@ torch::Tensor AttnBlockImpl::forward_mapped(const torch::Tensor& x, const torch:
 
 namespace {
 
+// The blocks of type Block among `blocks`, in order.
+template <class Block>
+std::vector<Block*> blocks_of(const std::vector<torch::nn::Module*>& blocks) {
+    std::vector<Block*> out;
+    for (auto* module : blocks)
+        if (auto* block = dynamic_cast<Block*>(module)) out.push_back(block);
+    return out;
+}
+
 // The Linear layer that maps the condition of each block of type Block, in order.
 template <class Block, class Layer>
 LinearGroup mappers_of(const std::vector<torch::nn::Module*>& blocks, Layer layer) {
     std::vector<torch::nn::LinearImpl*> layers;
-    for (auto* module : blocks)
-        if (auto* block = dynamic_cast<Block*>(module)) layers.push_back(layer(*block));
+    for (auto* block : blocks_of<Block>(blocks)) layers.push_back(layer(*block));
     return LinearGroup(std::move(layers));
 }
 
@@ -361,14 +369,6 @@ std::vector<torch::Tensor> kv_source_tensors(const AttentionImpl& attention) {
             attention.to_v->bias};
 }
 
-// The AttnBlocks among `blocks`, in order.
-std::vector<AttnBlockImpl*> attn_blocks(const std::vector<torch::nn::Module*>& blocks) {
-    std::vector<AttnBlockImpl*> out;
-    for (auto* module : blocks)
-        if (auto* block = dynamic_cast<AttnBlockImpl*>(module)) out.push_back(block);
-    return out;
-}
-
 }  // namespace
 
 MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torch::Tensor& cond,
@@ -382,7 +382,7 @@ MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torc
     // are the same every step: each self-attention block's are projected here, once per call.
     // (On CUDA, by estimate, joining x's strided key and value columns with them costs about
     // what the smaller product saves at 1024x1024, so there each step projects [x ; mapped].)
-    const auto attention = attn_blocks(blocks);
+    const auto attention = blocks_of<AttnBlockImpl>(blocks);
     auto source = std::make_shared<KvSource>();
     source->seen.resize(attention.size());
     for (size_t i = 0; i < attention.size(); ++i) {
@@ -404,7 +404,7 @@ MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torc
 void check_kv_source(const std::vector<torch::Tensor>& kv,
                      const std::shared_ptr<const KvSource>& source,
                      const std::vector<torch::nn::Module*>& blocks, const std::string& where) {
-    const auto attention = attn_blocks(blocks);
+    const auto attention = blocks_of<AttnBlockImpl>(blocks);
     for (size_t i = 0; i < kv.size() && i < attention.size(); ++i) {
         const AttentionImpl& attn = *attention[i]->attention;
         const int64_t inner = attn.heads * attn.dim_head;
@@ -603,11 +603,8 @@ void ResidualBiases::fold_into(const LinearGroup& timesteps, torch::Tensor& all)
 
 bool pack_attention_projections(const std::vector<torch::nn::Module*>& blocks) {
     bool all = true;
-    for (auto* module : blocks) {
-        auto* block = dynamic_cast<AttnBlockImpl*>(module);
-        if (block != nullptr && block->self_attn)
-            all = block->attention->projections().pack() && all;
-    }
+    for (auto* block : blocks_of<AttnBlockImpl>(blocks))
+        if (block->self_attn) all = block->attention->projections().pack() && all;
     return all;
 }
 
