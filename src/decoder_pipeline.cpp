@@ -9,11 +9,12 @@
 #include <unordered_map>
 #include <utility>
 
-#include "wuerstchen/error.h"
-#include "wuerstchen/scheduler.h"
+#include "nn/blocks.h"
 #include "offload.h"
 #include "step_graphs.h"
 #include "step_noise.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/scheduler.h"
 
 namespace wuerstchen {
 
@@ -425,7 +426,12 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
             auto halves = run(at::cat({x, x}, 0)).chunk(2, 0);  // text, uncond
             return at::lerp(halves[1], halves[0], guidance);
         };
-        const CallbackWeightsWatch watch(*decoder_, opt.callback && mode == OffloadMode::none);
+        const CallbackWeightsWatch watch(*decoder_, opt.callback && mode == OffloadMode::none, [&] {
+            decoder_->check_condition(condition);
+            if (modulations.defined())
+                nn::check_mapped_timesteps(modulations.row(0), decoder_->offload_units(), 1, device,
+                                           dtype, "WuerstchenDiffNeXt");
+        });
         for (int i = 0; i < plan.steps(); ++i) {
             // The step's row of modulations, else ratio = t.expand(B).to(dtype), on the device
             // (no host round trip).

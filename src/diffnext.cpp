@@ -235,7 +235,7 @@ DiffNeXtCondition DiffNeXtCondition::with_tensors(const std::vector<torch::Tenso
                               " tensors for a layout of " + std::to_string(this->tensors().size()));
     DiffNeXtCondition out;
     out.effnet_folded = effnet_folded;
-    out.kv_source = kv_source;
+    out.source = source;
     size_t next = 0;
     if (clip.defined()) out.clip = tensors[next++];
     for (size_t i = 0; i < kv.size(); ++i) out.kv.push_back(tensors[next++]);
@@ -371,6 +371,25 @@ void WuerstchenDiffNeXtImpl::check_latents(const torch::Tensor& x) const {
         throw InvalidArgument("WuerstchenDiffNeXt: returning noise needs c_out == c_in");
 }
 
+namespace {
+
+// The modules that map_condition ran for `condition`: clip_mapper (with text states), the
+// kv_mappers (when packed), and each effnet mapper (unless folded into the blocks).
+nn::NamedModules condition_mappers(const WuerstchenDiffNeXtImpl& decoder,
+                                   const DiffNeXtCondition& condition) {
+    nn::NamedModules out;
+    if (condition.clip.defined()) out.emplace_back("clip_mapper", decoder.clip_mapper.ptr().get());
+    if (!condition.kv.empty()) nn::add_kv_mappers(decoder.offload_units(), out);
+    if (!condition.effnet_folded)
+        for (size_t i = 0; i < decoder.effnet_mapper_list.size(); ++i)
+            if (decoder.effnet_mapper_list[i])
+                out.emplace_back("effnet_mappers." + std::to_string(i),
+                                 decoder.effnet_mapper_list[i].ptr().get());
+    return out;
+}
+
+}  // namespace
+
 DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& effnet,
                                                         const torch::Tensor& clip, int64_t height,
                                                         int64_t width, bool project_kv) {
@@ -394,11 +413,12 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
                               std::to_string(config_.clip_embd) + "] (effnet's batch), got " +
                               c10::str(clip.sizes()));
     DiffNeXtCondition c;
+    std::vector<std::vector<nn::TensorSeen>> projected;
     if (clip.defined()) {
         c.clip = gen_c_embeddings(clip);
         nn::MappedKv mapped = nn::map_kv_packed(offload_units(), c.clip, project_kv);
         c.kv = std::move(mapped.kv);
-        c.kv_source = std::move(mapped.source);
+        projected = std::move(mapped.projected);
     }
     c.effnet_folded =
         effnet_folded(effnet_blocks(down_blocks, up_blocks), effnet_mapper_list, effnet.device());
@@ -423,7 +443,14 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
         c.effnet.push_back(c.effnet_folded ? r.contiguous(at::MemoryFormat::ChannelsLast)
                                            : mapper->forward(r));
     }
+    c.source = nn::note_condition_source(condition_mappers(*this, c), std::move(projected));
     return c;
+}
+
+void WuerstchenDiffNeXtImpl::check_condition(const DiffNeXtCondition& condition) const {
+    nn::check_condition_source(condition.kv, condition.source.get(),
+                               condition_mappers(*this, condition), offload_units(),
+                               "WuerstchenDiffNeXt");
 }
 
 torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
@@ -495,7 +522,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward_blocks(const torch::Tensor& x,
             "changed since (or are not on " +
             x.device().str() + "); map it again");
 
-    nn::check_kv_source(condition.kv, condition.kv_source, blocks, "WuerstchenDiffNeXt");
+    check_condition(condition);
     Conditions k(condition, nn::timestep_mappers(blocks), t);
     k.r_embed = r_embed;
 

@@ -76,9 +76,20 @@ PriorCondition PriorCondition::with_tensors(std::vector<torch::Tensor> tensors) 
         throw InvalidArgument("PriorCondition::with_tensors: " + std::to_string(tensors.size()) +
                               " tensors for a layout of " + std::to_string(kv.size() + 1));
     PriorCondition out = from_tensors(std::move(tensors));
-    out.kv_source = kv_source;
+    out.source = source;
     return out;
 }
+
+namespace {
+
+// The modules that map_condition runs: cond_mapper, and the kv_mappers when they were packed.
+nn::NamedModules condition_mappers(const WuerstchenPriorImpl& prior, bool kv_mapped) {
+    nn::NamedModules out{{"cond_mapper", prior.cond_mapper.ptr().get()}};
+    if (kv_mapped) nn::add_kv_mappers(prior.offload_units(), out);
+    return out;
+}
+
+}  // namespace
 
 PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c, bool project_kv) {
     const torch::ScalarType dtype = module_dtype(*this);
@@ -90,8 +101,15 @@ PriorCondition WuerstchenPriorImpl::map_condition(const torch::Tensor& c, bool p
     condition.c_embed = cond_mapper->forward(c);  // [B, L, c_cond] -> [B, L, c]
     nn::MappedKv mapped = nn::map_kv_packed(offload_units(), condition.c_embed, project_kv);
     condition.kv = std::move(mapped.kv);
-    condition.kv_source = std::move(mapped.source);
+    condition.source = nn::note_condition_source(condition_mappers(*this, !condition.kv.empty()),
+                                                 std::move(mapped.projected));
     return condition;
+}
+
+void WuerstchenPriorImpl::check_condition(const PriorCondition& condition) const {
+    nn::check_condition_source(condition.kv, condition.source.get(),
+                               condition_mappers(*this, !condition.kv.empty()), offload_units(),
+                               "WuerstchenPrior");
 }
 
 torch::Tensor WuerstchenPriorImpl::forward(const torch::Tensor& x_in, const torch::Tensor& r,
@@ -150,7 +168,7 @@ torch::Tensor WuerstchenPriorImpl::forward_blocks(const torch::Tensor& x_in,
             "WuerstchenPrior: the condition must be map_condition's for a batch of " +
             std::to_string(batch) + " (or of " + std::to_string(2 * batch) +
             ", guidance pairs for the same x), in x's dtype");
-    nn::check_kv_source(kv_all, condition.kv_source, offload_units(), "WuerstchenPrior");
+    check_condition(condition);
     const nn::LinearGroup t_group = nn::timestep_mappers(offload_units());
     // Per-sample modulations (rows or r_embed of x's batch) follow x when it doubles.
     torch::Tensor rows = t.rows, r_rows = r_embed;

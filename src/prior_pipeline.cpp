@@ -6,12 +6,13 @@
 #include <optional>
 #include <utility>
 
-#include "wuerstchen/config.h"
-#include "wuerstchen/error.h"
-#include "wuerstchen/lora.h"
+#include "nn/blocks.h"
 #include "offload.h"
 #include "step_graphs.h"
 #include "step_noise.h"
+#include "wuerstchen/config.h"
+#include "wuerstchen/error.h"
+#include "wuerstchen/lora.h"
 
 namespace wuerstchen {
 
@@ -382,7 +383,12 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
         auto chunks = out.chunk(2);
         return torch::lerp(chunks[1], chunks[0], guidance);
     };
-    const CallbackWeightsWatch watch(*prior_, o.callback && mode == OffloadMode::none);
+    const CallbackWeightsWatch watch(*prior_, o.callback && mode == OffloadMode::none, [&] {
+        prior_->check_condition(mapped_condition);
+        if (modulations.defined())
+            nn::check_mapped_timesteps(modulations.row(0), prior_->offload_units(), 1, device_,
+                                       dtype, "WuerstchenPrior");
+    });
     for (int i = 0; i < plan.steps(); ++i) {
         const float t = plan.points[static_cast<size_t>(i)];
         // The step's row of modulations, else ratio = t.expand(latents.size(0)).to(dtype).

@@ -303,16 +303,30 @@ std::string guidance_key(bool cfg, double guidance_scale) {
     return os.str();
 }
 
-CallbackWeightsWatch::CallbackWeightsWatch(const torch::nn::Module& model, bool enabled)
-    : model_(model), enabled_(enabled), at_start_(enabled ? weights_fingerprint(model) : "") {}
+CallbackWeightsWatch::CallbackWeightsWatch(const torch::nn::Module& model, bool enabled,
+                                           std::function<void()> mapped_hold)
+    : model_(model),
+      enabled_(enabled),
+      mapped_hold_(std::move(mapped_hold)),
+      at_start_(enabled ? weights_fingerprint(model) : "") {}
 
 void CallbackWeightsWatch::check(const std::string& where, const std::string& model,
                                  int step) const {
-    if (enabled_ && weights_fingerprint(model_) != at_start_)
-        throw InvalidArgument(where + ": the step callback after step " + std::to_string(step) +
-                              " replaced the " + model +
+    if (!enabled_) return;
+    const std::string after = ": the step callback after step " + std::to_string(step);
+    if (weights_fingerprint(model_) != at_start_)
+        throw InvalidArgument(where + after + " replaced the " + model +
                               "'s weights or changed its LoRA state; a call maps its condition "
                               "once, so change them between calls");
+    if (!mapped_hold_) return;
+    try {
+        mapped_hold_();
+    } catch (const InvalidArgument& e) {
+        throw InvalidArgument(where + after + " changed the " + model +
+                              "'s weights in place, which the call mapped once; change them "
+                              "between calls (" +
+                              e.what() + ")");
+    }
 }
 
 std::string weights_fingerprint(const torch::nn::Module& module) {

@@ -104,17 +104,21 @@ std::string weights_fingerprint(const torch::nn::Module& module);
 // A call maps its condition and modulations once, so a step callback must leave the denoising
 // model's weights and LoRA state as they are. When enabled, this takes the model's
 // weights_fingerprint before the steps, and check() throws InvalidArgument after a callback that
-// replaced a parameter or changed the LoRA state (weights changed in place: the forwards check
-// where a mapped tensor records them).
+// replaced a parameter or changed the LoRA state, or after which `mapped_hold` throws
+// InvalidArgument (the call's checks that its mapped condition and modulations still hold, which
+// also catch weights they were mapped from changed in place; a CUDA graph's replay runs no
+// checks of the forward).
 class CallbackWeightsWatch {
 public:
-    CallbackWeightsWatch(const torch::nn::Module& model, bool enabled);
+    CallbackWeightsWatch(const torch::nn::Module& model, bool enabled,
+                         std::function<void()> mapped_hold = {});
     // `where`: the pipeline ("PriorPipeline"); `model`: its name in the message ("prior").
     void check(const std::string& where, const std::string& model, int step) const;
 
 private:
     const torch::nn::Module& model_;
     bool enabled_;
+    std::function<void()> mapped_hold_;
     std::string at_start_;
 };
 

@@ -198,6 +198,22 @@ TEST_F(DecoderPipelineTest, CallbackReplacingWeightsIsRefused) {
     std::vector<torch::Tensor> steps;
     expect_case("decoder_seed22 after the refused call",
                 run(test::decoder_seed22_options(ref), &steps), steps, ref);
+
+    // A weight that the call mapped once, changed in place (clip_mapper's): refused after the
+    // callback, naming the module. A new pipeline: the weight replaced above took an inference
+    // tensor's data (the callback runs in inference mode), which has no version to check.
+    auto fresh = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen"));
+    const torch::Tensor mapped = test::parameters_named(*fresh.decoder(), "clip_mapper.bias").at(0);
+    opt.callback = [&mapped](int, double, torch::Tensor&) {
+        torch::NoGradGuard no_grad;
+        torch::Tensor(mapped).mul_(1.0);  // a new version, the same values
+        return true;
+    };
+    WUERSTCHEN_EXPECT_THROW_MSG(fresh(opt), InvalidArgument, "step callback after step 0",
+                                "changed the decoder's weights in place", "mapped by clip_mapper");
+    EXPECT_TRUE(test::all_close("decoder_seed22 after the in-place edit was refused",
+                                fresh(test::decoder_seed22_options(ref)).images,
+                                test::ref_tensor(ref, "images"), kPipelineTol));
 }
 
 // Latents a callback hands back are copied: out.latents is not a view of the caller's tensor.

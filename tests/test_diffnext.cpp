@@ -206,6 +206,55 @@ TEST(DiffNeXt, FoldedConditionNeedsTheFoldItWasMappedFor) {
                                 "map_condition's for x");
 }
 
+// A mapped condition is what clip_mapper, the kv_mappers (when packed) and the effnet mappers
+// (unless folded) gave: once one of them changes, a forward with it is refused until it is mapped
+// again.
+TEST(DiffNeXt, ConditionOfChangedMappersIsRefused) {
+    const std::string dir = test::data_path("tiny-wuerstchen/decoder");
+    const auto [x, r, effnet, clip] = forward_inputs();
+    for (const bool packed : {true, false}) {
+        const std::string what = packed ? "packed, folded" : "per-block mappers";
+        auto model = load_diffnext(dir, packed ? LoadOptions{} : test::unpacked_load());
+        c10::InferenceMode guard;
+        const auto expected = model->forward(x, r, effnet, clip);
+        auto map = [&, &x = x, &effnet = effnet, &clip = clip] {
+            return model->map_condition(effnet, clip, x.size(2), x.size(3));
+        };
+        auto edit = [&](const std::string& suffix) {
+            c10::InferenceMode off(false);
+            change_in_place(*model, suffix, [](const torch::Tensor& t) { return t; });
+        };
+        DiffNeXtCondition condition = map();
+        ASSERT_EQ(condition.effnet_folded, packed) << what;
+        ASSERT_EQ(condition.kv.empty(), !packed) << what;
+
+        edit("embedding.1.weight");  // not a mapper: the condition stays valid
+        EXPECT_TRUE(test::all_close("decoder forward after an edit outside the mappers, " + what,
+                                    model->forward(x, r, condition), expected, 0.0));
+        edit("clip_mapper.weight");
+        WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, condition), InvalidArgument,
+                                    "mapped by clip_mapper as it was then");
+        condition = map();
+        EXPECT_TRUE(test::all_close("decoder forward mapped again, " + what,
+                                    model->forward(x, r, condition), expected, 0.0));
+        if (packed) {
+            edit("kv_mapper.1.weight");
+            WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, condition), InvalidArgument,
+                                        "attention block 0's kv_mapper");
+        } else {
+            size_t first = 0;
+            while (!model->effnet_mapper_list.at(first)) ++first;
+            edit("effnet_mappers." + std::to_string(first) + ".weight");
+            WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, condition), InvalidArgument,
+                                        "effnet_mappers." + std::to_string(first));
+        }
+        condition = map();
+        EXPECT_TRUE(test::all_close("decoder forward mapped once more, " + what,
+                                    model->forward(x, r, condition), expected,
+                                    test::scaled_tol(expected, 1e-6)));
+    }
+}
+
 TEST(DiffNeXt, RejectsAConditionForOtherLatents) {
     auto model = load_diffnext(test::data_path("tiny-wuerstchen/decoder"));
     const auto [x, r, effnet, clip] = forward_inputs();

@@ -10,6 +10,7 @@
 #include "nn/blocks.h"
 #include "test_util.h"
 #include "wuerstchen/error.h"
+#include "wuerstchen/lora.h"
 #include "wuerstchen/pipeline_common.h"
 #include "wuerstchen/prior.h"
 
@@ -202,6 +203,70 @@ TEST(Prior, ConditionMappedOnceGivesTheSameForward) {
                               prior->forward(x, r, prior->map_condition(c, true)), expected,
                               test::scaled_tol(expected, 1e-6)));
     }
+}
+
+TEST(Prior, ConditionOfChangedMappersIsRefused) {
+    // A mapped condition is cond_mapper's (and, when packed, the kv_mappers') output as they were:
+    // once those change, a forward with it would mix old and new weights, so it is refused until
+    // mapped again. Changes elsewhere in the model leave it valid.
+    const auto [ref, x, r, c] = ForwardInputs();
+    auto prior = load_prior(data_path(kPriorDir));
+    auto other = load_prior(data_path(kPriorDir));
+    c10::InferenceMode guard;
+    const auto expected = prior->forward(x, r, c);
+    auto edit = [](const torch::Tensor& t) {
+        c10::InferenceMode off(false);
+        torch::NoGradGuard no_grad;
+        torch::Tensor(t).mul_(1.0);  // same values, a new version
+    };
+    auto cond_linear = std::dynamic_pointer_cast<LoraLinearImpl>(prior->cond_mapper[0]);
+    ASSERT_TRUE(cond_linear);
+
+    PriorCondition condition = prior->map_condition(c);
+    ASSERT_FALSE(condition.kv.empty());  // packed: the kv_mappers are part of the source
+    edit(test::parameters_named(*prior, "blocks.0.channelwise.0.weight").at(0));
+    EXPECT_TRUE(all_close("prior forward after an edit outside the mappers",
+                          prior->forward(x, r, condition), expected, 0.0));
+
+    edit(cond_linear->weight);
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, condition), InvalidArgument,
+                                "mapped by cond_mapper as it was then");
+    condition = prior->map_condition(c);
+    EXPECT_TRUE(
+        all_close("prior forward mapped again", prior->forward(x, r, condition), expected, 0.0));
+
+    edit(test::parameters_named(*prior, "kv_mapper.1.bias").back());
+    WUERSTCHEN_EXPECT_THROW_MSG(
+        prior->forward(x, r, condition), InvalidArgument,
+        "attention block " + std::to_string(prior->config().depth - 1) + "'s kv_mapper");
+    condition = prior->map_condition(c);
+
+    // LoRA state: an adapter added, switched off, rescaled.
+    const int64_t in = cond_linear->weight.size(1), out = cond_linear->weight.size(0);
+    {
+        c10::InferenceMode off(false);
+        cond_linear->add_adapter("style", torch::randn({2, in}), torch::randn({out, 2}), 2.0);
+    }
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, condition), InvalidArgument, "cond_mapper");
+    condition = prior->map_condition(c);
+    const auto with_lora = prior->forward(x, r, condition);
+    EXPECT_FALSE(torch::allclose(with_lora, expected));
+    cond_linear->adapter("style").weight = 0.5;
+    EXPECT_THROW(prior->forward(x, r, condition), InvalidArgument);
+    condition = prior->map_condition(c);
+    cond_linear->set_lora_enabled(false);
+    EXPECT_THROW(prior->forward(x, r, condition), InvalidArgument);
+    condition = prior->map_condition(c);
+    EXPECT_TRUE(all_close("prior forward, LoRA switched off and mapped again",
+                          prior->forward(x, r, condition), expected, 0.0));
+
+    // Another model's condition (same config and values, other tensors) is not this one's.
+    WUERSTCHEN_EXPECT_THROW_MSG(prior->forward(x, r, other->map_condition(c)), InvalidArgument,
+                                "cond_mapper");
+    // Without a source (made from tensors) nothing is checked: the caller vouches for it.
+    EXPECT_TRUE(all_close("prior forward, condition without a source",
+                          other->forward(x, r, PriorCondition::from_tensors(condition.tensors())),
+                          expected, 0.0));
 }
 
 TEST(Prior, RejectsAConditionOfAnotherShape) {

@@ -214,6 +214,29 @@ TEST(PriorPipeline, WeightsChangedByACallbackAreRefused) {
     out = pipe(test::prior_seed0_options());
     EXPECT_TRUE(all_close("prior_seed0 after the second refused call", out.image_embeddings,
                           expected, scaled_tol(expected, kRel)));
+
+    // A weight that the call mapped once, changed in place (the text condition mapper's, the
+    // timestep mappers'): refused after the callback, naming the module, on any device (a CUDA
+    // graph's replay runs no checks of the forward). A new pipeline: the weight replaced above
+    // took an inference tensor's data (the callback runs in inference mode), which has no
+    // version to check.
+    pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"));
+    for (const std::string name : {"cond_mapper.2.bias", "blocks.1.mapper.bias"}) {
+        SCOPED_TRACE(name);
+        const torch::Tensor mapped = test::parameters_named(*pipe.prior(), name).at(0);
+        o.callback = [&](int, double, torch::Tensor&) {
+            torch::NoGradGuard no_grad;
+            mapped.mul_(1.0);  // a new version, the same values
+            return true;
+        };
+        WUERSTCHEN_EXPECT_THROW_MSG(
+            pipe(o), InvalidArgument, "step callback after step 0",
+            "changed the prior's weights in place",
+            name == "cond_mapper.2.bias" ? "mapped by cond_mapper" : "WuerstchenPrior");
+    }
+    out = pipe(test::prior_seed0_options());
+    EXPECT_TRUE(all_close("prior_seed0 after the third refused call", out.image_embeddings,
+                          expected, scaled_tol(expected, kRel)));
 }
 
 // Given latents are read in any memory layout: the same values as contiguous ones (a

@@ -25,7 +25,7 @@
 namespace wuerstchen {
 
 namespace nn {
-struct KvSource;
+struct ConditionSource;
 }  // namespace nn
 
 // The decoder's conditions as its blocks read them (WuerstchenDiffNeXtImpl::map_condition): the
@@ -36,9 +36,12 @@ struct DiffNeXtCondition {
     // project_kv, on the CPU, the block's keys and values of that instead ([B, L, 2c], k then
     // v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
-    // With projected keys and values: the weights they came from, as they were (a forward
-    // refuses them once those are replaced or changed). with_tensors() keeps it.
-    std::shared_ptr<const nn::KvSource> kv_source;
+    // What map_condition mapped it with, as it was: clip_mapper, the kv_mappers (when packed),
+    // the effnet mappers (unless folded) and, with projected keys and values, the to_k / to_v
+    // weights. A forward refuses the condition once those are replaced or changed (or their LoRA
+    // state is). with_tensors() keeps it; without one (a condition made by hand) nothing is
+    // checked, except that projected keys and values are refused.
+    std::shared_ptr<const nn::ConditionSource> source;
     // Per effnet_mappers index: the image embeddings resized to that level's size and mapped,
     // [B, c_cond, h_level, w_level]; undefined for the levels without a mapper. When
     // effnet_folded, resized only ([B, effnet_embd, h_level, w_level]): the blocks' first
@@ -78,9 +81,12 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // kv_mapper; the image embeddings resized to each injecting level's size and mapped. Does not
     // depend on x's values or r. Throws InvalidArgument naming a bad argument. project_kv: as
     // WuerstchenPriorImpl::map_condition's (the attention blocks' text keys and values, on the
-    // CPU; valid while their projections stay as they are).
+    // CPU). Valid while the modules that mapped it stay as they are (see `source`).
     DiffNeXtCondition map_condition(const torch::Tensor& effnet, const torch::Tensor& clip,
                                     int64_t height, int64_t width, bool project_kv = false);
+    // As WuerstchenPriorImpl::check_condition: throws InvalidArgument when `condition`'s source
+    // no longer holds (forward also checks that the effnet fold it was mapped for still holds).
+    void check_condition(const DiffNeXtCondition& condition) const;
 
     // [B, L, clip_embd] -> [B, L, c_cond]: clip_mapper then seq_norm.
     torch::Tensor gen_c_embeddings(const torch::Tensor& clip);

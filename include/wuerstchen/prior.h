@@ -26,7 +26,7 @@ namespace nn {
 struct ResBlockImpl;
 struct TimestepBlockImpl;
 struct AttnBlockImpl;
-struct KvSource;
+struct ConditionSource;
 }  // namespace nn
 
 // The text condition as the prior's blocks read it (WuerstchenPriorImpl::map_condition): the
@@ -37,14 +37,17 @@ struct PriorCondition {
     // map_condition's project_kv, on the CPU, the block's keys and values of that instead
     // ([B, L, 2c], k then v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
-    // With projected keys and values: the weights they came from, as they were (a forward
-    // refuses them once those are replaced or changed). with_tensors() keeps it.
-    std::shared_ptr<const nn::KvSource> kv_source;
+    // What map_condition mapped it with, as it was: cond_mapper, the kv_mappers (when packed)
+    // and, with projected keys and values, the to_k / to_v weights. A forward refuses the
+    // condition once those are replaced or changed (or their LoRA state is). with_tensors()
+    // keeps it; without one (from_tensors, a condition made by hand) nothing is checked, except
+    // that projected keys and values are refused.
+    std::shared_ptr<const nn::ConditionSource> source;
     // c_embed, then kv: what a CUDA graph of a step takes as inputs.
     std::vector<torch::Tensor> tensors() const;
-    // The inverse of tensors() (without a kv_source).
+    // The inverse of tensors() (without a source).
     static PriorCondition from_tensors(std::vector<torch::Tensor> tensors);
-    // This condition's kv_source with `tensors` (as tensors() gives them) in place of its own.
+    // This condition's source with `tensors` (as tensors() gives them) in place of its own.
     PriorCondition with_tensors(std::vector<torch::Tensor> tensors) const;
 };
 
@@ -81,10 +84,16 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // project_kv (what the pipelines pass): on the CPU, each attention block whose projections
     // are packed and usable (pack_attention_projections; no LoRA adapter on them contributing,
     // autograd off) gets the keys and values of its mapping instead, so that a step projects only
-    // x's rows. Such a condition holds only while those projections stay as they are: map it
-    // again after changing them or their LoRA state (forward refuses it once they cannot run
-    // packed, or were replaced or changed in place: kv_source; a pipeline maps once per call).
+    // x's rows. A condition holds only while the modules that mapped it stay as they are: map it
+    // again after changing them or their LoRA state (forward refuses it once they were replaced
+    // or changed in place, or projections cannot run packed: `source`; a pipeline maps once per
+    // call).
     PriorCondition map_condition(const torch::Tensor& c, bool project_kv = false);
+    // Throws InvalidArgument when `condition` has a source (map_condition's) that no longer holds:
+    // a module that mapped it was replaced or changed in place since, or its LoRA state changed
+    // (as forward would). A condition without a source passes unless it has projected keys and
+    // values.
+    void check_condition(const PriorCondition& condition) const;
 
     // Sinusoidal embedding of r: [B] -> [B, c_r] in r's dtype (zero-padded when c_r is odd).
     torch::Tensor gen_r_embedding(const torch::Tensor& r) const;

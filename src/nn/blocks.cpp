@@ -383,8 +383,7 @@ MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torc
     // (On CUDA, by estimate, joining x's strided key and value columns with them costs about
     // what the smaller product saves at 1024x1024, so there each step projects [x ; mapped].)
     const auto attention = blocks_of<AttnBlockImpl>(blocks);
-    auto source = std::make_shared<KvSource>();
-    source->seen.resize(attention.size());
+    out.projected.resize(attention.size());
     for (size_t i = 0; i < attention.size(); ++i) {
         if (!attention[i]->self_attn) continue;
         const AttentionImpl& attn = *attention[i]->attention;
@@ -395,26 +394,53 @@ MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torc
         auto projected = attn.project_kv(out.kv[i]);
         if (!projected.defined()) continue;
         out.kv[i] = std::move(projected);
-        source->seen[i] = std::move(seen);
+        out.projected[i] = std::move(seen);
     }
-    out.source = std::move(source);
     return out;
 }
 
-void check_kv_source(const std::vector<torch::Tensor>& kv,
-                     const std::shared_ptr<const KvSource>& source,
-                     const std::vector<torch::nn::Module*>& blocks, const std::string& where) {
+std::shared_ptr<const ConditionSource> note_condition_source(
+    const NamedModules& mappers, std::vector<std::vector<TensorSeen>> projected) {
+    auto source = std::make_shared<ConditionSource>();
+    source->mappers_tracked = true;
+    for (const auto& [name, module] : mappers) {
+        source->mappers.emplace_back(*module);
+        source->mappers_tracked = source->mappers_tracked && source->mappers.back().tracked();
+    }
+    if (!source->mappers_tracked) source->mappers.clear();
+    source->projected = std::move(projected);
+    return source;
+}
+
+void check_condition_source(const std::vector<torch::Tensor>& kv, const ConditionSource* source,
+                            const NamedModules& mappers,
+                            const std::vector<torch::nn::Module*>& blocks,
+                            const std::string& where) {
+    if (source != nullptr && source->mappers_tracked) {
+        if (source->mappers.size() != mappers.size())
+            throw InvalidArgument(
+                where + ": the condition was mapped by " + std::to_string(source->mappers.size()) +
+                " mapper modules, but this model maps it with " + std::to_string(mappers.size()) +
+                " (another model's condition?): map it again");
+        for (size_t i = 0; i < mappers.size(); ++i)
+            if (!source->mappers[i].matches(*mappers[i].second))
+                throw InvalidArgument(
+                    where + ": the condition was mapped by " + mappers[i].first +
+                    " as it was then, and its weights or LoRA state have changed since (replaced, "
+                    "edited in place, an adapter added, enabled, rescaled or fused; also from a "
+                    "step callback), or it is another model's condition: map it again");
+    }
     const auto attention = blocks_of<AttnBlockImpl>(blocks);
     for (size_t i = 0; i < kv.size() && i < attention.size(); ++i) {
         const AttentionImpl& attn = *attention[i]->attention;
         const int64_t inner = attn.heads * attn.dim_head;
         if (!kv[i].defined() || kv[i].dim() != 3 || kv[i].size(2) != 2 * inner) continue;
-        bool holds = attention[i]->self_attn && source && i < source->seen.size() &&
-                     !source->seen[i].empty();
+        bool holds = attention[i]->self_attn && source != nullptr && i < source->projected.size() &&
+                     !source->projected[i].empty();
         if (holds) {
             const auto tensors = kv_source_tensors(attn);
             for (size_t k = 0; holds && k < tensors.size(); ++k)
-                holds = source->seen[i][k].matches(tensors[k]);
+                holds = source->projected[i][k].matches(tensors[k]);
         }
         if (!holds)
             throw InvalidArgument(
@@ -425,6 +451,13 @@ void check_kv_source(const std::vector<torch::Tensor>& kv,
                 "'s weights now (replaced or changed since: a LoRA fused or unfused, weights "
                 "edited in place, also from a step callback; or no source): map it again");
     }
+}
+
+void add_kv_mappers(const std::vector<torch::nn::Module*>& blocks, NamedModules& out) {
+    const auto attention = blocks_of<AttnBlockImpl>(blocks);
+    for (size_t i = 0; i < attention.size(); ++i)
+        out.emplace_back("attention block " + std::to_string(i) + "'s kv_mapper",
+                         attention[i]->kv_mapper.ptr().get());
 }
 
 MappedTimesteps map_timesteps_packed(const LinearGroup& group,

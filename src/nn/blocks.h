@@ -13,6 +13,8 @@
 #include <torch/nn/pimpl.h>
 
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "nn/linear_group.h"
@@ -148,14 +150,19 @@ TORCH_MODULE(AttnBlock);
 // order. Each kind reads one input for all its blocks (the text condition, the r-embedding).
 LinearGroup kv_mappers(const std::vector<torch::nn::Module*>& blocks);
 LinearGroup timestep_mappers(const std::vector<torch::nn::Module*>& blocks);
-// What map_kv_packed's projected keys and values were made from: per attention block (execution
-// order), its to_k and to_v weights and biases as they were, or nothing when not projected.
-struct KvSource {
-    std::vector<std::vector<TensorSeen>> seen;
+// A mapped condition's modules, named for messages, in the order a model lists them.
+using NamedModules = std::vector<std::pair<std::string, torch::nn::Module*>>;
+// What a mapped condition was computed from besides its inputs, as it was: each mapper module
+// that map_condition ran (the model lists them), and, per attention block in execution order, its
+// to_k and to_v weights and biases when its keys and values were projected ahead (else none).
+struct ConditionSource {
+    std::vector<ModuleSeen> mappers;
+    bool mappers_tracked = false;  // false: some were inference tensors, not checked
+    std::vector<std::vector<TensorSeen>> projected;
 };
 struct MappedKv {
     std::vector<torch::Tensor> kv;
-    std::shared_ptr<const KvSource> source;  // set when some were projected
+    std::vector<std::vector<TensorSeen>> projected;  // per attention block; empty when none were
 };
 // Every AttnBlock's kv_mapper (SiLU, then Linear) of `cond`, [B, M, c_cond], in execution order
 // and each contiguous (the attention's join is faster then), as one product when
@@ -163,15 +170,24 @@ struct MappedKv {
 // project_kv, on the CPU, a self-attention block whose projections are ready gets its keys and
 // values of that instead (AttentionImpl::project_kv, [B, M, 2C]), which
 // AttnBlockImpl::forward_mapped takes while those projections stay ready and unchanged
-// (check_kv_source). Not where the weights cannot be tracked (inference tensors).
+// (check_condition_source). Not where the weights cannot be tracked (inference tensors).
 MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torch::Tensor& cond,
                        bool project_kv = false);
-// Throws InvalidArgument (naming `where`) when some of `kv` (a condition's, for `blocks` in
-// execution order) are keys and values projected ahead whose source does not hold for the blocks'
-// weights now: replaced (a LoRA fused, weights laid out again) or changed in place since.
-void check_kv_source(const std::vector<torch::Tensor>& kv,
-                     const std::shared_ptr<const KvSource>& source,
-                     const std::vector<torch::nn::Module*>& blocks, const std::string& where);
+// Notes the source of a condition just mapped by `mappers`, with map_kv_packed's `projected`.
+std::shared_ptr<const ConditionSource> note_condition_source(
+    const NamedModules& mappers, std::vector<std::vector<TensorSeen>> projected);
+// Throws InvalidArgument (naming `where` and the module) when a condition (its `kv`, for `blocks`
+// in execution order, and its `source`) is not what `mappers` (listed as for
+// note_condition_source) and the blocks would map now: a mapper's tensors replaced or changed in
+// place, or its LoRA state changed, since; or keys and values projected ahead whose to_k / to_v
+// were (or that have no source). A condition without a source (made by hand, from_tensors) is
+// taken as it is, except for projected keys and values.
+void check_condition_source(const std::vector<torch::Tensor>& kv, const ConditionSource* source,
+                            const NamedModules& mappers,
+                            const std::vector<torch::nn::Module*>& blocks,
+                            const std::string& where);
+// The named kv_mapper of each AttnBlock among the blocks, in order: for a model's NamedModules.
+void add_kv_mappers(const std::vector<torch::nn::Module*>& blocks, NamedModules& out);
 // Packs both kinds, and the ResidualBiases where they apply (the models'
 // pack_condition_mappers); whether both kinds are packed.
 bool pack_condition_mappers(const std::vector<torch::nn::Module*>& blocks);

@@ -204,6 +204,65 @@ bool TensorSeen::matches(const torch::Tensor& t) const {
            t._version() == version_;
 }
 
+// ---------------------------------------------------------------------------- ModuleSeen
+
+namespace {
+
+// The tensors whose values a module's forward reads, in a fixed order: parameters, then buffers.
+std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
+    std::vector<torch::Tensor> out = module.parameters(/*recurse=*/true);
+    for (const auto& b : module.buffers(/*recurse=*/true)) out.push_back(b);
+    return out;
+}
+
+// The LoRA state of the module's LoraLinear layers as raw bytes: what their forwards add.
+std::string lora_state(const torch::nn::Module& module) {
+    std::string out;
+    auto put = [&out](const auto& value) {
+        out.append(reinterpret_cast<const char*>(&value), sizeof(value));
+    };
+    for (const auto& m : module.modules(/*include_self=*/true)) {
+        const auto* lora = dynamic_cast<const LoraLinearImpl*>(m.get());
+        if (lora == nullptr || (lora->adapters().empty() && !lora->fused())) continue;
+        out += 'L';
+        put(lora->lora_enabled());
+        put(lora->fused());
+        for (const auto& a : lora->adapters()) {
+            out += a.name;
+            out += '\0';
+            put(a.down.defined() ? a.down.data_ptr() : nullptr);
+            put(a.up.defined() ? a.up.data_ptr() : nullptr);
+            put(a.weight);
+            put(a.alpha);
+            put(a.rslora);
+            put(a.active);
+            put(a.merged);
+        }
+    }
+    return out;
+}
+
+}  // namespace
+
+ModuleSeen::ModuleSeen(torch::nn::Module& module) {
+    for (const auto& m : module.modules(/*include_self=*/true))
+        if (auto* lora = dynamic_cast<LoraLinearImpl*>(m.get())) lora->place_adapters();
+    for (const auto& t : module_tensors(module)) {
+        tensors_.emplace_back(t);
+        tracked_ = tracked_ && tensors_.back().tracked();
+    }
+    lora_ = lora_state(module);
+}
+
+bool ModuleSeen::matches(const torch::nn::Module& module) const {
+    if (!tracked_) return false;
+    const std::vector<torch::Tensor> now = module_tensors(module);
+    if (now.size() != tensors_.size()) return false;
+    for (size_t i = 0; i < now.size(); ++i)
+        if (!tensors_[i].matches(now[i])) return false;
+    return lora_state(module) == lora_;
+}
+
 // ---------------------------------------------------------------------------- InputFold
 
 bool InputFold::laid_out(const torch::nn::LinearImpl& layer) const {

@@ -19,6 +19,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -108,6 +109,26 @@ private:
     c10::weak_intrusive_ptr<c10::StorageImpl> storage_{c10::intrusive_ptr<c10::StorageImpl>()};
     const void* data_ = nullptr;
     uint32_t version_ = 0;
+};
+
+// A module (with its children) as something computed by running it saw it: each parameter and
+// buffer (TensorSeen) and its LoRA state (per LoraLinear layer: enabled, fused, and each adapter's
+// tensors, scales and switches). matches() tells whether running it now would still compute the
+// same: false once a tensor was replaced or changed in place, or an adapter was added, removed,
+// switched, rescaled or fused.
+class ModuleSeen {
+public:
+    // Places the LoRA adapters on their layers' devices first (as a forward that uses them does),
+    // so that a later placement does not count as a change.
+    explicit ModuleSeen(torch::nn::Module& module);
+    // Every tensor could be noted (none is an inference tensor).
+    bool tracked() const { return tracked_; }
+    bool matches(const torch::nn::Module& module) const;
+
+private:
+    std::vector<TensorSeen> tensors_;  // parameters, then buffers
+    std::string lora_;
+    bool tracked_ = true;
 };
 
 // A Linear layer whose last `mapped` input features are, for whole calls, an affine map
