@@ -429,8 +429,9 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         const CallbackWeightsWatch watch(*decoder_, opt.callback && mode == OffloadMode::none, [&] {
             decoder_->check_condition(condition);
             if (modulations.defined())
-                nn::check_mapped_timesteps(modulations.row(0), decoder_->offload_units(), 1, device,
-                                           dtype, "WuerstchenDiffNeXt");
+                nn::check_mapped_timesteps(modulations.row(0), decoder_->offload_units(), 1,
+                                           modulations.rows.device(),
+                                           modulations.rows.scalar_type(), "WuerstchenDiffNeXt");
         });
         for (int i = 0; i < plan.steps(); ++i) {
             // The step's row of modulations, else ratio = t.expand(B).to(dtype), on the device
@@ -447,10 +448,10 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
                 torch::Tensor shown = latents;
                 const double t = plan.points[static_cast<size_t>(i)];
                 const bool keep_going = opt.callback(i, t, shown);
-                watch.check(kWhere, "decoder", i);
                 if (!keep_going)
                     throw Cancelled("DecoderPipeline: cancelled by the step callback after step " +
                                     std::to_string(i));
+                if (i + 1 < plan.steps()) watch.check(kWhere, "decoder", i);
                 if (!shown.is_same(latents)) {
                     check_shape("DecoderPipeline callback", "latents", shown, shape);
                     latents = contiguous_on(shown, device, dtype, /*copy=*/true);

@@ -388,6 +388,20 @@ nn::NamedModules condition_mappers(const WuerstchenDiffNeXtImpl& decoder,
     return out;
 }
 
+// A condition mapped for the effnet mappers folded into the residual blocks needs that fold to
+// hold on `device` still (the blocks apply the mappers from it).
+void check_fold(const WuerstchenDiffNeXtImpl& decoder, const DiffNeXtCondition& condition,
+                const torch::Device& device) {
+    if (condition.effnet_folded &&
+        !effnet_folded(effnet_blocks(decoder.down_blocks, decoder.up_blocks),
+                       decoder.effnet_mapper_list, device))
+        throw InvalidArgument(
+            "WuerstchenDiffNeXt: the condition was mapped for the effnet mappers folded into the "
+            "residual blocks (fold_effnet_mappers), and those weights have been replaced or "
+            "changed since (or are not on " +
+            device.str() + "); map it again");
+}
+
 }  // namespace
 
 DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& effnet,
@@ -448,6 +462,11 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
 }
 
 void WuerstchenDiffNeXtImpl::check_condition(const DiffNeXtCondition& condition) const {
+    for (const auto& e : condition.effnet)
+        if (e.defined()) {
+            check_fold(*this, condition, e.device());
+            break;
+        }
     nn::check_condition_source(condition.kv, condition.source.get(),
                                condition_mappers(*this, condition), offload_units(),
                                "WuerstchenDiffNeXt");
@@ -514,14 +533,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward_blocks(const torch::Tensor& x,
     if (!fits)
         throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +
                               c10::str(x.sizes()));
-    if (condition.effnet_folded &&
-        !effnet_folded(effnet_blocks(down_blocks, up_blocks), effnet_mapper_list, x.device()))
-        throw InvalidArgument(
-            "WuerstchenDiffNeXt: the condition was mapped for the effnet mappers folded into the "
-            "residual blocks (fold_effnet_mappers), and those weights have been replaced or "
-            "changed since (or are not on " +
-            x.device().str() + "); map it again");
-
+    check_fold(*this, condition, x.device());
     check_condition(condition);
     Conditions k(condition, nn::timestep_mappers(blocks), t);
     k.r_embed = r_embed;

@@ -386,8 +386,9 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     const CallbackWeightsWatch watch(*prior_, o.callback && mode == OffloadMode::none, [&] {
         prior_->check_condition(mapped_condition);
         if (modulations.defined())
-            nn::check_mapped_timesteps(modulations.row(0), prior_->offload_units(), 1, device_,
-                                       dtype, "WuerstchenPrior");
+            nn::check_mapped_timesteps(modulations.row(0), prior_->offload_units(), 1,
+                                       modulations.rows.device(), modulations.rows.scalar_type(),
+                                       "WuerstchenPrior");
     });
     for (int i = 0; i < plan.steps(); ++i) {
         const float t = plan.points[static_cast<size_t>(i)];
@@ -402,7 +403,6 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
 
         if (o.callback) {
             const bool keep_going = o.callback(i, static_cast<double>(t), latents);
-            watch.check(kWhere, "prior", i);
             if (!latents.defined() || latents.sizes() != c10::IntArrayRef(latent_shape))
                 invalid("the step callback replaced `latents` by a tensor of shape " +
                         (latents.defined() ? shape_string(latents.sizes()) : "undefined") +
@@ -411,6 +411,7 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
             if (!keep_going)
                 throw Cancelled(std::string(kWhere) +
                                 ": cancelled by the step callback after step " + std::to_string(i));
+            if (i + 1 < plan.steps()) watch.check(kWhere, "prior", i);
         }
     }
 

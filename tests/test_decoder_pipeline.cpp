@@ -8,6 +8,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "reference_cases.h"
@@ -202,15 +203,22 @@ TEST_F(DecoderPipelineTest, CallbackReplacingWeightsIsRefused) {
     // A weight that the call mapped once, changed in place (clip_mapper's): refused after the
     // callback, naming the module. A new pipeline: the weight replaced above took an inference
     // tensor's data (the callback runs in inference mode), which has no version to check.
+    // The effnet mappers are folded into the blocks' weights: the fold is checked too.
     auto fresh = DecoderPipeline::from_pretrained(test::data_path("tiny-wuerstchen"));
-    const torch::Tensor mapped = test::parameters_named(*fresh.decoder(), "clip_mapper.bias").at(0);
-    opt.callback = [&mapped](int, double, torch::Tensor&) {
-        torch::NoGradGuard no_grad;
-        torch::Tensor(mapped).mul_(1.0);  // a new version, the same values
-        return true;
-    };
-    WUERSTCHEN_EXPECT_THROW_MSG(fresh(opt), InvalidArgument, "step callback after step 0",
-                                "changed the decoder's weights in place", "mapped by clip_mapper");
+    for (const auto& [name, says] : std::vector<std::pair<std::string, std::string>>{
+             {"clip_mapper.bias", "mapped by clip_mapper"},
+             {"effnet_mappers.1.weight", "fold_effnet_mappers"}}) {
+        SCOPED_TRACE(name);
+        const torch::Tensor mapped = test::parameters_named(*fresh.decoder(), name).at(0);
+        opt.callback = [&mapped](int, double, torch::Tensor&) {
+            torch::NoGradGuard no_grad;
+            torch::Tensor(mapped).mul_(1.0);  // a new version, the same values
+            return true;
+        };
+        WUERSTCHEN_EXPECT_THROW_MSG(fresh(opt), InvalidArgument, "step callback after step 0",
+                                    "changed the decoder's weights in place", says);
+        fresh.decoder()->fold_effnet_mappers();  // folds again after the edit
+    }
     EXPECT_TRUE(test::all_close("decoder_seed22 after the in-place edit was refused",
                                 fresh(test::decoder_seed22_options(ref)).images,
                                 test::ref_tensor(ref, "images"), kPipelineTol));

@@ -241,6 +241,12 @@ TEST(DiffNeXt, ConditionOfChangedMappersIsRefused) {
             edit("kv_mapper.1.weight");
             WUERSTCHEN_EXPECT_THROW_MSG(model->forward(x, r, condition), InvalidArgument,
                                         "attention block 0's kv_mapper");
+            // Folded, the effnet mappers live on in the blocks' weights: check_condition (what
+            // a pipeline runs after a step callback) checks the fold too.
+            condition = map();
+            edit("effnet_mappers.1.weight");
+            WUERSTCHEN_EXPECT_THROW_MSG(model->check_condition(condition), InvalidArgument,
+                                        "fold_effnet_mappers");
         } else {
             size_t first = 0;
             while (!model->effnet_mapper_list.at(first)) ++first;

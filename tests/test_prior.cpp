@@ -254,6 +254,17 @@ TEST(Prior, ConditionOfChangedMappersIsRefused) {
     cond_linear->adapter("style").weight = 0.5;
     EXPECT_THROW(prior->forward(x, r, condition), InvalidArgument);
     condition = prior->map_condition(c);
+    edit(cond_linear->adapter("style").up);  // an adapter's tensor changed in place
+    EXPECT_THROW(prior->forward(x, r, condition), InvalidArgument);
+    condition = prior->map_condition(c);
+    {
+        // Another adapter of the same name and scale: not the one mapped with.
+        c10::InferenceMode off(false);
+        cond_linear->delete_adapter("style");
+        cond_linear->add_adapter("style", torch::randn({2, in}), torch::randn({out, 2}), 2.0, 0.5);
+    }
+    EXPECT_THROW(prior->forward(x, r, condition), InvalidArgument);
+    condition = prior->map_condition(c);
     cond_linear->set_lora_enabled(false);
     EXPECT_THROW(prior->forward(x, r, condition), InvalidArgument);
     condition = prior->map_condition(c);

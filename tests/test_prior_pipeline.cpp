@@ -237,6 +237,25 @@ TEST(PriorPipeline, WeightsChangedByACallbackAreRefused) {
     out = pipe(test::prior_seed0_options());
     EXPECT_TRUE(all_close("prior_seed0 after the third refused call", out.image_embeddings,
                           expected, scaled_tol(expected, kRel)));
+
+    // Cancelling wins over the check; after the last step nothing reads the mapped values again.
+    const torch::Tensor cond_bias = test::parameters_named(*pipe.prior(), "cond_mapper.2.bias")[0];
+    const int last = test::prior_seed0_options().num_inference_steps - 1;
+    o.callback = [&](int step, double, torch::Tensor&) {
+        torch::NoGradGuard no_grad;
+        torch::Tensor(cond_bias).mul_(1.0);
+        return step != 0;
+    };
+    EXPECT_THROW(pipe(o), Cancelled);
+    o.callback = [&](int step, double, torch::Tensor&) {
+        if (step == last) {
+            torch::NoGradGuard no_grad;
+            torch::Tensor(cond_bias).mul_(1.0);
+        }
+        return true;
+    };
+    EXPECT_TRUE(all_close("prior_seed0 with an edit after the last step", pipe(o).image_embeddings,
+                          expected, scaled_tol(expected, kRel)));
 }
 
 // Given latents are read in any memory layout: the same values as contiguous ones (a

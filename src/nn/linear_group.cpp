@@ -215,8 +215,10 @@ std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
     return out;
 }
 
-// The LoRA state of the module's LoraLinear layers as raw bytes: what their forwards add.
-std::string lora_state(const torch::nn::Module& module) {
+// The LoRA state of the module's LoraLinear layers: their switches and each adapter's name,
+// scales and flags as raw bytes, and the adapters' tensors themselves (`tensors`: held, so that
+// their addresses cannot come back as another adapter's).
+std::string lora_state(const torch::nn::Module& module, std::vector<torch::Tensor>& tensors) {
     std::string out;
     auto put = [&out](const auto& value) {
         out.append(reinterpret_cast<const char*>(&value), sizeof(value));
@@ -230,16 +232,22 @@ std::string lora_state(const torch::nn::Module& module) {
         for (const auto& a : lora->adapters()) {
             out += a.name;
             out += '\0';
-            put(a.down.defined() ? a.down.data_ptr() : nullptr);
-            put(a.up.defined() ? a.up.data_ptr() : nullptr);
             put(a.weight);
             put(a.alpha);
             put(a.rslora);
             put(a.active);
             put(a.merged);
+            tensors.push_back(a.down);
+            tensors.push_back(a.up);
         }
     }
     return out;
+}
+
+// The same tensor (object), unchanged in place since `seen` noted it where it has a version.
+bool same_adapter_tensor(const torch::Tensor& now, const torch::Tensor& then,
+                         const TensorSeen& seen) {
+    return now.is_same(then) && (!seen.tracked() || seen.matches(now));
 }
 
 }  // namespace
@@ -251,7 +259,8 @@ ModuleSeen::ModuleSeen(torch::nn::Module& module) {
         tensors_.emplace_back(t);
         tracked_ = tracked_ && tensors_.back().tracked();
     }
-    lora_ = lora_state(module);
+    lora_ = lora_state(module, adapters_);
+    for (const auto& t : adapters_) adapters_seen_.emplace_back(t);
 }
 
 bool ModuleSeen::matches(const torch::nn::Module& module) const {
@@ -260,7 +269,11 @@ bool ModuleSeen::matches(const torch::nn::Module& module) const {
     if (now.size() != tensors_.size()) return false;
     for (size_t i = 0; i < now.size(); ++i)
         if (!tensors_[i].matches(now[i])) return false;
-    return lora_state(module) == lora_;
+    std::vector<torch::Tensor> adapters;
+    if (lora_state(module, adapters) != lora_ || adapters.size() != adapters_.size()) return false;
+    for (size_t i = 0; i < adapters.size(); ++i)
+        if (!same_adapter_tensor(adapters[i], adapters_[i], adapters_seen_[i])) return false;
+    return true;
 }
 
 // ---------------------------------------------------------------------------- InputFold

@@ -113,9 +113,9 @@ private:
 
 // A module (with its children) as something computed by running it saw it: each parameter and
 // buffer (TensorSeen) and its LoRA state (per LoraLinear layer: enabled, fused, and each adapter's
-// tensors, scales and switches). matches() tells whether running it now would still compute the
-// same: false once a tensor was replaced or changed in place, or an adapter was added, removed,
-// switched, rescaled or fused.
+// tensors, scales and switches; an adapter tensor changed in place counts where it has a version).
+// matches() tells whether running it now would still compute the same: false once a tensor was
+// replaced or changed in place, or an adapter was added, removed, switched, rescaled or fused.
 class ModuleSeen {
 public:
     // Places the LoRA adapters on their layers' devices first (as a forward that uses them does),
@@ -127,7 +127,11 @@ public:
 
 private:
     std::vector<TensorSeen> tensors_;  // parameters, then buffers
-    std::string lora_;
+    std::string lora_;                 // switches, names, scales and flags
+    // The adapters' tensors (down, up per adapter), held: a condition keeps an unloaded adapter's
+    // few weights alive, so that their addresses are not reused. Versions where they have one.
+    std::vector<torch::Tensor> adapters_;
+    std::vector<TensorSeen> adapters_seen_;
     bool tracked_ = true;
 };
 
