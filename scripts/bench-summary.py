@@ -56,6 +56,8 @@ def mode(run):
         parts.append("channels-last")
     if run.get("cudnn_benchmark"):
         parts.append("cudnn-benchmark")
+    if run.get("project_text_kv") and run.get("device_type") == "cuda":
+        parts.append("text kv once")
     return ", ".join(parts)
 
 

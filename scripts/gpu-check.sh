@@ -27,7 +27,9 @@
 #            by stage, block type and ATen op in profile-summary.txt (what the speed work needs
 #            first, hence this early)
 #   variants batch 1 and batch 4 in fp16 with graphs and channels-last (NHWC spares the layout
-#            copies around norms and convolutions: a candidate for the CUDA default)
+#            copies around norms and convolutions: a candidate for the CUDA default), and batch 1
+#            so with the text's keys and values projected once per call (--project-text-kv on,
+#            the CPU's default: a candidate for CUDA's)
 #   tests    the gpu-labelled tests (CUDA fp32 / fp16 vs references, offload, graphs) and the
 #            CUDA cases of the CPU suite (Lora.Cuda*)
 #   memory   batch 1 with --offload and with --sequential-offload
@@ -168,6 +170,8 @@ for phase in "$@"; do
         variants)
             env_sh
             bench b1-fp16-graphs-cl 90 --dtype fp16 --cuda-graphs --channels-last
+            bench b1-fp16-graphs-cl-kv 90 --dtype fp16 --cuda-graphs --channels-last \
+                --project-text-kv on
             bench b4-fp16-graphs-cl 120 --dtype fp16 --cuda-graphs --channels-last --batch 4
             ;;
         cudnn)

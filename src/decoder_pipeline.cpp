@@ -397,7 +397,8 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
         // The image embeddings and text states as the blocks read them, mapped once for all
         // steps (graph inputs copied once per call).
         const DiffNeXtCondition condition =
-            decoder_->map_condition(effnet, text, shape[2], shape[3], /*project_kv=*/true);
+            decoder_->map_condition(effnet, text, shape[2], shape[3],
+                                    /*project_kv=*/projects_text_kv(options_, device));
         const std::vector<torch::Tensor> condition_tensors = condition.tensors();
         const double guidance = opt.guidance_scale;
         auto graph_key = graphs_->prepare_call(options_, mode, device, *decoder_, cfg, guidance);

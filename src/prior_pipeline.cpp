@@ -359,7 +359,8 @@ PriorOutput PriorPipeline::run(const PriorOptions& o, StepNoise* shared_draws) {
     const auto on_device = stage_scope(prior_, device_, mode);
     // The text condition as the blocks read it, mapped once for all steps (graph inputs copied
     // once per call).
-    const PriorCondition mapped_condition = prior_->map_condition(text_states, /*project_kv=*/true);
+    const PriorCondition mapped_condition =
+        prior_->map_condition(text_states, /*project_kv=*/projects_text_kv(options_, device_));
     const std::vector<torch::Tensor> condition = mapped_condition.tensors();
     const double guidance = o.guidance_scale;
     auto graph_key = graphs_->prepare_call(options_, mode, device_, *prior_, cfg, guidance);

@@ -197,6 +197,10 @@ UninitializedParameters::UninitializedParameters() { ++uninitialized_depth; }
 UninitializedParameters::~UninitializedParameters() { --uninitialized_depth; }
 bool UninitializedParameters::active() { return uninitialized_depth > 0; }
 
+bool projects_text_kv(const LoadOptions& options, const torch::Device& device) {
+    return options.project_text_kv.value_or(device.is_cpu());
+}
+
 void check_load_options(const LoadOptions& options) {
     const torch::ScalarType dtype = options.dtype;
     if (dtype != torch::kFloat32 && dtype != torch::kFloat16 && dtype != torch::kBFloat16 &&

@@ -23,6 +23,7 @@
 #include "test_util.h"
 #include "wuerstchen/combined_pipeline.h"
 #include "wuerstchen/decoder_pipeline.h"
+#include "wuerstchen/error.h"
 #include "wuerstchen/pipeline_common.h"
 #include "wuerstchen/prior_pipeline.h"
 #include "wuerstchen/weights.h"
@@ -298,6 +299,51 @@ TEST_F(GpuPipelines, ChannelsLastMatches) {
     expect_same_output("cuda fp16 channels-last + graphs vs NCHW eager",
                        nhwc(test::combined_seed42_options()),
                        nchw(test::combined_seed42_options()), test::kFp16Tol);
+}
+
+// The text's keys and values projected once per call (LoadOptions::project_text_kv, the CPU's
+// default) on CUDA: the fp32 reference's images, and with fp16 and graphs the per-step
+// projection's. Step callbacks on a device given without an index ("cuda") pass the checks after
+// each step when they change nothing, and an in-place edit of a weight the call mapped once is
+// refused also where graphs replay the steps (no forward runs its checks there).
+TEST_F(GpuPipelines, TextKeysAndValuesOncePerCallAndCallbackChecks) {
+    LoadOptions fp32 = on_cuda(torch::kFloat32);
+    fp32.project_text_kv = true;
+    auto pipe = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"), fp32);
+    const auto ref = reference("pipeline_combined_seed42");
+    CombinedOptions o = test::combined_seed42_options();
+    int steps = 0;
+    o.prior_callback = o.callback = [&steps](int, double, torch::Tensor&) {
+        ++steps;
+        return true;
+    };
+    EXPECT_TRUE(all_close("cuda fp32 text keys and values once, combined_seed42 images",
+                          pipe(o).images, ref_tensor(ref, "images"), kFp32Tol));
+    EXPECT_GT(steps, 2);
+
+    LoadOptions fp16 = on_cuda(torch::kFloat16, false, false, /*cuda_graphs=*/true);
+    fp16.project_text_kv = true;
+    auto once = CombinedPipeline::from_pretrained(data_path("tiny-wuerstchen-combined"), fp16);
+    auto per_step = CombinedPipeline::from_pretrained(
+        data_path("tiny-wuerstchen-combined"),
+        on_cuda(torch::kFloat16, false, false, /*cuda_graphs=*/true));
+    expect_same_output("cuda fp16 + graphs, text keys and values once vs per step",
+                       once(test::combined_seed42_options()),
+                       per_step(test::combined_seed42_options()), test::kFp16Tol);
+
+    for (auto* graphed : {&once, &per_step}) {
+        const bool projected = graphed == &once;
+        const std::string name = projected ? "attention.to_k.weight" : "cond_mapper.0.weight";
+        const torch::Tensor w = test::parameters_named(*graphed->prior_pipeline().prior(), name)[0];
+        CombinedOptions edit = test::combined_seed42_options();
+        edit.prior_callback = [&w](int, double, torch::Tensor&) {
+            torch::NoGradGuard no_grad;
+            torch::Tensor(w).mul_(1.0);  // a new version, the same values
+            return true;
+        };
+        WUERSTCHEN_EXPECT_THROW_MSG((*graphed)(edit), InvalidArgument, "step callback after step 0",
+                                    "in place", projected ? "keys and values" : "cond_mapper");
+    }
 }
 
 // A LoRA change after capture drops the graphs: the next call matches an eager pipeline with

@@ -258,6 +258,34 @@ TEST(PriorPipeline, WeightsChangedByACallbackAreRefused) {
                           expected, scaled_tol(expected, kRel)));
 }
 
+// LoadOptions::project_text_kv = false on the CPU: each step projects the text's keys and values
+// itself. The same embeddings as the reference; and since no keys or values were mapped ahead, a
+// step callback may edit a to_k weight in place (the later steps read it), which the default
+// form refuses (above).
+TEST(PriorPipeline, TextKeysAndValuesPerStepWhenAsked) {
+    LoadOptions load;
+    load.project_text_kv = false;
+    EXPECT_FALSE(projects_text_kv(load, torch::kCPU));
+    EXPECT_TRUE(projects_text_kv(LoadOptions{}, torch::kCPU));
+    PriorPipeline pipe = PriorPipeline::from_pretrained(data_path("tiny-wuerstchen-prior"), load);
+    auto expected = ref_tensor(reference("pipeline_prior_seed0"), "image_embeddings");
+    EXPECT_TRUE(all_close("prior_seed0, keys and values per step",
+                          pipe(test::prior_seed0_options()).image_embeddings, expected,
+                          scaled_tol(expected, kRel)));
+    const torch::Tensor weight = test::parameters_named(*pipe.prior(), "attention.to_k.weight")[0];
+    auto o = test::prior_seed0_options();
+    int edits = 0;
+    o.callback = [&](int, double, torch::Tensor&) {
+        torch::NoGradGuard no_grad;
+        torch::Tensor(weight).mul_(1.0);
+        ++edits;
+        return true;
+    };
+    EXPECT_TRUE(all_close("prior_seed0, keys and values per step, to_k edited in place",
+                          pipe(o).image_embeddings, expected, scaled_tol(expected, kRel)));
+    EXPECT_EQ(edits, o.num_inference_steps);
+}
+
 // Given latents are read in any memory layout: the same values as contiguous ones (a
 // channels-last input chose other convolution kernels, 2e-6 relative off), a contiguous output,
 // and the caller's tensor unchanged.

@@ -720,6 +720,7 @@ int run_bench(int argc, char** argv) {
     out["offload"] = load.sequential_offload ? "sequential" : load.offload ? "model" : "none";
     out["cuda_graphs"] = load.cuda_graphs;
     out["channels_last"] = load.channels_last;
+    out["project_text_kv"] = projects_text_kv(load, device);
     out["cudnn_benchmark"] = at::globalContext().benchmarkCuDNN();
     out["prior_steps"] = prior_steps;
     out["prior_timesteps"] = prior_timesteps.empty()                      ? "linspace"

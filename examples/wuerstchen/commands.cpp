@@ -168,19 +168,24 @@ std::vector<FlagSpec> decoder_flags() {
 }
 
 std::vector<FlagSpec> load_flags() {
-    return {{"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
-            {"dtype", "fp32|fp16|bf16", "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
-            {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
-            {"sequential-offload", "",
-             "keep the weights on the CPU and move each block to the GPU only for its forward"},
-            {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
-            {"channels-last", "", "keep convolution weights and activations in NHWC order"},
-            {"cudnn-benchmark", "",
-             "let cuDNN time its algorithms for each convolution shape on first use and keep the "
-             "fastest (a slower first run)"},
-            {"threads", "N",
-             "CPU threads for libtorch's kernels (default: libtorch's choice when OMP_NUM_THREADS or "
-             "MKL_NUM_THREADS is set, else the physical cores this process may run on)"}};
+    return {
+        {"device", "cpu|cuda", "where to run (default: cuda when available, else cpu)"},
+        {"dtype", "fp32|fp16|bf16",
+         "weight and activation dtype (default: fp16 on cuda, fp32 on cpu)"},
+        {"offload", "", "keep each stage on the CPU and move it to the GPU only while it runs"},
+        {"sequential-offload", "",
+         "keep the weights on the CPU and move each block to the GPU only for its forward"},
+        {"cuda-graphs", "", "replay each denoising step from a CUDA graph (captured once)"},
+        {"channels-last", "", "keep convolution weights and activations in NHWC order"},
+        {"project-text-kv", "on|off",
+         "compute the attention blocks' keys and values of the text once per call instead of "
+         "at every step (default: on for cpu, off for cuda)"},
+        {"cudnn-benchmark", "",
+         "let cuDNN time its algorithms for each convolution shape on first use and keep the "
+         "fastest (a slower first run)"},
+        {"threads", "N",
+         "CPU threads for libtorch's kernels (default: libtorch's choice when OMP_NUM_THREADS or "
+         "MKL_NUM_THREADS is set, else the physical cores this process may run on)"}};
 }
 
 namespace {
@@ -251,6 +256,12 @@ LoadOptions load_options(const Args& args) {
     opts.sequential_offload = args.has("sequential-offload");
     opts.cuda_graphs = args.has("cuda-graphs");
     opts.channels_last = args.has("channels-last");
+    if (args.has("project-text-kv")) {
+        const std::string v = args.str("project-text-kv");
+        if (v != "on" && v != "off")
+            throw UsageError("--project-text-kv must be 'on' or 'off', got '" + v + "'");
+        opts.project_text_kv = v == "on";
+    }
     if (opts.offload && opts.sequential_offload)
         throw UsageError("--offload and --sequential-offload exclude each other: pass one");
     for (const char* flag : {"offload", "sequential-offload", "cuda-graphs", "cudnn-benchmark"})

@@ -33,7 +33,7 @@ struct ConditionSource;
 struct DiffNeXtCondition {
     torch::Tensor clip;             // gen_c_embeddings(clip): [B, L, c_cond], or undefined
     // When packed: each AttnBlock's kv_mapper(clip) [B, L, c], in order; with map_condition's
-    // project_kv, on the CPU, the block's keys and values of that instead ([B, L, 2c], k then
+    // project_kv, the block's keys and values of that instead ([B, L, 2c], k then
     // v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
     // What map_condition mapped it with, as it was: clip_mapper, the kv_mappers (when packed),
@@ -80,8 +80,8 @@ struct WuerstchenDiffNeXtImpl : torch::nn::Module {
     // two sizes): the text states by clip_mapper and, when packed, every attention block's
     // kv_mapper; the image embeddings resized to each injecting level's size and mapped. Does not
     // depend on x's values or r. Throws InvalidArgument naming a bad argument. project_kv: as
-    // WuerstchenPriorImpl::map_condition's (the attention blocks' text keys and values, on the
-    // CPU). Valid while the modules that mapped it stay as they are (see `source`).
+    // WuerstchenPriorImpl::map_condition's (the attention blocks' text keys and values). Valid
+    // while the modules that mapped it stay as they are (see `source`).
     DiffNeXtCondition map_condition(const torch::Tensor& effnet, const torch::Tensor& clip,
                                     int64_t height, int64_t width, bool project_kv = false);
     // As WuerstchenPriorImpl::check_condition: throws InvalidArgument when `condition`'s source

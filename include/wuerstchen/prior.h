@@ -34,7 +34,7 @@ struct ConditionSource;
 struct PriorCondition {
     torch::Tensor c_embed;          // cond_mapper(c): [B, L, c]
     // When packed: each AttnBlock's kv_mapper(c_embed) [B, L, c], in order; with
-    // map_condition's project_kv, on the CPU, the block's keys and values of that instead
+    // map_condition's project_kv, the block's keys and values of that instead
     // ([B, L, 2c], k then v: computed once per call rather than every step).
     std::vector<torch::Tensor> kv;
     // What map_condition mapped it with, as it was: cond_mapper, the kv_mappers (when packed)
@@ -81,13 +81,13 @@ struct WuerstchenPriorImpl : torch::nn::Module {
     // c: [B, L, c_cond] -> cond_mapper(c) and, when the kv_mappers are packed
     // (pack_condition_mappers) and no LoRA adapter on them contributes, every attention block's
     // mapping of it in one product. Throws InvalidArgument for another shape.
-    // project_kv (what the pipelines pass): on the CPU, each attention block whose projections
-    // are packed and usable (pack_attention_projections; no LoRA adapter on them contributing,
-    // autograd off) gets the keys and values of its mapping instead, so that a step projects only
-    // x's rows. A condition holds only while the modules that mapped it stay as they are: map it
-    // again after changing them or their LoRA state (forward refuses it once they were replaced
-    // or changed in place, or projections cannot run packed: `source`; a pipeline maps once per
-    // call).
+    // project_kv (what the pipelines pass per LoadOptions::project_text_kv, by default on the
+    // CPU): each self-attention block whose projections are packed and usable
+    // (pack_attention_projections; no LoRA adapter on them contributing, autograd off) gets the
+    // keys and values of its mapping instead, so that a step projects only x's rows. A condition
+    // holds only while the modules that mapped it stay as they are: map it again after changing
+    // them or their LoRA state (forward refuses it once they were replaced or changed in place, or
+    // projections cannot run packed: `source`; a pipeline maps once per call).
     PriorCondition map_condition(const torch::Tensor& c, bool project_kv = false);
     // Throws InvalidArgument when `condition` has a source (map_condition's) that no longer holds:
     // a module that mapped it was replaced or changed in place since, or its LoRA state changed

@@ -377,11 +377,9 @@ MappedKv map_kv_packed(const std::vector<torch::nn::Module*>& blocks, const torc
     if (!group.ready(cond.device())) return {};
     MappedKv out;
     out.kv = group.split(group.forward(at::silu(cond)));
-    if (!project_kv || !cond.device().is_cpu()) return out;
-    // On the CPU the products take most of a step's time, and the text rows' keys and values
-    // are the same every step: each self-attention block's are projected here, once per call.
-    // (On CUDA, by estimate, joining x's strided key and value columns with them costs about
-    // what the smaller product saves at 1024x1024, so there each step projects [x ; mapped].)
+    if (!project_kv) return out;
+    // The text rows' keys and values are the same every step: each self-attention block's are
+    // projected here, once per call (the pipelines ask on the CPU by default: projects_text_kv).
     const auto attention = blocks_of<AttnBlockImpl>(blocks);
     out.projected.resize(attention.size());
     for (size_t i = 0; i < attention.size(); ++i) {

@@ -167,7 +167,7 @@ struct MappedKv {
 // Every AttnBlock's kv_mapper (SiLU, then Linear) of `cond`, [B, M, c_cond], in execution order
 // and each contiguous (the attention's join is faster then), as one product when
 // kv_mappers(blocks) is ready on cond's device; else empty, and each block maps its own. With
-// project_kv, on the CPU, a self-attention block whose projections are ready gets its keys and
+// project_kv, a self-attention block whose projections are ready gets its keys and
 // values of that instead (AttentionImpl::project_kv, [B, M, 2C]), which
 // AttnBlockImpl::forward_mapped takes while those projections stay ready and unchanged
 // (check_condition_source). Not where the weights cannot be tracked (inference tensors).

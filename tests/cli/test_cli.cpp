@@ -440,6 +440,14 @@ TEST(CLI, BenchTinyCpuPrintsJson) {
     const CliResult one = run_cli(with({"bench", "--random-weights", "--tiny", "--threads", "1"}));
     expect_bench_json(one, {1, 3, 128, 128});
     if (!HasFailure()) EXPECT_EQ(nlohmann::json::parse(one.out).at("cpu_threads"), 1);
+    // The text's keys and values once per call: the CPU's default, off when asked.
+    const CliResult per_step =
+        run_cli(with({"bench", "--random-weights", "--tiny", "--project-text-kv", "off"}));
+    expect_bench_json(per_step, {1, 3, 128, 128});
+    if (!HasFailure()) {
+        EXPECT_EQ(nlohmann::json::parse(per_step.out).at("project_text_kv"), false);
+        EXPECT_EQ(nlohmann::json::parse(random.out).at("project_text_kv"), true);
+    }
     cpu_set_t cores;
     if (std::getenv("OMP_NUM_THREADS") == nullptr && std::getenv("MKL_NUM_THREADS") == nullptr &&
         sched_getaffinity(0, sizeof(cores), &cores) == 0 && !HasFailure()) {
@@ -483,6 +491,9 @@ TEST(CLI, BenchUsageErrors) {
     expect_one_line_error(
         run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu", "--cudnn-benchmark"}),
         {"--cudnn-benchmark needs --device cuda"});
+    expect_one_line_error(run_cli({"bench", "--random-weights", "--tiny", "--device", "cpu",
+                                   "--project-text-kv", "maybe"}),
+                          {"--project-text-kv must be 'on' or 'off'", "maybe"});
     const CliResult help = run_cli({"bench", "--help"});
     EXPECT_EQ(help.status, 0);
     EXPECT_NE(help.out.find("usage: wuerstchen bench"), std::string::npos) << help.out;
