@@ -343,6 +343,22 @@ TEST_F(GpuPipelines, TextKeysAndValuesOncePerCallAndCallbackChecks) {
         };
         WUERSTCHEN_EXPECT_THROW_MSG((*graphed)(edit), InvalidArgument, "step callback after step 0",
                                     "in place", projected ? "keys and values" : "cond_mapper");
+        // The decoder (2 steps): its projected keys and values (which also shows that it
+        // projected), or the effnet mappers folded into its blocks' weights (the fold, checked
+        // after the callback because a replay runs no forward's checks).
+        const std::string decoder_name =
+            projected ? "attention.to_k.weight" : "effnet_mappers.1.weight";
+        const torch::Tensor d =
+            test::parameters_named(*graphed->decoder_pipeline().decoder(), decoder_name)[0];
+        edit = test::combined_seed42_options();
+        edit.callback = [&d](int, double, torch::Tensor&) {
+            torch::NoGradGuard no_grad;
+            torch::Tensor(d).mul_(1.0);
+            return true;
+        };
+        WUERSTCHEN_EXPECT_THROW_MSG((*graphed)(edit), InvalidArgument, "step callback after step 0",
+                                    "in place",
+                                    projected ? "keys and values" : "fold_effnet_mappers");
     }
 }
 

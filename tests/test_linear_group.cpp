@@ -415,7 +415,7 @@ TEST(PackedProjections, ContributingLoraAdapterProjectsSeparately) {
     EXPECT_TRUE(all_close("packed block with a LoRA adapter on to_k", out, expected, 0.0));
 }
 
-// With project_kv (the pipelines' conditions), on the CPU the condition carries each
+// With project_kv (the pipelines' conditions by default on the CPU), the condition carries each
 // self-attention block's keys and values of its text rows (map_kv_packed, once per call), so a
 // step projects only x's rows: two products (q, k, v of x; to_out) instead of the per-block
 // model's five (kv_mapper; q, k, v; to_out).

@@ -720,7 +720,9 @@ int run_bench(int argc, char** argv) {
     out["offload"] = load.sequential_offload ? "sequential" : load.offload ? "model" : "none";
     out["cuda_graphs"] = load.cuda_graphs;
     out["channels_last"] = load.channels_last;
-    out["project_text_kv"] = projects_text_kv(load, device);
+    // What the steps did: nothing is mapped ahead while offloading.
+    out["project_text_kv"] =
+        projects_text_kv(load, device) && !load.offload && !load.sequential_offload;
     out["cudnn_benchmark"] = at::globalContext().benchmarkCuDNN();
     out["prior_steps"] = prior_steps;
     out["prior_timesteps"] = prior_timesteps.empty()                      ? "linspace"
