@@ -9,6 +9,7 @@
 #include <sstream>
 #include <utility>
 
+#include "lora_state.h"
 #include "module_walk.h"
 #include "wuerstchen/error.h"
 #include "wuerstchen/lora.h"
@@ -334,36 +335,20 @@ std::string weights_fingerprint(const torch::nn::Module& module) {
     // bytes (a pipeline call makes one before its first kernel: formatting them as text took
     // as long again).
     std::string out;
-    auto put = [&out](const auto& value) {
-        out.append(reinterpret_cast<const char*>(&value), sizeof(value));
-    };
-    auto put_tensor = [&](const torch::Tensor& t) {
-        put(t.defined() ? t.data_ptr() : nullptr);
+    auto put_tensor = [](std::string& to, const torch::Tensor& t) {
+        append_bytes(to, t.defined() ? t.data_ptr() : nullptr);
         if (!t.defined()) return;
-        put(static_cast<int16_t>(t.scalar_type()));
-        put(static_cast<int16_t>(t.device().type()));
-        put(static_cast<int16_t>(t.device().index()));
+        append_bytes(to, static_cast<int16_t>(t.scalar_type()));
+        append_bytes(to, static_cast<int16_t>(t.device().type()));
+        append_bytes(to, static_cast<int16_t>(t.device().index()));
     };
     visit_modules(module, [&](const torch::nn::Module& m) {
-        for (const auto& t : m.parameters(/*recurse=*/false)) put_tensor(t);
+        for (const auto& t : m.parameters(/*recurse=*/false)) put_tensor(out, t);
         out += ';';
-        for (const auto& t : m.buffers(/*recurse=*/false)) put_tensor(t);
+        for (const auto& t : m.buffers(/*recurse=*/false)) put_tensor(out, t);
         out += ';';
-        const auto* lora = dynamic_cast<const LoraLinearImpl*>(&m);
-        if (lora == nullptr || (lora->adapters().empty() && !lora->fused())) return false;
-        out += 'L';
-        put(lora->lora_enabled());
-        put(lora->fused());
-        for (const auto& a : lora->adapters()) {
-            put_tensor(a.down);
-            put_tensor(a.up);
-            put(a.weight);
-            put(a.alpha);
-            put(a.rslora);
-            put(a.active);
-            put(a.merged);
-            out += ',';
-        }
+        if (const auto* lora = dynamic_cast<const LoraLinearImpl*>(&m))
+            append_lora_state(out, *lora, put_tensor);
         return false;
     });
     return out;

@@ -5,6 +5,8 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/utils.h>
 
+#include "lora_state.h"
+#include "module_walk.h"
 #include "nn/functional.h"
 #include "wuerstchen/lora.h"
 
@@ -208,39 +210,30 @@ bool TensorSeen::matches(const torch::Tensor& t) const {
 
 namespace {
 
-// The tensors whose values a module's forward reads, in a fixed order: parameters, then buffers.
+// The tensors whose values a module's forward reads, in a fixed order: each module's (parents
+// before children) parameters, then buffers.
 std::vector<torch::Tensor> module_tensors(const torch::nn::Module& module) {
-    std::vector<torch::Tensor> out = module.parameters(/*recurse=*/true);
-    for (const auto& b : module.buffers(/*recurse=*/true)) out.push_back(b);
+    std::vector<torch::Tensor> out;
+    visit_modules(module, [&out](const torch::nn::Module& m) {
+        for (const auto& t : m.parameters(/*recurse=*/false)) out.push_back(t);
+        for (const auto& t : m.buffers(/*recurse=*/false)) out.push_back(t);
+        return false;
+    });
     return out;
 }
 
-// The LoRA state of the module's LoraLinear layers: their switches and each adapter's name,
-// scales and flags as raw bytes, and the adapters' tensors themselves (`tensors`: held, so that
-// their addresses cannot come back as another adapter's).
+// The LoRA state of the module's LoraLinear layers (append_lora_state), with the adapters'
+// tensors themselves put into `tensors` (held, so that their addresses cannot come back as
+// another adapter's).
 std::string lora_state(const torch::nn::Module& module, std::vector<torch::Tensor>& tensors) {
     std::string out;
-    auto put = [&out](const auto& value) {
-        out.append(reinterpret_cast<const char*>(&value), sizeof(value));
-    };
-    for (const auto& m : module.modules(/*include_self=*/true)) {
-        const auto* lora = dynamic_cast<const LoraLinearImpl*>(m.get());
-        if (lora == nullptr || (lora->adapters().empty() && !lora->fused())) continue;
-        out += 'L';
-        put(lora->lora_enabled());
-        put(lora->fused());
-        for (const auto& a : lora->adapters()) {
-            out += a.name;
-            out += '\0';
-            put(a.weight);
-            put(a.alpha);
-            put(a.rslora);
-            put(a.active);
-            put(a.merged);
-            tensors.push_back(a.down);
-            tensors.push_back(a.up);
-        }
-    }
+    visit_modules(module, [&](const torch::nn::Module& m) {
+        if (const auto* lora = dynamic_cast<const LoraLinearImpl*>(&m))
+            append_lora_state(out, *lora, [&tensors](std::string&, const torch::Tensor& t) {
+                tensors.push_back(t);
+            });
+        return false;
+    });
     return out;
 }
 
@@ -253,8 +246,10 @@ bool same_adapter_tensor(const torch::Tensor& now, const torch::Tensor& then,
 }  // namespace
 
 ModuleSeen::ModuleSeen(torch::nn::Module& module) {
-    for (const auto& m : module.modules(/*include_self=*/true))
-        if (auto* lora = dynamic_cast<LoraLinearImpl*>(m.get())) lora->place_adapters();
+    visit_modules(module, [](torch::nn::Module& m) {
+        if (auto* lora = dynamic_cast<LoraLinearImpl*>(&m)) lora->place_adapters();
+        return false;
+    });
     for (const auto& t : module_tensors(module)) {
         tensors_.emplace_back(t);
         tracked_ = tracked_ && tensors_.back().tracked();

@@ -126,7 +126,7 @@ public:
     bool matches(const torch::nn::Module& module) const;
 
 private:
-    std::vector<TensorSeen> tensors_;  // parameters, then buffers
+    std::vector<TensorSeen> tensors_;  // per module: parameters, then buffers
     std::string lora_;                 // switches, names, scales and flags
     // The adapters' tensors (down, up per adapter), held: a condition keeps an unloaded adapter's
     // few weights alive, so that their addresses are not reused. Versions where they have one.
