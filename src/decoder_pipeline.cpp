@@ -448,8 +448,7 @@ DecoderOutput DecoderPipeline::run(const DecoderOptions& opt, StepNoise* shared_
             if (opt.callback) {
                 torch::Tensor shown = latents;
                 const double t = plan.points[static_cast<size_t>(i)];
-                const bool keep_going = opt.callback(i, t, shown);
-                if (!keep_going)
+                if (!opt.callback(i, t, shown))
                     throw Cancelled("DecoderPipeline: cancelled by the step callback after step " +
                                     std::to_string(i));
                 if (i + 1 < plan.steps()) watch.check(kWhere, "decoder", i);

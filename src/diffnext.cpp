@@ -388,10 +388,11 @@ nn::NamedModules condition_mappers(const WuerstchenDiffNeXtImpl& decoder,
     return out;
 }
 
-// A condition mapped for the effnet mappers folded into the residual blocks needs that fold to
-// hold on `device` still (the blocks apply the mappers from it).
-void check_fold(const WuerstchenDiffNeXtImpl& decoder, const DiffNeXtCondition& condition,
-                const torch::Device& device) {
+// check_condition for a forward on `device`: a condition mapped for the effnet mappers folded
+// into the residual blocks needs that fold to hold there still (the blocks apply the mappers from
+// it), and the modules that mapped it must be as they were.
+void check_condition_on(const WuerstchenDiffNeXtImpl& decoder, const DiffNeXtCondition& condition,
+                        const torch::Device& device) {
     if (condition.effnet_folded &&
         !effnet_folded(effnet_blocks(decoder.down_blocks, decoder.up_blocks),
                        decoder.effnet_mapper_list, device))
@@ -400,6 +401,9 @@ void check_fold(const WuerstchenDiffNeXtImpl& decoder, const DiffNeXtCondition& 
             "residual blocks (fold_effnet_mappers), and those weights have been replaced or "
             "changed since (or are not on " +
             device.str() + "); map it again");
+    nn::check_condition_source(condition.kv, condition.source.get(),
+                               condition_mappers(decoder, condition), decoder.offload_units(),
+                               "WuerstchenDiffNeXt");
 }
 
 }  // namespace
@@ -463,13 +467,8 @@ DiffNeXtCondition WuerstchenDiffNeXtImpl::map_condition(const torch::Tensor& eff
 
 void WuerstchenDiffNeXtImpl::check_condition(const DiffNeXtCondition& condition) const {
     for (const auto& e : condition.effnet)
-        if (e.defined()) {
-            check_fold(*this, condition, e.device());
-            break;
-        }
-    nn::check_condition_source(condition.kv, condition.source.get(),
-                               condition_mappers(*this, condition), offload_units(),
-                               "WuerstchenDiffNeXt");
+        if (e.defined()) return check_condition_on(*this, condition, e.device());
+    check_condition_on(*this, condition, torch::kCPU);  // no embeddings: nothing folded to check
 }
 
 torch::Tensor WuerstchenDiffNeXtImpl::forward(const torch::Tensor& x, const torch::Tensor& r,
@@ -533,8 +532,7 @@ torch::Tensor WuerstchenDiffNeXtImpl::forward_blocks(const torch::Tensor& x,
     if (!fits)
         throw InvalidArgument("WuerstchenDiffNeXt: the condition must be map_condition's for x " +
                               c10::str(x.sizes()));
-    check_fold(*this, condition, x.device());
-    check_condition(condition);
+    check_condition_on(*this, condition, x.device());
     Conditions k(condition, nn::timestep_mappers(blocks), t);
     k.r_embed = r_embed;
 

@@ -26,10 +26,11 @@ namespace wuerstchen {
 // tensor of the same shape. Returning false cancels the call: it throws wuerstchen::Cancelled and
 // the pipeline stays usable. A call maps its text condition and timestep modulations once, so the
 // callback must not change the denoising model's weights or LoRA state: a replaced parameter or
-// a changed LoRA state throws InvalidArgument after the callback (without offloading). Weights
-// changed in place are caught only where a mapped tensor records them (the timestep mappers, and
-// the attention projections whose keys and values were projected ahead), so do not make such
-// changes either.
+// a changed LoRA state throws InvalidArgument after the callback (without offloading), unless no
+// later step reads the mapped values. Weights changed in place are caught where a mapped value
+// records them (the condition's mappers, the folded effnet mappers, the timestep mappers, and
+// the attention projections whose keys and values were projected ahead) and have a version
+// counter (not inference tensors), so do not make such changes either.
 using StepCallback = std::function<bool(int step, double timestep, torch::Tensor& latents)>;
 
 // A CPU generator seeded like torch.Generator().manual_seed(seed).
